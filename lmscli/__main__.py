@@ -1,0 +1,3 @@
+from lmscli.cli.app import main
+
+main()

@@ -1,0 +1,72 @@
+"""The ``lms`` command: the root app and the one place where errors become exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import typer
+from typer._click import exceptions as click_exc  # Typer vendors Click and exports no errors
+
+import lmscli
+from lmscli.cli import console, models, server
+from lmscli.errors import LMSError
+
+HELP = "lmscli: local LLMs from your terminal. Chat, serve and manage GGUF models with llama.cpp."
+EPILOG = "Learn more: README.md of lmscli · Docs of the API: http://127.0.0.1:1234/v1"
+
+app = typer.Typer(name="lms", help=HELP, epilog=EPILOG, add_completion=True,
+                  no_args_is_help=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(server.app, name="server", rich_help_panel="Serve")
+models.register(app)
+
+
+@app.command(rich_help_panel="Serve")
+def status() -> None:
+    """Prints the status of the server and the loaded models."""
+    models.print_status()
+
+
+@app.command(hidden=False)
+def version(json_: bool = typer.Option(False, "--json", help="Output as JSON.")) -> None:
+    """Prints the version of the CLI."""
+    from lmscli.cli import render
+
+    if json_:
+        render.print_json({"version": lmscli.__version__})
+    else:
+        console.out.print(f"lmscli {lmscli.__version__}", markup=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv and "_LMS_COMPLETE" not in os.environ:
+        console.out.print("lms is lmscli's command line for your models, server and "
+                          "inference runtime.", markup=False)
+        console.out.print(f"Version: {lmscli.__version__}", markup=False)
+        with contextlib.redirect_stdout(sys.stderr):
+            run(["--help"])
+        sys.exit(1)  # lms shows help on stderr and exits 1 when given nothing to do
+    sys.exit(run(argv))
+
+
+def run(argv: list[str]) -> int:
+    try:
+        app(args=argv, prog_name="lms", standalone_mode=False)
+    except LMSError as exc:
+        console.error(exc.message, exc.hint)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        console.err.print()
+        return 130
+    except KeyboardInterrupt:
+        console.err.print()
+        return 130
+    except click_exc.ClickException as exc:
+        exc.show()
+        return 1  # lms (commander) exits 1 on every usage error
+    return 0

@@ -1,0 +1,340 @@
+"""``lms get | import | ls | ps | load | unload | status``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from lmscli import catalog
+from lmscli.cli import connect, console, prefs, render
+from lmscli.errors import CancelledError, ModelNotFoundError, UserInputError
+
+PANEL = "Local models"
+
+
+def complete_model_keys(incomplete: str) -> list[str]:
+    """Shell completion from the models folder; never contacts the server."""
+    keys = [m.model_key for m in catalog.list_models()]
+    return [k for k in keys if k.startswith(incomplete)] or \
+        [k for k, _ in catalog.fuzzy_filter(incomplete, keys)]
+
+
+# -- get / import ---------------------------------------------------------------------------
+
+def get(name: str = typer.Argument(..., help="A built-in name (e.g. smollm2-135m-instruct), "
+                                   "owner/repo[@quant] or a https://huggingface.co URL.")
+        ) -> None:
+    """Download a model"""
+    bar = _DownloadBar()
+    try:
+        result = catalog.get_model(name, on_status=console.info, on_progress=bar.update)
+    finally:
+        bar.close()
+    key = result.model.model_key
+    if result.already_present:
+        console.info("Model already downloaded. To use, run:")
+    else:
+        console.info("Download completed. To use, run:")
+    console.info(f"    lms load {key}")
+
+
+class _DownloadBar:
+    """A rich progress bar on stderr; nothing when stderr is not a terminal."""
+
+    def __init__(self) -> None:
+        self._progress: Any = None
+        self._task: Any = None
+
+    def update(self, done: int, total: int) -> None:
+        if not console.stderr_is_tty():
+            return
+        if self._progress is None:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress("[progress.description]Downloading", BarColumn(),
+                                      DownloadColumn(), TransferSpeedColumn(),
+                                      TimeRemainingColumn(), console=console.err,
+                                      transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("download", total=total)
+        self._progress.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def import_(
+    file_path: Path = typer.Argument(..., help="The GGUF file to import."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Answer yes to every question."),
+    user_repo: Optional[str] = typer.Option(None, "--user-repo", metavar="USER/REPO",  # noqa: UP045
+                                            help="Where in the models folder to put it."),
+    copy: bool = typer.Option(False, "-c", "--copy", help="Copy the file instead of moving it."),
+    hard_link: bool = typer.Option(False, "-L", "--hard-link", help="Create a hard link."),
+    symbolic_link: bool = typer.Option(False, "-l", "--symbolic-link",
+                                       help="Create a symbolic link."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would happen."),
+) -> None:
+    """Import a model file into lmscli"""
+    chosen = [m for m, on in (("copy", copy), ("hardlink", hard_link),
+                              ("symlink", symbolic_link)) if on]
+    if len(chosen) > 1:
+        raise UserInputError("Only one of --copy, --hard-link and --symbolic-link can be given.")
+    mode = chosen[0] if chosen else "move"
+    if mode == "move" and not yes and not dry_run and console.stdin_is_tty() \
+            and not typer.confirm(f"This moves {file_path} into the models folder. Continue?",
+                                  err=True):
+        raise CancelledError("Import cancelled.")
+    result = catalog.import_model(file_path, mode=mode, user_repo=user_repo, dry_run=dry_run)
+    verb = {"move": "File moved to", "copy": "File copied to", "hardlink": "Hard link created at",
+            "symlink": "Symbolic link created at"}[mode]
+    if dry_run:
+        console.info(f"Would {mode} the file to {result.target}")
+        console.info("But not actually doing it because of --dry-run")
+    else:
+        console.info(f"{verb} {result.target}")
+
+
+# -- ls / ps --------------------------------------------------------------------------------
+
+def loaded_models(start: bool = False) -> list[dict[str, Any]] | None:
+    """What the server has loaded; None when no server runs (and ``start`` is false)."""
+    client = connect.client(start=start)
+    if client is None:
+        return None
+    with client:
+        return client.list_loaded_models()
+
+
+def ls(
+    llm: bool = typer.Option(False, "--llm", help="Show only LLMs."),
+    embedding: bool = typer.Option(False, "--embedding", help="Show only embedding models."),
+    json_: bool = typer.Option(False, "--json", help="Output as JSON."),
+) -> None:
+    """List the models available on disk"""
+    models = [m.model_info() for m in catalog.list_models()]
+    wanted = {t for t, on in (("llm", llm), ("embedding", embedding)) if on}
+    shown = [m for m in models if not wanted or m["type"] in wanted]
+    if json_:
+        render.print_json(shown)
+        return
+    if not models:
+        console.out.print("You have not downloaded any models yet.", style="error")
+        console.info(f"Download the default model with: lms get {catalog.DEFAULT_MODEL}")
+        return
+    if not shown:
+        console.out.print(f"You have {len(models)} models, but none of them match the filter.",
+                          markup=False)
+        return
+    counts: dict[str, int] = {}
+    for entry in loaded_models() or []:
+        counts[entry["modelKey"]] = counts.get(entry["modelKey"], 0) + 1
+    render.models_table(shown, counts)
+
+
+def ps(json_: bool = typer.Option(False, "--json", help="Output as JSON.")) -> None:
+    """List the models currently loaded in memory"""
+    loaded = loaded_models()
+    if json_:
+        render.print_json(loaded or [])
+        return
+    if loaded is None:
+        console.info("The server is not running, so no models are loaded.")
+        console.info("\nTo start it and load a model, run:\n\n    lms load <model key>")
+        return
+    if not loaded:
+        console.info("No models are currently loaded.\n\nTo load a model, run:\n\n"
+                     "    lms load <model key>")
+        return
+    render.loaded_table(loaded)
+
+
+# -- load / unload --------------------------------------------------------------------------
+
+def parse_gpu(value: str | None) -> float | str | None:
+    if value is None or value in ("off", "max"):
+        return value
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise UserInputError(f"option '--gpu' argument {value!r} is invalid. Not a number") \
+            from None
+    if not 0 <= ratio <= 1:
+        raise UserInputError("option '--gpu' must be \"off\", \"max\" or between 0 and 1.")
+    return ratio
+
+
+def resolve_key(key: str | None, exact: bool, yes: bool) -> str:
+    """lms's resolution: --exact on paths, else fuzzy over keys, recent first."""
+    models = [m for m in catalog.list_models() if "clip" not in (m.architecture or "").lower()]
+    if not models:
+        raise ModelNotFoundError("You have not downloaded any models yet.",
+                                 hint=f"Download one with: lms get {catalog.DEFAULT_MODEL}")
+    recent = prefs.last_loaded()
+    models.sort(key=lambda m: recent.index(m.model_key) if m.model_key in recent else 99)
+    keys = [m.model_key for m in models]
+    if exact:
+        return _exact(key, models)
+    matches = [k for k, _ in catalog.fuzzy_filter(key or "", keys)]
+    if key and key.lower() in (k.lower() for k in keys):
+        return next(k for k in keys if k.lower() == key.lower())
+    if key and len(matches) == 1:
+        return matches[0]
+    return _choose(key, matches, keys, models, yes)
+
+
+def _exact(key: str | None, models: list[Any]) -> str:
+    if not key:
+        raise UserInputError("Path not provided: --exact needs the model's path.")
+    for m in models:
+        if key in (m.path, str(m.abs_path)):
+            return m.model_key
+    shortest = min((m.path for m in models), key=len)
+    raise ModelNotFoundError(f"No model has the path {key!r}.",
+                             hint=f"For example: lms load --exact {shortest}")
+
+
+def _choose(key: str | None, matches: list[str], keys: list[str], models: list[Any],
+            yes: bool) -> str:
+    if yes:
+        if not matches:
+            raise ModelNotFoundError(f"No model matches {key!r}.", available=keys,
+                                     hint="Downloaded: " + ", ".join(keys))
+        if len(matches) > 1:
+            console.warn(f"{len(matches)} models match the provided model key. "
+                         "Loading the first one.")
+        return matches[0]
+    if not console.stdin_is_tty() or not console.stderr_is_tty():
+        what = f"matching {key!r}" if key else "given"
+        if not matches:
+            raise ModelNotFoundError(f"No model {what}.", available=keys,
+                                     hint="Downloaded: " + ", ".join(keys))
+        raise UserInputError(f"{len(matches)} models match {key!r}: " + ", ".join(matches)
+                             if key else "No model key given. Downloaded: " + ", ".join(keys),
+                             hint="Name one exactly, or pass -y to load the best match.")
+    from lmscli.cli import picker
+
+    console.info("")
+    if key and not matches:
+        console.err.print(f"[error]![/error] Cannot find a model matching the provided model key "
+                          f"({key}). Please select one from the list below.")
+    elif key:
+        console.err.print("[warn]![/warn] Multiple models match the provided model key. "
+                          "Please select one.")
+    sizes = {m.model_key: render.size_1024(m.size_bytes) for m in models}
+    return picker.pick("Select a model to load", keys, sizes, initial=key if matches else "")
+
+
+def load(
+    model_key: Optional[str] = typer.Argument(None, help="The model to load (fuzzy matched).",  # noqa: UP045
+                                              autocompletion=complete_model_keys),
+    identifier: Optional[str] = typer.Option(None, "--identifier",  # noqa: UP045
+                                             help="The identifier to assign to the loaded model."),
+    context_length: Optional[int] = typer.Option(None, "-c", "--context-length", min=1,  # noqa: UP045
+                                                 help="The number of tokens to consider as "
+                                                 "context."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", metavar="off|max|0..1",  # noqa: UP045
+                                      help='GPU offload ratio: "off", "max" or a number between '
+                                      "0 and 1."),
+    ttl: Optional[int] = typer.Option(None, "--ttl", min=1,  # noqa: UP045
+                                      help="Unload after this many idle seconds."),
+    exact: bool = typer.Option(False, "--exact", help="Match the model's path exactly."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Never ask: take the best match."),
+) -> None:
+    """Load a model"""
+    ratio = parse_gpu(gpu)
+    key = resolve_key(model_key, exact, yes)
+    with connect.client() as client:  # type: ignore[union-attr]
+        existing = [m for m in client.list_loaded_models() if m["modelKey"] == key]
+        same = [m for m in existing if identifier in (None, m["identifier"])]
+        if same:
+            console.info(f'Model {key} is already loaded as "{same[0]["identifier"]}".')
+            return
+        prefs.remember_loaded(key)
+        line = render.PercentLine(f"Loading {key}")
+        try:
+            info = client.load(key, identifier=identifier, context_length=context_length,
+                               gpu=ratio, ttl=ttl, on_progress=line.update)
+        except KeyboardInterrupt:
+            line.finish()
+            console.warn("Load cancelled.")
+            raise typer.Exit(1) from None
+        finally:
+            line.finish()
+    console.info(f"Model loaded successfully in {render.elapsed(info['loadTimeSec'] or 0)}.")
+    console.info(f"({render.size_1024(info['sizeBytes'])})")
+    console.info(f'To use the model in the API/SDK, use the identifier "{info["identifier"]}".')
+
+
+def unload(
+    identifier: Optional[str] = typer.Argument(None, help="The identifier of the model."),  # noqa: UP045
+    all_: bool = typer.Option(False, "-a", "--all", help="Unload all models."),
+) -> None:
+    """Unload a model"""
+    if all_ and identifier:
+        console.err.print("[error]Invalid Usage[/error]\n\nYou cannot provide an identifier "
+                          "together with --all.")
+        return
+    client = connect.client(start=False)
+    loaded = client.list_loaded_models() if client else []
+    if all_:
+        _unload_all(client, loaded)
+        return
+    if not loaded:
+        raise ModelNotFoundError('You don\'t have any models loaded. Use "lms load" to load a '
+                                 "model.")
+    assert client is not None
+    if identifier is None:
+        if len(loaded) > 1:
+            ids = ", ".join(m["identifier"] for m in loaded)
+            raise UserInputError(f"{len(loaded)} models are loaded: {ids}",
+                                 hint="Name one (lms unload <identifier>), or use --all.")
+        identifier = loaded[0]["identifier"]
+    elif identifier not in {m["identifier"] for m in loaded}:
+        console.err.print(f"[error]Model Not Found[/error]\n\nNo model with the identifier "
+                          f'"{identifier}" is loaded. To see loaded models, run: lms ps')
+        return  # lms exits 0 here
+    client.unload(identifier)
+    console.info(f'Model "{identifier}" unloaded.')
+
+
+def _unload_all(client: Any, loaded: list[dict[str, Any]]) -> None:
+    if not loaded:
+        console.info("No models to unload.")
+        return
+    for m in loaded:
+        console.info(f'Unloading "{m["identifier"]}"...')
+    client.unload_all()
+    console.info(f"Unloaded {len(loaded)} model{'s' if len(loaded) != 1 else ''}.")
+
+
+def print_status() -> None:
+    """lms status: the server line, then the loaded models (stdout)."""
+    state = connect.running()
+    if state is None:
+        console.out.print("Server:  OFF \n\n(i) To start the server, run the following command:"
+                          "\n\n    lms server start", markup=False)
+        return
+    console.out.print(f"Server: ON (port: {state.port})\n", markup=False)
+    loaded = loaded_models() or []
+    if not loaded:
+        console.out.print("No Models Loaded", markup=False)
+        return
+    console.out.print("Loaded Models", markup=False)
+    for m in loaded:
+        console.out.print(f"  · {m['identifier']} - [dim]{render.size_1000(m['sizeBytes'])}"
+                          "[/dim]")
+
+
+def register(app: typer.Typer) -> None:
+    for fn, name in ((get, "get"), (load, "load"), (unload, "unload"), (ls, "ls"), (ps, "ps"),
+                     (import_, "import")):
+        app.command(name=name, rich_help_panel=PANEL)(fn)

@@ -1,0 +1,149 @@
+"""All rendering of data: tables, JSON, sizes, durations, progress."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from lmscli.cli import console
+
+ARCH_NAMES = {"llama": "Llama", "gemma3": "Gemma 3", "gemma2": "Gemma 2", "gemma": "Gemma",
+              "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi 3", "mistral": "Mistral",
+              "bert": "BERT", "nomic-bert": "Nomic BERT"}
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def size_1000(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def size_1024(n: int | float) -> str:
+    for unit in ("Bytes", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.2f} {unit}" if unit != "Bytes" else f"{int(n)} Bytes"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def elapsed(seconds: float) -> str:
+    """lms's formatElapsedTime: 512.00ms, 4.22s, 1m 2.00s, 1h 0m 3.00s."""
+    if seconds < 1:
+        return f"{seconds * 1000:.2f}ms"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{int(minutes)}m {secs:.2f}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{int(hours)}h {int(minutes)}m {secs:.2f}s"
+
+
+def lean_duration(seconds: float) -> str:
+    """lms's formatTimeLean: 45s, 12m, 1h."""
+    if seconds < 60:
+        return f"{round(seconds)}s"
+    if seconds < 3600:
+        return f"{round(seconds / 60)}m"
+    return f"{round(seconds / 3600)}h"
+
+
+def arch_name(arch: str | None) -> str:
+    return ARCH_NAMES.get(arch or "", arch or "")
+
+
+def columns(rows: Sequence[Sequence[str]], styles: Sequence[str | None] = ()) -> list[str]:
+    """A columnify table: left-aligned, four spaces between columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("    ".join(cells).rstrip())
+    return lines
+
+
+def table(rows: list[list[str]], marks: Iterable[str] = ()) -> None:
+    """Print header + rows to stdout; ``marks`` is a green tail per row (e.g. ✓ LOADED)."""
+    marks = list(marks)
+    for i, line in enumerate(columns(rows)):
+        mark = marks[i - 1] if i > 0 and i - 1 < len(marks) else ""
+        if i == 0:
+            console.out.print(line, style="bold", markup=False)
+        else:
+            console.out.print(line, markup=False, end="")
+            console.out.print(f"    [ok]{mark}[/ok]" if mark else "")
+
+
+# -- ls ---------------------------------------------------------------------------------------
+
+def models_table(models: list[dict[str, Any]], loaded_counts: dict[str, int]) -> None:
+    total = sum(m["sizeBytes"] for m in models)
+    noun = "model" if len(models) == 1 else "models"
+    console.out.print(f"\nYou have {len(models)} {noun}, taking up {size_1000(total)} of disk "
+                      "space.\n", markup=False)
+    for kind, title in (("llm", "LLM"), ("embedding", "EMBEDDING")):
+        group = sorted((m for m in models if m["type"] == kind), key=lambda m: m["modelKey"])
+        if not group:
+            continue
+        rows = [[title, "PARAMS", "ARCH", "SIZE", "DEVICE"]]
+        marks = []
+        for m in group:
+            rows.append([m["modelKey"], m.get("paramsString") or "",
+                         arch_name(m.get("architecture")), size_1000(m["sizeBytes"]), "Local"])
+            n = loaded_counts.get(m["modelKey"], 0)
+            marks.append("" if not n else "✓ LOADED" if n == 1 else f"✓ LOADED ({n})")
+        table(rows, marks)
+        console.out.print()
+
+
+# -- ps ---------------------------------------------------------------------------------------
+
+def loaded_table(models: list[dict[str, Any]]) -> None:
+    rows = [["IDENTIFIER", "MODEL", "STATUS", "SIZE", "CONTEXT", "PARALLEL", "DEVICE", "TTL"]]
+    for m in sorted(models, key=lambda m: m["identifier"]):
+        ttl = ""
+        if m.get("ttlMs"):
+            ttl = (f"{lean_duration(m['ttlRemainingMs'] / 1000)} / "
+                   f"{lean_duration(m['ttlMs'] / 1000)}")
+        rows.append([m["identifier"], m["modelKey"], str(m["status"]).upper(),
+                     size_1000(m["sizeBytes"]), str(m["contextLength"]),
+                     str(m.get("parallel") or "-"), "Local", ttl])
+    table(rows)
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+class PercentLine:
+    """``<label> NN%`` redrawn in place on a TTY (at most every 100 ms); plain lines otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = console.stderr_is_tty()
+        self._last_draw = 0.0
+        self._last_pct = -1
+        if not self.tty:
+            console.info(f"{label}...")
+
+    def update(self, fraction: float) -> None:
+        pct = int(fraction * 100)
+        now = time.monotonic()
+        if not self.tty or pct == self._last_pct or (now - self._last_draw < 0.1 and pct < 100):
+            return
+        self._last_pct, self._last_draw = pct, now
+        sys.stderr.write(f"\r\x1b[2K{self.label} {pct}%")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()

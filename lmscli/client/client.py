@@ -1,0 +1,145 @@
+"""A synchronous client for the lmscli server (httpx and the standard library only)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+from lmscli import serverstate
+from lmscli.errors import (
+    LMSError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ServerError,
+    ServerNotRunningError,
+    TimeoutError_,
+    UserInputError,
+)
+
+DEFAULT_TIMEOUT = 60.0
+
+
+def parse_api_host(api_host: str) -> tuple[str, int]:
+    """``host:port`` (no scheme), as LM Studio's SDK takes it."""
+    if "://" in api_host:
+        raise UserInputError(f"api_host must be host:port without a scheme, not {api_host!r}.")
+    host, sep, port = api_host.rpartition(":")
+    if not sep or not port.isdigit():
+        return api_host, serverstate.DEFAULT_PORT
+    return host or "127.0.0.1", int(port)
+
+
+def error_from_response(response: httpx.Response) -> LMSError:
+    try:
+        err = response.json()["error"]
+        message, code, param = err["message"], err.get("code"), err.get("param")
+    except (ValueError, KeyError, TypeError):
+        message, code, param = response.text.strip() or response.reason_phrase, None, None
+    return error_from_body(message, response.status_code, code, param)
+
+
+def error_from_body(message: str, status: int, code: str | None, param: str | None
+                    ) -> LMSError:
+    if code in ("model_not_found", "model_not_loaded"):
+        return ModelNotFoundError(message)
+    if code == "model_load_failed":
+        return ModelLoadError(message, status=status, code=code, param=param)
+    return ServerError(message, status=status, code=code, param=param)
+
+
+class Client:
+    """Talks to one server. Without ``api_host`` it finds the running lmscli server."""
+
+    def __init__(self, api_host: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if api_host:
+            self.host, self.port = parse_api_host(api_host)
+        else:
+            state = serverstate.read_state()
+            if state is None:
+                raise ServerNotRunningError()
+            self.host, self.port = state.client_host, state.port
+        self.base_url = f"http://{self.host}:{self.port}"
+        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise ServerNotRunningError(
+                f"The server is not running at {self.host}:{self.port}.") from exc
+        except httpx.TimeoutException as exc:
+            raise TimeoutError_(f"The server at {self.host}:{self.port} did not answer in "
+                                "time.") from exc
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return response.json()
+
+    def _ndjson(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        try:
+            with self._http.stream("POST", path, json=body, timeout=None) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_response(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield json.loads(line)
+        except httpx.ConnectError as exc:
+            raise ServerNotRunningError(
+                f"The server is not running at {self.host}:{self.port}.") from exc
+        except httpx.RemoteProtocolError as exc:
+            raise ServerError(f"The server closed the connection: {exc}") from exc
+
+    # -- server ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self._request("GET", "/lmscli/status")
+
+    def shutdown(self) -> None:
+        self._request("POST", "/lmscli/shutdown")
+
+    # -- models ----------------------------------------------------------------------------
+
+    def list_downloaded_models(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/lmscli/models/downloaded")
+
+    def list_loaded_models(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/lmscli/models/loaded")
+
+    def load(self, model_key: str, *, identifier: str | None = None,
+             context_length: int | None = None, gpu: float | str | None = None,
+             ttl: int | None = None,
+             on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+        """Load a new instance; returns its info (with ``loadTimeSec``)."""
+        body = {k: v for k, v in {"model": model_key, "identifier": identifier,
+                                  "context_length": context_length, "gpu": gpu,
+                                  "ttl": ttl}.items() if v is not None}
+        for event in self._ndjson("/lmscli/models/load", body):
+            if event["type"] == "progress" and on_progress:
+                on_progress(float(event["progress"]))
+            elif event["type"] == "success":
+                return event["info"] | {"loadTimeSec": event.get("loadTimeSec")}
+            elif event["type"] == "error":
+                err = event["error"]
+                raise error_from_body(err["message"], event.get("status", 500),
+                                      err.get("code"), err.get("param"))
+        raise ServerError(f"The server ended the load of {model_key} without a result.")
+
+    def unload(self, identifier: str) -> None:
+        self._request("POST", "/lmscli/models/unload", json={"identifier": identifier})
+
+    def unload_all(self) -> list[str]:
+        return self._request("POST", "/lmscli/models/unload", json={"all": True})["unloaded"]

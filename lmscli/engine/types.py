@@ -1,0 +1,88 @@
+"""What goes into and comes out of an engine: plain data, no llama.cpp, no HTTP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+StopReason = Literal[
+    "eosFound", "stopStringFound", "maxPredictedTokensReached", "contextLengthReached",
+    "toolCalls", "userStopped", "modelUnloaded", "failed",
+]
+Status = Literal["idle", "loading", "processingPrompt", "generating", "computingEmbedding"]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PredictionRequest:
+    """A prompt that is already templated text. ``grammar`` is GBNF that constrains sampling."""
+
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    grammar: str | None = None
+    add_bos: bool | None = None  # None: the model's own preference
+
+
+@dataclass
+class PromptProgress:
+    progress: float
+    cached_tokens: int
+    processed_tokens: int
+    total_tokens: int
+    type: str = "promptProgress"
+
+
+@dataclass
+class Fragment:
+    text: str
+    tokens: int
+    type: str = "fragment"
+
+
+@dataclass
+class PredictionStats:
+    stop_reason: StopReason
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    predicted_tokens: int = 0
+    time_to_first_token_s: float | None = None
+    tokens_per_second: float | None = None
+    total_time_s: float = 0.0
+    stop_string: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.predicted_tokens
+
+
+@dataclass
+class Done:
+    stats: PredictionStats
+    type: str = "done"
+
+
+@dataclass
+class Failed:
+    message: str
+    type: str = "failed"
+
+
+Event = PromptProgress | Fragment | Done | Failed
+
+
+@dataclass
+class LoadOptions:
+    context_length: int | None = None
+    gpu_ratio: float | None = None  # None: the engine decides
+    seed: int | None = None

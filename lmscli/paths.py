@@ -1,0 +1,58 @@
+"""Every path lmscli reads or writes, in one place.
+
+Precedence: ``LMSCLI_HOME`` (everything lives under it, tests use a temp dir), else the
+platformdirs user data folder. ``LMSCLI_MODELS_DIR`` moves only the models folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    override = os.environ.get("LMSCLI_HOME")
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return platformdirs.user_data_path("lmscli", appauthor=False)
+
+
+def models_dir() -> Path:
+    override = os.environ.get("LMSCLI_MODELS_DIR")
+    return Path(override).expanduser() if override else home() / "models"
+
+
+def internal_dir() -> Path:
+    return home() / ".internal"
+
+
+def server_state_file() -> Path:
+    """Pid, port and bind of the running server, written by the server process."""
+    return internal_dir() / "server.json"
+
+
+def server_config_file() -> Path:
+    """The last port the server was started on (persisted like lms's http-server-config.json)."""
+    return internal_dir() / "http-server-config.json"
+
+
+def server_log_file() -> Path:
+    return internal_dir() / "server.log"
+
+
+def cli_pref_file() -> Path:
+    return internal_dir() / "cli-pref.json"
+
+
+def metadata_cache_file() -> Path:
+    return internal_dir() / "gguf-metadata-cache.json"
+
+
+def chat_history_file() -> Path:
+    return home() / "chat-history"
+
+
+def downloads_tmp_dir() -> Path:
+    return internal_dir() / "downloads"

@@ -1,0 +1,5 @@
+import sys
+
+from lmscli.server.run import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""The ASGI application: routes, error bodies, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from lmscli.engine import Engine
+from lmscli.server import native, openai_api
+from lmscli.server.errors import APIError
+from lmscli.server.models import ModelManager
+
+log = logging.getLogger("lmscli.server")
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 1234
+    cors: bool = False
+    reap_every_s: float = 1.0
+
+
+async def api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"Unexpected endpoint or method. ({request.method} {request.url.path})"
+    else:
+        message = str(exc.detail)
+    return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("Unhandled error on %s %s", request.method, request.url.path)
+    body = APIError(500, f"Internal server error: {type(exc).__name__}: {exc}",
+                    type_="server_error").body()
+    return JSONResponse(body, status_code=500)
+
+
+def routes() -> list[Route]:
+    o, n = openai_api, native
+    return [
+        Route("/lmstudio-greeting", n.greeting),
+        Route("/lms-status", n.lms_status),
+        Route("/v1/models", o.v1_models),
+        Route("/v1/chat/completions", o.chat_completions, methods=["POST"]),
+        Route("/v1/completions", o.completions, methods=["POST"]),
+        Route("/v1/embeddings", o.embeddings, methods=["POST"]),
+        Route("/api/v0/models", o.v0_models),
+        Route("/api/v0/models/{model:path}", o.v0_model_one),
+        Route("/api/v0/chat/completions", partial(o.chat_completions, rest=True),
+              methods=["POST"]),
+        Route("/api/v0/completions", partial(o.completions, rest=True), methods=["POST"]),
+        Route("/api/v0/embeddings", o.embeddings, methods=["POST"]),
+        Route("/lmscli/status", n.status),
+        Route("/lmscli/models/downloaded", n.downloaded),
+        Route("/lmscli/models/loaded", n.loaded),
+        Route("/lmscli/models/load", n.load, methods=["POST"]),
+        Route("/lmscli/models/unload", n.unload, methods=["POST"]),
+        Route("/lmscli/shutdown", n.shutdown, methods=["POST"]),
+    ]
+
+
+def create_app(engine: Engine, settings: Settings | None = None,
+               uvicorn_server: Any = None) -> Starlette:
+    settings = settings or Settings()
+    models = ModelManager(engine, on_event=lambda level, msg: log.info(msg))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(models.reaper(settings.reap_every_s))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            await models.unload_all()  # cancels running predictions first
+
+    middleware = []
+    if settings.cors:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
+                                     allow_headers=["*"]))
+    app = Starlette(
+        routes=routes(), middleware=middleware, lifespan=lifespan,
+        exception_handlers={APIError: api_error, HTTPException: http_error,
+                            Exception: internal_error},
+    )
+    app.state.engine = engine
+    app.state.models = models
+    app.state.settings = settings
+    app.state.uvicorn_server = uvicorn_server
+    return app

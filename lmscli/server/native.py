@@ -1,0 +1,141 @@
+"""lmscli's own routes: model management and server control, used by lmscli.client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+import lmscli
+from lmscli.server.errors import APIError, Body, bad_request
+from lmscli.server.models import Loaded, ModelManager
+from lmscli.server.openai_api import read_json
+
+
+def manager(request: Request) -> ModelManager:
+    return request.app.state.models
+
+
+async def greeting(request: Request) -> Any:
+    return JSONResponse({"lmstudio": True})
+
+
+async def lms_status(request: Request) -> Any:
+    return JSONResponse({"package": "lmscli", "version": lmscli.__version__})
+
+
+async def status(request: Request) -> Any:
+    engine = request.app.state.engine
+    settings = request.app.state.settings
+    return JSONResponse({
+        "package": "lmscli", "version": lmscli.__version__, "pid": os.getpid(),
+        "host": settings.host, "port": settings.port, "cors": settings.cors,
+        "engine": {"name": engine.name, "version": engine.version},
+        "loaded": len(manager(request).loaded),
+    })
+
+
+async def downloaded(request: Request) -> Any:
+    return JSONResponse([m.model_info() for m in manager(request).downloaded()])
+
+
+async def loaded(request: Request) -> Any:
+    entries = sorted(manager(request).loaded.values(), key=lambda e: e.identifier)
+    return JSONResponse([e.info() for e in entries])
+
+
+def gpu_ratio(body: Body) -> float | None:
+    gpu = body.get("gpu", (str, float))
+    if gpu is None:
+        return None
+    if gpu == "off":
+        return 0.0
+    if gpu == "max":
+        return 1.0
+    if isinstance(gpu, str) or not 0 <= gpu <= 1:
+        raise bad_request("Field 'gpu' must be \"off\", \"max\" or a number between 0 and 1.",
+                          "gpu")
+    return float(gpu)
+
+
+async def load(request: Request) -> Any:
+    """Loads a model, streaming NDJSON progress lines, then a success or error line."""
+    body = await read_json(request)
+    name = body.get("model", str, required=True)
+    identifier = body.get("identifier", str)
+    context_length = body.integer("context_length", low=1)
+    ttl = body.integer("ttl", low=1)
+    ratio = gpu_ratio(body)
+    models = manager(request)
+    models._resolve_downloaded(name)  # unknown model: a plain 404 before any streaming
+    if identifier and identifier in models.loaded:
+        raise APIError(409, f'A model with identifier "{identifier}" is already loaded.',
+                       param="identifier", code="identifier_in_use")
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
+    last = [-1.0]
+
+    def on_progress(progress: float) -> bool:
+        # llama.cpp reports once per tensor: one line per percent is plenty
+        if progress >= 1.0 or progress - last[0] >= 0.01:
+            last[0] = progress
+            loop.call_soon_threadsafe(queue.put_nowait,
+                                      {"type": "progress", "progress": progress})
+        return not stop.is_set()
+
+    async def run() -> None:
+        started = time.perf_counter()
+        try:
+            entry = await models.load(name, identifier=identifier, context_length=context_length,
+                                      gpu_ratio=ratio, ttl_s=float(ttl) if ttl else None,
+                                      on_progress=on_progress)
+            await queue.put({"type": "success", "info": entry.info(),
+                             "loadTimeSec": time.perf_counter() - started})
+        except APIError as exc:
+            await queue.put({"type": "error", "status": exc.status} | exc.body())
+        except Exception as exc:  # a failed load must reach the client as a message
+            await queue.put({"type": "error", "status": 500,
+                             "error": {"message": f"Failed to load {name}: {exc}",
+                                       "type": "server_error", "param": None,
+                                       "code": "model_load_failed"}})
+
+    task = asyncio.create_task(run())
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                item = await queue.get()
+                yield (json.dumps(item) + "\n").encode()
+                if item["type"] in ("success", "error"):
+                    return
+        finally:
+            if not task.done():
+                stop.set()  # the client went away: abort the load between tensors
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def unload(request: Request) -> Any:
+    body = await read_json(request)
+    models = manager(request)
+    if body.get("all", bool, False):
+        return JSONResponse({"unloaded": await models.unload_all()})
+    identifier = body.get("identifier", str, required=True)
+    entry: Loaded = await models.unload(identifier)
+    return JSONResponse({"identifier": entry.identifier})
+
+
+async def shutdown(request: Request) -> Any:
+    server = request.app.state.uvicorn_server
+    if server is None:
+        raise APIError(409, "This server was not started by lmscli and cannot stop itself.")
+    server.should_exit = True
+    return JSONResponse({"stopping": True})

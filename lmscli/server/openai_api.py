@@ -1,0 +1,314 @@
+"""The OpenAI-compatible surface (/v1) and LM Studio's REST extras (/api/v0)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from lmscli.engine import Done, PredictionRequest, PredictionStats, SamplingParams
+from lmscli.prompting import TemplateRenderError, render_chat
+from lmscli.server.errors import APIError, Body, bad_request
+from lmscli.server.models import Loaded, ModelManager
+from lmscli.server.predict import Running, collect, sse
+
+# Tokens that arrive within this long of the previous chunk share the next one: on a small
+# machine a write and a client-side parse per token slow decoding down (see bench/).
+STREAM_COALESCE_S = 0.025
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+FINISH = {"eosFound": "stop", "stopStringFound": "stop", "userStopped": "stop",
+          "maxPredictedTokensReached": "length", "contextLengthReached": "length",
+          "toolCalls": "tool_calls", "modelUnloaded": "stop", "failed": "stop"}
+
+
+async def read_json(request: Request) -> Body:
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}") from exc
+    if data is None:
+        raise bad_request("The request body is empty: send a JSON object.")
+    return Body(data)
+
+
+def manager(request: Request) -> ModelManager:
+    return request.app.state.models
+
+
+# -- request parsing ------------------------------------------------------------------------
+
+def sampling(body: Body) -> SamplingParams:
+    p = SamplingParams()
+    p.temperature = body.number("temperature", p.temperature, low=0, high=2)  # type: ignore
+    p.top_p = body.number("top_p", p.top_p, low=0, high=1)  # type: ignore[assignment]
+    p.top_k = body.integer("top_k", p.top_k, low=0)  # type: ignore[assignment]
+    p.min_p = body.number("min_p", p.min_p, low=0, high=1)  # type: ignore[assignment]
+    p.repeat_penalty = body.number("repeat_penalty", p.repeat_penalty, low=0)  # type: ignore
+    p.seed = body.integer("seed")
+    max_tokens = body.integer("max_completion_tokens", body.integer("max_tokens"))
+    p.max_tokens = None if max_tokens is None or max_tokens < 0 else max_tokens
+    stop = body.get("stop", (str, list))
+    if isinstance(stop, str):
+        p.stop = [stop]
+    elif isinstance(stop, list):
+        if not all(isinstance(s, str) for s in stop):
+            raise bad_request("Field 'stop' must be a string or an array of strings.", "stop")
+        p.stop = stop
+    n = body.integer("n", 1)
+    if n != 1:
+        raise bad_request("Only n=1 is supported.", "n")
+    return p
+
+
+def message_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" \
+                    or not isinstance(part.get("text"), str):
+                raise bad_request(f"'{where}[{i}]' must be a text part "
+                                  '({"type": "text", "text": "..."}); images are not supported.',
+                                  f"{where}[{i}]")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"'{where}' must be a string or an array of text parts.", where)
+
+
+def parse_messages(body: Body) -> list[dict[str, Any]]:
+    messages = body.get("messages", list, required=True)
+    if not messages:
+        raise bad_request("Field 'messages' must not be empty.", "messages")
+    out = []
+    for i, raw in enumerate(messages):
+        msg = Body(raw, f"messages[{i}]")
+        role = msg.get("role", str, required=True)
+        if role not in ROLES:
+            raise bad_request(f"'messages[{i}].role' must be one of "
+                              f"{', '.join(sorted(ROLES))}.", f"messages[{i}].role")
+        content = message_text(raw.get("content"), f"messages[{i}].content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def ttl_of(body: Body) -> float | None:
+    ttl = body.integer("ttl", low=1)
+    return float(ttl) if ttl is not None else None
+
+
+async def model_for(request: Request, body: Body) -> Loaded:
+    name = body.get("model", str, required=True)
+    return await manager(request).get_or_load(name, ttl_s=ttl_of(body))
+
+
+def chat_prompt(entry: Loaded, messages: list[dict[str, Any]]) -> str:
+    instance = entry.instance
+    try:
+        return render_chat(entry.model.chat_template, messages, bos_token=instance.bos_token,
+                           eos_token=instance.eos_token)
+    except TemplateRenderError as exc:
+        raise bad_request(str(exc), "messages", "template_error") from exc
+
+
+# -- responses ------------------------------------------------------------------------------
+
+def usage(stats: PredictionStats) -> dict[str, Any]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.predicted_tokens,
+            "total_tokens": stats.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+
+
+def lmstudio_extras(entry: Loaded, stats: PredictionStats, engine: Any) -> dict[str, Any]:
+    m = entry.model
+    return {
+        "stats": {"tokens_per_second": stats.tokens_per_second,
+                  "time_to_first_token": stats.time_to_first_token_s,
+                  "generation_time": stats.total_time_s - (stats.time_to_first_token_s or 0),
+                  "stop_reason": stats.stop_reason,
+                  "prompt_tokens": stats.prompt_tokens,
+                  "cached_prompt_tokens": stats.cached_tokens},
+        "model_info": {"arch": m.architecture, "quant": m.quantization, "format": "gguf",
+                       "context_length": entry.instance.context_length},
+        "runtime": {"name": engine.name, "version": engine.version,
+                    "supported_formats": ["gguf"]},
+    }
+
+
+class Completion:
+    """One chat or text completion request, answered whole or as an SSE stream."""
+
+    def __init__(self, request: Request, entry: Loaded, prompt: str, body: Body, *,
+                 chat: bool, rest: bool) -> None:
+        self.request, self.entry, self.prompt, self.chat, self.rest = (
+            request, entry, prompt, chat, rest)
+        self.params = sampling(body)
+        self.stream = bool(body.get("stream", bool, False))
+        opts = body.get("stream_options", dict, {})
+        self.include_usage = bool(Body(opts, "stream_options").get("include_usage", bool, False))
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    async def respond(self) -> Any:
+        running = Running(self.entry, PredictionRequest(self.prompt, self.params))
+        await running.first()  # errors before the first event become proper HTTP errors
+        if self.stream:
+            return StreamingResponse(self._stream(running), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text, done = await collect(running)
+        return JSONResponse(self._whole(text, done))
+
+    def _base(self) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.entry.identifier, "system_fingerprint": self.entry.identifier}
+
+    def _whole(self, text: str, done: Done) -> dict[str, Any]:
+        finish = FINISH[done.stats.stop_reason]
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        out = self._base() | {"choices": [choice], "usage": usage(done.stats)}
+        if self.rest:
+            out |= lmstudio_extras(self.entry, done.stats, self.request.app.state.engine)
+        return out
+
+    def _chunk(self, delta: dict[str, Any] | str, finish: str | None = None) -> dict[str, Any]:
+        chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if self.chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta
+        return self._base() | {"object": chunk_object, "choices": [choice]}
+
+    async def _stream(self, running: Running) -> AsyncIterator[bytes]:
+        if self.chat:
+            yield sse(self._chunk({"role": "assistant", "content": ""}))
+        async for event in running.events(coalesce_s=STREAM_COALESCE_S):
+            if event.type == "fragment":
+                text = event.text  # type: ignore[union-attr]
+                yield sse(self._chunk({"content": text} if self.chat else text))
+            elif isinstance(event, Done):
+                yield sse(self._final_chunk(event))
+                if self.include_usage:
+                    yield sse(self._base() | {"object": "chat.completion.chunk" if self.chat
+                                              else "text_completion", "choices": [],
+                                              "usage": usage(event.stats)})
+            elif event.type == "failed":
+                yield sse({"error": {"message": event.message,  # type: ignore[union-attr]
+                                     "type": "server_error"}})
+        yield sse("[DONE]")
+
+    def _final_chunk(self, done: Done) -> dict[str, Any]:
+        chunk = self._chunk({} if self.chat else "", FINISH[done.stats.stop_reason])
+        if self.rest:
+            chunk |= lmstudio_extras(self.entry, done.stats, self.request.app.state.engine)
+        return chunk
+
+
+# -- handlers -------------------------------------------------------------------------------
+
+async def chat_completions(request: Request, rest: bool = False) -> Any:
+    body = await read_json(request)
+    messages = parse_messages(body)
+    entry = await model_for(request, body)
+    prompt = chat_prompt(entry, messages)
+    return await Completion(request, entry, prompt, body, chat=True, rest=rest).respond()
+
+
+async def completions(request: Request, rest: bool = False) -> Any:
+    body = await read_json(request)
+    prompt = body.get("prompt", (str, list), required=True)
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise bad_request("Field 'prompt' must be a string (or an array of one string).",
+                              "prompt")
+        prompt = prompt[0]
+    entry = await model_for(request, body)
+    return await Completion(request, entry, prompt, body, chat=False, rest=rest).respond()
+
+
+async def embeddings(request: Request) -> Any:
+    body = await read_json(request)
+    texts = body.get("input", (str, list), required=True)
+    texts = [texts] if isinstance(texts, str) else texts
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise bad_request("Field 'input' must be a string or a non-empty array of strings.",
+                          "input")
+    entry = await model_for(request, body)
+    import asyncio
+
+    entry.active += 1
+    try:
+        vectors = await asyncio.to_thread(entry.instance.embed, texts)
+    finally:
+        entry.active -= 1
+        entry.touch()
+    tokens = sum(len(t.split()) for t in texts)
+    return JSONResponse({
+        "object": "list", "model": entry.identifier,
+        "data": [{"object": "embedding", "index": i, "embedding": v}
+                 for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+
+
+async def v1_models(request: Request) -> Any:
+    models = manager(request)
+    ids = list(models.loaded)
+    ids += [m.model_key for m in models.downloaded() if m.model_key not in ids]
+    return JSONResponse({"object": "list", "data": [
+        {"id": i, "object": "model", "owned_by": "organization_owner"} for i in ids]})
+
+
+def v0_model(model: Any, entry: Loaded | None) -> dict[str, Any]:
+    out = {
+        "id": entry.identifier if entry else model.model_key,
+        "object": "model",
+        "type": "embeddings" if model.type == "embedding" else "llm",
+        "publisher": model.publisher,
+        "arch": model.architecture,
+        "compatibility_type": "gguf",
+        "quantization": model.quantization,
+        "state": "loaded" if entry else "not-loaded",
+        "max_context_length": model.max_context_length,
+    }
+    if entry:
+        out["loaded_context_length"] = entry.instance.context_length
+    if model.trained_for_tool_use:
+        out["capabilities"] = ["tool_use"]
+    return out
+
+
+async def v0_models(request: Request) -> Any:
+    models = manager(request)
+    data = [v0_model(e.model, e) for e in models.loaded.values()]
+    loaded_keys = {e.model.model_key for e in models.loaded.values()}
+    data += [v0_model(m, None) for m in models.downloaded() if m.model_key not in loaded_keys]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def v0_model_one(request: Request) -> Any:
+    models = manager(request)
+    name = request.path_params["model"]
+    entry = models.find_loaded(name)
+    if entry:
+        return JSONResponse(v0_model(entry.model, entry))
+    from lmscli import catalog
+
+    model = catalog.find_model(name)
+    if model is None:
+        raise APIError(404, f'Model "{name}" not found.', param="model",
+                       code="model_not_found")
+    return JSONResponse(v0_model(model, None))

@@ -1,0 +1,139 @@
+"""Running one prediction from an async handler: engine events cross into the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from lmscli.engine import Done, Event, Failed, Fragment, Prediction, PredictionRequest
+from lmscli.server.errors import APIError
+from lmscli.server.models import Loaded
+
+
+class Running:
+    """A submitted prediction whose events can be awaited; cancels itself when dropped.
+
+    Events wait in an inbox; the engine thread wakes the event loop only when a consumer is
+    blocked on an empty inbox, so a stream that batches tokens costs no wake-up per token.
+    """
+
+    def __init__(self, entry: Loaded, request: PredictionRequest) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._inbox: deque[Event] = deque()
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future[None] | None = None
+        self.entry = entry
+        entry.active += 1
+        entry.touch()
+        self.prediction: Prediction = entry.instance.submit(request, self._put)
+        self._first: Event | None = None
+        self._closed = False
+
+    # -- crossing threads -------------------------------------------------------------------
+
+    def _put(self, event: Event) -> None:
+        """Called on the engine thread."""
+        with self._lock:
+            self._inbox.append(event)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_resolve, waiter)
+
+    async def _get(self) -> Event:
+        while True:
+            with self._lock:
+                if self._inbox:
+                    return self._inbox.popleft()
+                self._waiter = waiter = self._loop.create_future()
+            await waiter
+
+    def _take_fragments(self, first: Fragment) -> Fragment:
+        """``first`` joined with the fragments already waiting right behind it."""
+        texts, tokens = [first.text], first.tokens
+        with self._lock:
+            while self._inbox and isinstance(self._inbox[0], Fragment):
+                nxt = self._inbox.popleft()
+                texts.append(nxt.text)  # type: ignore[union-attr]
+                tokens += nxt.tokens  # type: ignore[union-attr]
+        return first if len(texts) == 1 else Fragment("".join(texts), tokens)
+
+    # -- consuming --------------------------------------------------------------------------
+
+    async def first(self) -> Event:
+        """Wait for the first event; a prompt too long for the context becomes a 400."""
+        event = await self._get()
+        if isinstance(event, Done) and event.stats.stop_reason == "contextLengthReached" \
+                and event.stats.predicted_tokens == 0:
+            self.close()
+            ctx = self.entry.instance.context_length
+            raise APIError(400, f"The prompt is {event.stats.prompt_tokens} tokens long, more "
+                           f"than the model's context length of {ctx} tokens. Shorten it or "
+                           f"load the model with a larger --context-length.",
+                           param="messages", code="context_length_exceeded")
+        if isinstance(event, Failed):
+            self.close()
+            raise APIError(500, f"Prediction failed: {event.message}", type_="server_error",
+                           code="prediction_failed")
+        self._first = event
+        return event
+
+    async def events(self, coalesce_s: float = 0.0) -> AsyncIterator[Event]:
+        """The events in order. With ``coalesce_s``, fragments that arrive within that long
+        after one was sent are merged into one, except the first, which goes at once."""
+        try:
+            if self._first is None:
+                await self.first()
+            event: Event | None = self._first
+            self._first = None
+            sent_fragment = False
+            while True:
+                assert event is not None
+                yield event
+                if isinstance(event, Done | Failed):
+                    return
+                if coalesce_s and isinstance(event, Fragment):
+                    if sent_fragment:
+                        await asyncio.sleep(coalesce_s)
+                    sent_fragment = True
+                event = await self._get()
+                if isinstance(event, Fragment):
+                    event = self._take_fragments(event)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.prediction.finished.is_set():
+            self.prediction.cancel()
+        self.entry.active -= 1
+        self.entry.touch()
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def collect(running: Running) -> tuple[str, Done]:
+    parts: list[str] = []
+    done: Done | None = None
+    async for event in running.events():
+        if isinstance(event, Fragment):
+            parts.append(event.text)
+        elif isinstance(event, Done):
+            done = event
+        elif isinstance(event, Failed):
+            raise APIError(500, f"Prediction failed: {event.message}", type_="server_error")
+    assert done is not None
+    return "".join(parts), done
+
+
+def sse(data: Any) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()

@@ -1,0 +1,173 @@
+"""Shared fixtures: an isolated home per test, synthetic and real models, real servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.gguf_factory import make_gguf
+
+DEFAULT_MODEL_REL = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Real tests share one download per machine; CI fetches it on its first run.
+MODEL_CACHE = Path(os.environ.get("LMSCLI_TEST_MODELS",
+                                  Path.home() / ".cache" / "lmscli-test" / "models"))
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("LMSCLI_HOME", str(h))
+    for var in ("LMSCLI_MODELS_DIR", "LMS_SERVER_HOST", "LMSCLI_ENGINE", "NO_COLOR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    return h
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=0.5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer")
+
+
+# -- synthetic models + fake engine ---------------------------------------------------------
+
+FAKE_KEYS = ["tiny-chat", "tiny-chat-large", "other-model"]
+
+
+@pytest.fixture
+def fake_models(home: Path) -> Path:
+    models = home / "models"
+    make_gguf(models / "test/tiny-chat-GGUF/tiny-chat.Q4_0.gguf", name="Tiny Chat",
+              context_length=256)
+    make_gguf(models / "test/tiny-chat-large-GGUF/tiny-chat-large.Q8_0.gguf",
+              name="Tiny Chat Large", context_length=512)
+    make_gguf(models / "acme/other-model-GGUF/other-model-F16.gguf", name="Other",
+              context_length=256)
+    return models
+
+
+class ThreadServer:
+    """The real ASGI app under a real uvicorn, in a thread, advertised in the state file."""
+
+    def __init__(self, engine: object, **settings: object) -> None:
+        import uvicorn
+
+        from lmscli import serverstate
+        from lmscli.server.app import Settings, create_app
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(None, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.app = create_app(engine, Settings(port=self.port, **settings),  # type: ignore
+                              self.server)
+        config.app = self.app
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(self.base_url + "/lmstudio-greeting")
+        serverstate.write_state(serverstate.ServerState(os.getpid(), "127.0.0.1", self.port,
+                                                        time.time()))
+
+    @property
+    def models(self):  # noqa: ANN201 - the server's ModelManager
+        return self.app.state.models
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def fake_server(fake_models: Path) -> Iterator[ThreadServer]:
+    from lmscli.engine.fake import FakeEngine
+
+    server = ThreadServer(FakeEngine(), reap_every_s=0.1)
+    yield server
+    server.stop()
+
+
+# -- the real default model -----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def default_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lmscli import catalog
+
+    saved = os.environ.get("LMSCLI_HOME")
+    os.environ["LMSCLI_HOME"] = str(tmp_path_factory.mktemp("fetch-home"))
+    try:
+        result = catalog.get_model(catalog.DEFAULT_MODEL, models_dir=MODEL_CACHE)
+    finally:
+        if saved is None:
+            os.environ.pop("LMSCLI_HOME", None)
+        else:
+            os.environ["LMSCLI_HOME"] = saved
+    return result.model.abs_path
+
+
+def link_default_model(home: Path, model_file: Path) -> None:
+    target = home / "models" / DEFAULT_MODEL_REL
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.symlink_to(model_file)
+
+
+class ProcessServer:
+    """``python -m lmscli.server`` as its own process, with its own home."""
+
+    def __init__(self, home: Path, port: int | None = None) -> None:
+        self.home = home
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = os.environ | {"LMSCLI_HOME": str(home)}
+        self.log = open(home / "server-test.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmscli.server", "--port", str(self.port)],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(self.base_url + "/lmstudio-greeting", timeout=60)
+
+    def lms(self, *args: str, input: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lmscli", *args], env=self.env,
+                              input=input, capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory: pytest.TempPathFactory,
+                default_model_file: Path) -> Iterator[ProcessServer]:
+    home = tmp_path_factory.mktemp("real-home")
+    link_default_model(home, default_model_file)
+    server = ProcessServer(home)
+    yield server
+    server.stop()
