@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 StopReason = Literal[
     "eosFound", "stopStringFound", "maxPredictedTokensReached", "contextLengthReached",
@@ -64,6 +64,22 @@ class PredictionStats:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.predicted_tokens
+
+    def to_lms(self) -> dict[str, Any]:
+        """LM Studio's LLMPredictionStats (camelCase), plus the cached prompt token count."""
+        out: dict[str, Any] = {
+            "stopReason": self.stop_reason,
+            "tokensPerSecond": self.tokens_per_second,
+            "timeToFirstTokenSec": self.time_to_first_token_s,
+            "totalTimeSec": self.total_time_s,
+            "promptTokensCount": self.prompt_tokens,
+            "predictedTokensCount": self.predicted_tokens,
+            "totalTokensCount": self.total_tokens,
+            "cachedPromptTokensCount": self.cached_tokens,
+        }
+        if self.stop_string is not None:
+            out["stopString"] = self.stop_string
+        return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclass
