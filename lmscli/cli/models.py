@@ -111,7 +111,7 @@ def loaded_models(start: bool = False) -> list[dict[str, Any]] | None:
     if client is None:
         return None
     with client:
-        return client.list_loaded_models()
+        return client.loaded_models_info()
 
 
 def ls(
@@ -253,7 +253,7 @@ def load(
     ratio = parse_gpu(gpu)
     key = resolve_key(model_key, exact, yes)
     with connect.client() as client:  # type: ignore[union-attr]
-        existing = [m for m in client.list_loaded_models() if m["modelKey"] == key]
+        existing = [m for m in client.loaded_models_info() if m["modelKey"] == key]
         same = [m for m in existing if identifier in (None, m["identifier"])]
         if same:
             console.info(f'Model {key} is already loaded as "{same[0]["identifier"]}".')
@@ -284,7 +284,7 @@ def unload(
                           "together with --all.")
         return
     client = connect.client(start=False)
-    loaded = client.list_loaded_models() if client else []
+    loaded = client.loaded_models_info() if client else []
     if all_:
         _unload_all(client, loaded)
         return

@@ -1,9 +1,28 @@
 """The lmscli client: LM Studio's Python SDK surface over lmscli's HTTP server.
 
-Imports httpx and the standard library only.
+Imports httpx and the standard library only. ``import lmscli as lms`` re-exports all of it.
 """
 
-from lmscli.client.client import Client
+from lmscli.client.client import Client, get_sync_api_timeout, set_sync_api_timeout
+from lmscli.client.history import AssistantResponse, Chat, Message, ToolResultMessage
+from lmscli.client.handles import (
+    LLM,
+    DownloadedModel,
+    configure_default_client,
+    get_default_client,
+    list_downloaded_models,
+    list_loaded_models,
+    llm,
+)
+from lmscli.client.prediction import PredictionStream
+from lmscli.client.results import (
+    ActResult,
+    LlmInfo,
+    LlmPredictionFragment,
+    LlmPredictionStats,
+    PredictionResult,
+    PredictionRoundResult,
+)
 from lmscli.errors import (
     CancelledError,
     LMSError,
@@ -13,9 +32,28 @@ from lmscli.errors import (
     ServerError,
     ServerNotRunningError,
     TimeoutError_,
+    UserInputError,
 )
 
+# LM Studio's SDK names for the same errors, so that ``except lms.LMStudioError`` works
+LMStudioError = LMSError
+LMStudioServerError = ServerError
+LMStudioModelNotFoundError = ModelNotFoundError
+LMStudioPredictionError = PredictionError
+LMStudioClientError = ServerNotRunningError
+LMStudioCancelledError = CancelledError
+LMStudioTimeoutError = TimeoutError_
+LMStudioValueError = UserInputError
+
 __all__ = [
-    "CancelledError", "Client", "LMSError", "ModelLoadError", "ModelNotFoundError",
-    "PredictionError", "ServerError", "ServerNotRunningError", "TimeoutError_",
+    "LLM", "ActResult", "AssistantResponse", "CancelledError", "Chat", "Client",
+    "DownloadedModel", "LMSError", "LMStudioCancelledError", "LMStudioClientError",
+    "LMStudioError", "LMStudioModelNotFoundError", "LMStudioPredictionError",
+    "LMStudioServerError", "LMStudioTimeoutError", "LMStudioValueError", "LlmInfo",
+    "LlmPredictionFragment", "LlmPredictionStats", "Message", "ModelLoadError",
+    "ModelNotFoundError", "PredictionError", "PredictionResult", "PredictionRoundResult",
+    "PredictionStream", "ServerError", "ServerNotRunningError", "TimeoutError_",
+    "ToolResultMessage", "UserInputError", "configure_default_client", "get_default_client",
+    "get_sync_api_timeout", "list_downloaded_models", "list_loaded_models", "llm",
+    "set_sync_api_timeout",
 ]

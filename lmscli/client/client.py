@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -19,7 +19,20 @@ from lmscli.errors import (
     UserInputError,
 )
 
-DEFAULT_TIMEOUT = 60.0
+if TYPE_CHECKING:
+    from lmscli.client.handles import LLM, DownloadedModel
+
+DEFAULT_TIMEOUT = 60.0  # seconds without a message from the server, as LM Studio's SDK
+_timeout = {"seconds": DEFAULT_TIMEOUT}
+
+
+def set_sync_api_timeout(seconds: float | None) -> None:
+    """How long a call waits for the next message from the server (None: forever)."""
+    _timeout["seconds"] = seconds  # type: ignore[assignment]
+
+
+def get_sync_api_timeout() -> float | None:
+    return _timeout["seconds"]
 
 
 def parse_api_host(api_host: str) -> tuple[str, int]:
@@ -53,7 +66,7 @@ def error_from_body(message: str, status: int, code: str | None, param: str | No
 class Client:
     """Talks to one server. Without ``api_host`` it finds the running lmscli server."""
 
-    def __init__(self, api_host: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, api_host: str | None = None, *, timeout: float | None = None) -> None:
         if api_host:
             self.host, self.port = parse_api_host(api_host)
         else:
@@ -62,7 +75,12 @@ class Client:
                 raise ServerNotRunningError()
             self.host, self.port = state.client_host, state.port
         self.base_url = f"http://{self.host}:{self.port}"
-        self._http = httpx.Client(base_url=self.base_url, timeout=httpx.Timeout(timeout))
+        read = timeout if timeout is not None else get_sync_api_timeout()
+        self._http = httpx.Client(base_url=self.base_url,
+                                  timeout=httpx.Timeout(read, connect=5.0))
+        from lmscli.client.handles import LlmNamespace
+
+        self.llm = LlmNamespace(self)
 
     def __enter__(self) -> Client:
         return self
@@ -88,20 +106,33 @@ class Client:
             raise error_from_response(response)
         return response.json()
 
-    def _ndjson(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def open_stream(self, path: str, body: dict[str, Any]) -> tuple[Any, httpx.Response]:
+        """POST and return (context, response) once the status is known to be good."""
+        context = self._http.stream("POST", path, json=body)
         try:
-            with self._http.stream("POST", path, json=body, timeout=None) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise error_from_response(response)
-                for line in response.iter_lines():
-                    if line.strip():
-                        yield json.loads(line)
+            response = context.__enter__()
         except httpx.ConnectError as exc:
             raise ServerNotRunningError(
                 f"The server is not running at {self.host}:{self.port}.") from exc
+        except httpx.TimeoutException as exc:
+            raise TimeoutError_(f"The server at {self.host}:{self.port} did not answer in "
+                                "time.") from exc
+        if response.status_code >= 400:
+            response.read()
+            context.__exit__(None, None, None)
+            raise error_from_response(response)
+        return context, response
+
+    def _ndjson(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        context, response = self.open_stream(path, body)
+        try:
+            for line in response.iter_lines():
+                if line.strip():
+                    yield json.loads(line)
         except httpx.RemoteProtocolError as exc:
             raise ServerError(f"The server closed the connection: {exc}") from exc
+        finally:
+            context.__exit__(None, None, None)
 
     # -- server ----------------------------------------------------------------------------
 
@@ -113,20 +144,43 @@ class Client:
 
     # -- models ----------------------------------------------------------------------------
 
-    def list_downloaded_models(self) -> list[dict[str, Any]]:
+    def downloaded_models_info(self) -> list[dict[str, Any]]:
+        """LM Studio ModelInfo dicts of the models on disk."""
         return self._request("GET", "/lmscli/models/downloaded")
 
-    def list_loaded_models(self) -> list[dict[str, Any]]:
+    def loaded_models_info(self) -> list[dict[str, Any]]:
+        """Instance info dicts (with status and queue) of the loaded models."""
         return self._request("GET", "/lmscli/models/loaded")
+
+    def list_downloaded_models(self, namespace: str | None = None) -> list[DownloadedModel]:
+        from lmscli.client.handles import DownloadedModel
+
+        return [DownloadedModel(self, i) for i in self.downloaded_models_info()
+                if namespace in (None, i["type"])]
+
+    def list_loaded_models(self, namespace: str | None = None) -> list[LLM]:
+        from lmscli.client.handles import LLM
+
+        return [LLM(self, i["identifier"]) for i in self.loaded_models_info()
+                if namespace in (None, i.get("type", "llm"))]
+
+    def cancel_prediction(self, prediction_id: str) -> None:
+        try:
+            self._request("POST", f"/lmscli/predict/{prediction_id}/cancel")
+        except ServerError as exc:
+            if exc.status != 404:  # already finished: nothing to cancel
+                raise
 
     def load(self, model_key: str, *, identifier: str | None = None,
              context_length: int | None = None, gpu: float | str | None = None,
-             ttl: int | None = None,
+             ttl: int | None = None, get_or_load: bool = False,
              on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-        """Load a new instance; returns its info (with ``loadTimeSec``)."""
+        """Load a new instance (or, with ``get_or_load``, reuse a loaded one); returns its
+        info, with ``loadTimeSec``."""
         body = {k: v for k, v in {"model": model_key, "identifier": identifier,
                                   "context_length": context_length, "gpu": gpu,
-                                  "ttl": ttl}.items() if v is not None}
+                                  "ttl": ttl, "get_or_load": get_or_load or None}.items()
+                if v is not None}
         for event in self._ndjson("/lmscli/models/load", body):
             if event["type"] == "progress" and on_progress:
                 on_progress(float(event["progress"]))

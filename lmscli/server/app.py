@@ -76,6 +76,8 @@ def routes() -> list[Route]:
         Route("/lmscli/models/load", n.load, methods=["POST"]),
         Route("/lmscli/models/unload", n.unload, methods=["POST"]),
         Route("/lmscli/shutdown", n.shutdown, methods=["POST"]),
+        Route("/lmscli/predict", n.predict, methods=["POST"]),
+        Route("/lmscli/predict/{prediction_id}/cancel", n.cancel, methods=["POST"]),
     ]
 
 
@@ -104,6 +106,7 @@ def create_app(engine: Engine, settings: Settings | None = None,
     )
     app.state.engine = engine
     app.state.models = models
+    app.state.predictions = {}
     app.state.settings = settings
     app.state.uvicorn_server = uvicorn_server
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -74,6 +75,11 @@ async def load(request: Request) -> Any:
     ttl = body.integer("ttl", low=1)
     ratio = gpu_ratio(body)
     models = manager(request)
+    if body.get("get_or_load", bool, False) and (entry := models.find_loaded(name)):
+        entry.touch()
+        line = {"type": "success", "info": entry.info(), "alreadyLoaded": True}
+        return StreamingResponse(iter([(json.dumps(line) + "\n").encode()]),
+                                 media_type="application/x-ndjson")
     models._resolve_downloaded(name)  # unknown model: a plain 404 before any streaming
     if identifier and identifier in models.loaded:
         raise APIError(409, f'A model with identifier "{identifier}" is already loaded.',
@@ -139,3 +145,82 @@ async def shutdown(request: Request) -> Any:
         raise APIError(409, "This server was not started by lmscli and cannot stop itself.")
     server.should_exit = True
     return JSONResponse({"stopping": True})
+
+
+# -- predictions for lmscli.client ---------------------------------------------------------
+
+async def predict(request: Request) -> Any:
+    """One prediction as NDJSON events shaped like LM Studio's predict channel:
+    ``started``, ``promptProcessingProgress``, ``fragment``, then ``success`` or ``error``."""
+    from lmscli.engine import PredictionRequest
+    from lmscli.server import openai_api as o
+    from lmscli.server.predict import Running
+
+    body = await read_json(request)
+    entry = await predict_model(request, body)
+    if "prompt" in body.data:
+        prompt = body.get("prompt", str, required=True)
+    else:
+        prompt = o.chat_prompt(entry, o.parse_messages(body))
+    params, grammar = o.sampling(body), o.response_grammar(body)
+    running = Running(entry, PredictionRequest(prompt, params, grammar))
+    await running.first()
+    prediction_id = secrets.token_hex(8)
+    predictions: dict[str, Running] = request.app.state.predictions
+    predictions[prediction_id] = running
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            yield ndjson({"type": "started", "predictionId": prediction_id,
+                          "modelInfo": entry.info()})
+            async for event in running.events():
+                yield ndjson(sdk_event(event, entry))
+        finally:
+            predictions.pop(prediction_id, None)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def predict_model(request: Request, body: Body) -> Loaded:
+    """The named model (get-or-load), or the first loaded one when none is named."""
+    models = manager(request)
+    name = body.get("model", str)
+    if name:
+        ttl = body.integer("ttl", low=1)
+        return await models.get_or_load(name, ttl_s=float(ttl) if ttl else None)
+    if not models.loaded:
+        raise APIError(404, "No models are currently loaded. Load one with: lms load",
+                       param="model", code="model_not_loaded")
+    entry = sorted(models.loaded.values(), key=lambda e: e.loaded_at)[0]
+    entry.touch()
+    return entry
+
+
+def sdk_event(event: Any, entry: Loaded) -> dict[str, Any]:
+    if event.type == "promptProgress":
+        return {"type": "promptProcessingProgress", "progress": event.progress, "details": {
+            "cachedTokenCount": event.cached_tokens,
+            "totalPromptTokenCount": event.total_tokens,
+            "processedPromptTokenCount": event.processed_tokens,
+            "unprocessedPromptTokenCount": event.total_tokens - event.processed_tokens}}
+    if event.type == "fragment":
+        return {"type": "fragment", "fragment": {
+            "content": event.text, "tokensCount": event.tokens, "containsDrafted": False,
+            "reasoningType": "none", "isStructural": False}}
+    if event.type == "done":
+        return {"type": "success", "stats": event.stats.to_lms(), "modelInfo": entry.info()}
+    return {"type": "error", "error": {"message": f"Prediction failed: {event.message}",
+                                       "type": "server_error", "code": "prediction_failed"}}
+
+
+def ndjson(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, ensure_ascii=False) + "\n").encode()
+
+
+async def cancel(request: Request) -> Any:
+    """Stop a prediction between tokens; its stream still ends with ``success`` (userStopped)."""
+    running = request.app.state.predictions.get(request.path_params["prediction_id"])
+    if running is None:
+        raise APIError(404, "No such prediction is running.", code="prediction_not_found")
+    running.prediction.cancel()
+    return JSONResponse({"cancelled": True})

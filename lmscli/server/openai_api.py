@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from lmscli.engine import Done, PredictionRequest, PredictionStats, SamplingParams
 from lmscli.prompting import TemplateRenderError, render_chat
+from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
 from lmscli.server.errors import APIError, Body, bad_request
 from lmscli.server.models import Loaded, ModelManager
 from lmscli.server.predict import Running, collect, sse
@@ -100,6 +101,28 @@ def parse_messages(body: Body) -> list[dict[str, Any]]:
     return out
 
 
+def response_grammar(body: Body) -> str | None:
+    """GBNF for OpenAI's ``response_format`` (json_schema or json_object), else None."""
+    fmt = body.get("response_format", dict)
+    if fmt is None:
+        return None
+    spec = Body(fmt, "response_format")
+    kind = spec.get("type", str, required=True)
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return any_json_grammar()
+    if kind != "json_schema":
+        raise bad_request("'response_format.type' must be text, json_object or json_schema.",
+                          "response_format.type")
+    inner = Body(spec.get("json_schema", dict, required=True), "response_format.json_schema")
+    schema = inner.get("schema", dict, required=True)
+    try:
+        return json_schema_grammar(schema)
+    except SchemaError as exc:
+        raise bad_request(str(exc), "response_format.json_schema.schema") from exc
+
+
 def ttl_of(body: Body) -> float | None:
     ttl = body.integer("ttl", low=1)
     return float(ttl) if ttl is not None else None
@@ -151,6 +174,7 @@ class Completion:
         self.request, self.entry, self.prompt, self.chat, self.rest = (
             request, entry, prompt, chat, rest)
         self.params = sampling(body)
+        self.grammar = response_grammar(body)
         self.stream = bool(body.get("stream", bool, False))
         opts = body.get("stream_options", dict, {})
         self.include_usage = bool(Body(opts, "stream_options").get("include_usage", bool, False))
@@ -159,7 +183,7 @@ class Completion:
         self.object = "chat.completion" if chat else "text_completion"
 
     async def respond(self) -> Any:
-        running = Running(self.entry, PredictionRequest(self.prompt, self.params))
+        running = Running(self.entry, PredictionRequest(self.prompt, self.params, self.grammar))
         await running.first()  # errors before the first event become proper HTTP errors
         if self.stream:
             return StreamingResponse(self._stream(running), media_type="text/event-stream",
