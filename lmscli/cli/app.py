@@ -10,7 +10,7 @@ import typer
 from typer._click import exceptions as click_exc  # Typer vendors Click and exports no errors
 
 import lmscli
-from lmscli.cli import console, models, server
+from lmscli.cli import chat, console, models, server
 from lmscli.errors import LMSError
 
 HELP = "lmscli: local LLMs from your terminal. Chat, serve and manage GGUF models with llama.cpp."
@@ -21,6 +21,7 @@ app = typer.Typer(name="lms", help=HELP, epilog=EPILOG, add_completion=True,
                   context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(server.app, name="server", rich_help_panel="Serve")
 models.register(app)
+app.command(name="chat", rich_help_panel="Local models")(chat.chat)
 
 
 @app.command(rich_help_panel="Serve")

@@ -23,6 +23,12 @@ out = _console(stderr=False)
 err = _console(stderr=True)
 
 
+def terminal() -> Console:
+    """A console for the chat screen: rich wraps lines itself, so that live redraws know how
+    many rows they occupy (with soft wrapping the terminal wraps and redraws leave copies)."""
+    return Console(theme=THEME, highlight=False)
+
+
 def info(message: str) -> None:
     err.print(message, markup=False)
 

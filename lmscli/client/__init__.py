@@ -4,7 +4,6 @@ Imports httpx and the standard library only. ``import lmscli as lms`` re-exports
 """
 
 from lmscli.client.client import Client, get_sync_api_timeout, set_sync_api_timeout
-from lmscli.client.history import AssistantResponse, Chat, Message, ToolResultMessage
 from lmscli.client.handles import (
     LLM,
     DownloadedModel,
@@ -14,6 +13,7 @@ from lmscli.client.handles import (
     list_loaded_models,
     llm,
 )
+from lmscli.client.history import AssistantResponse, Chat, Message, ToolResultMessage
 from lmscli.client.prediction import PredictionStream
 from lmscli.client.results import (
     ActResult,

@@ -2,7 +2,8 @@
 
 Tokens are whitespace-separated words. The reply is ``FakeEngine.reply`` unless the prompt
 asks for one with ``[[reply: text]]``; ``[[fail]]`` makes the prediction fail and
-``[[slow]]`` adds a delay per token so that cancellation can be tested.
+``[[slow]]`` adds a delay per token so that cancellation can be tested; ``[[count: N]]``
+replies ``n1 n2 … nN``, text that the prompt itself does not contain.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from lmscli.engine.textstream import StopMatcher
 from lmscli.engine.types import Done, Failed, Fragment, LoadOptions, PredictionStats, PromptProgress
 
 DEFAULT_REPLY = "Hello! I am the fake engine."
+
+
+def _last_turn(prompt: str) -> str:
+    """Directives count only in the newest user turn, not in the history before it."""
+    marker = "<|im_start|>user"
+    return prompt[prompt.rindex(marker):] if marker in prompt else prompt
 
 
 def _words(text: str) -> list[str]:
@@ -48,7 +55,8 @@ class FakeInstance(ModelInstance):
     def _predict(self, prediction: Prediction) -> None:
         req = prediction.request
         started = time.perf_counter()
-        if "[[fail]]" in req.prompt:
+        asked = _last_turn(req.prompt)
+        if "[[fail]]" in asked:
             prediction.emit(Failed("The fake engine was asked to fail."))
             return
         tokens = _words(req.prompt)
@@ -60,9 +68,13 @@ class FakeInstance(ModelInstance):
         for i in range(5):
             prediction.emit(PromptProgress(i / 4, cached, cached, len(tokens)))
         self.status = "generating"
-        slow = 0.05 if "[[slow]]" in req.prompt else 0.0
-        match = re.search(r"\[\[reply: (.*?)\]\]", req.prompt, re.S)
-        reply = match.group(1) if match else self.reply
+        slow = 0.05 if "[[slow]]" in asked else 0.0
+        match = re.search(r"\[\[reply: (.*?)\]\]", asked, re.S)
+        count = re.search(r"\[\[count: (\d+)\]\]", asked)
+        if count:
+            reply = " ".join(f"n{i}" for i in range(1, int(count.group(1)) + 1))
+        else:
+            reply = match.group(1) if match else self.reply
         self._stream(prediction, _words(reply), tokens, cached, started, slow)
 
     def _cached_prefix(self, tokens: list[str]) -> int:
