@@ -10,7 +10,8 @@ import typer
 from typer._click import exceptions as click_exc  # Typer vendors Click and exports no errors
 
 import lmscli
-from lmscli.cli import chat, console, models, server
+from lmscli.cli import act, chat, console, models, server
+from lmscli.cli import log as log_cli
 from lmscli.errors import LMSError
 
 HELP = "lmscli: local LLMs from your terminal. Chat, serve and manage GGUF models with llama.cpp."
@@ -20,8 +21,10 @@ app = typer.Typer(name="lms", help=HELP, epilog=EPILOG, add_completion=True,
                   no_args_is_help=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(server.app, name="server", rich_help_panel="Serve")
+app.add_typer(log_cli.app, name="log", rich_help_panel="Serve")
 models.register(app)
 app.command(name="chat", rich_help_panel="Local models")(chat.chat)
+act.register(app)
 
 
 @app.command(rich_help_panel="Serve")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lmscli.client.history import Chat, to_openai_message
 from lmscli.client.prediction import Callbacks, PredictionStream
-from lmscli.client.results import LlmInfo, PredictionResult
+from lmscli.client.results import ActResult, LlmInfo, PredictionResult
 from lmscli.errors import ModelNotFoundError, UserInputError
 
 if TYPE_CHECKING:
@@ -102,9 +102,50 @@ class LLM:
                        on_prompt_processing_progress: Callable[..., Any] | None = None,
                        ) -> PredictionStream:
         chat = history if isinstance(history, Chat) else Chat.from_history(history)
-        body = {"messages": openai_messages(chat)}
-        return self._stream(body, response_format, config, Callbacks(
-            on_message, on_first_token, on_prediction_fragment, on_prompt_processing_progress))
+        return self._stream_chat(chat, response_format=response_format, config=config,
+                                 callbacks=Callbacks(on_message, on_first_token,
+                                                     on_prediction_fragment,
+                                                     on_prompt_processing_progress))
+
+    def _stream_chat(self, chat: Chat, *, callbacks: Callbacks, response_format: Any = None,
+                     config: Mapping[str, Any] | None = None,
+                     tools: list[dict[str, Any]] | None = None,
+                     tool_choice: Any = None) -> PredictionStream:
+        body: dict[str, Any] = {"messages": openai_messages(chat)}
+        if tools:
+            body["tools"] = tools
+            if tool_choice is not None:
+                body["tool_choice"] = tool_choice
+        return self._stream(body, response_format, config, callbacks)
+
+    def act(self, chat: Any, tools: Iterable[Any], *,
+            max_prediction_rounds: int | None = None,
+            max_parallel_tool_calls: int | None = 1,
+            config: Mapping[str, Any] | None = None, preset: str | None = None,
+            on_message: Callable[..., Any] | None = None,
+            on_first_token: Callable[..., Any] | None = None,
+            on_prediction_fragment: Callable[..., Any] | None = None,
+            on_round_start: Callable[..., Any] | None = None,
+            on_round_end: Callable[..., Any] | None = None,
+            on_prediction_completed: Callable[..., Any] | None = None,
+            on_prompt_processing_progress: Callable[..., Any] | None = None,
+            handle_invalid_tool_request: Callable[..., Any] | None = None,
+            tool_choice: Any = None) -> ActResult:
+        """Predict, run the tools the model asks for, repeat until it answers without tools.
+
+        ``tool_choice`` ("auto", "required" or {"type": "function", ...}) is an lmscli
+        extension that applies to the first round (e.g. to force one tool call)."""
+        from lmscli.client.act import ActLoop
+
+        callbacks = {"on_message": on_message, "on_first_token": on_first_token,
+                     "on_prediction_fragment": on_prediction_fragment,
+                     "on_round_start": on_round_start, "on_round_end": on_round_end,
+                     "on_prediction_completed": on_prediction_completed,
+                     "on_prompt_processing_progress": on_prompt_processing_progress,
+                     "handle_invalid_tool_request": handle_invalid_tool_request}
+        return ActLoop(self, chat, tools, max_prediction_rounds=max_prediction_rounds,
+                       max_parallel_tool_calls=max_parallel_tool_calls, config=config,
+                       tool_choice=tool_choice, callbacks=callbacks).run()
 
     def respond(self, history: Any, **kwargs: Any) -> PredictionResult:
         with self.respond_stream(history, **kwargs) as stream:

@@ -34,15 +34,19 @@ class Callbacks:
     round_index: int | None = None  # act() passes the round to every callback but on_message
 
     def call(self, name: str, *args: Any, with_round: bool = True) -> None:
-        fn = getattr(self, name)
-        if fn is None:
-            return
         if with_round and self.round_index is not None:
             args = (*args, self.round_index)
-        try:
-            fn(*args)
-        except Exception:  # a user's callback must not break the prediction (as the SDK)
-            log.exception("Exception in %s callback (ignored)", name)
+        safe_call(name, getattr(self, name), *args)
+
+
+def safe_call(name: str, fn: Callable[..., Any] | None, *args: Any) -> None:
+    """Run a user's callback; an exception in it is logged, never raised (as the SDK)."""
+    if fn is None:
+        return
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("Exception in %s callback (ignored)", name)
 
 
 class PredictionStream:
@@ -64,6 +68,7 @@ class PredictionStream:
         self._last_progress: float | None = None
         self._saw_fragment = False
         self._content: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
         self._context, self._response = client.open_stream("/lmscli/predict", body)
         self._lines = self._response.iter_lines()
         started = self._next_event()
@@ -104,6 +109,8 @@ class PredictionStream:
                         continue  # what arrives after cancel() is dropped, as in the SDK
                     self._on_fragment(fragment)
                     yield fragment
+                elif kind == "toolCallGenerationEnd":
+                    self.tool_calls.append(event["toolCallRequest"])
                 elif kind == "success":
                     self._finish(event)
                     return

@@ -69,7 +69,7 @@ class FakeInstance(ModelInstance):
             prediction.emit(PromptProgress(i / 4, cached, cached, len(tokens)))
         self.status = "generating"
         slow = 0.05 if "[[slow]]" in asked else 0.0
-        match = re.search(r"\[\[reply: (.*?)\]\]", asked, re.S)
+        match = re.search(r"\[\[reply: (.*)\]\]", asked, re.S)  # to the last ]]
         count = re.search(r"\[\[count: (\d+)\]\]", asked)
         if count:
             reply = " ".join(f"n{i}" for i in range(1, int(count.group(1)) + 1))

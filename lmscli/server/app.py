@@ -19,6 +19,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from lmscli.engine import Engine
+from lmscli.logbus import LogBus
+from lmscli.logbus import http as logs_http
+from lmscli.logbus.events import RuntimeLog
 from lmscli.server import native, openai_api
 from lmscli.server.errors import APIError
 from lmscli.server.models import ModelManager
@@ -78,13 +81,15 @@ def routes() -> list[Route]:
         Route("/lmscli/shutdown", n.shutdown, methods=["POST"]),
         Route("/lmscli/predict", n.predict, methods=["POST"]),
         Route("/lmscli/predict/{prediction_id}/cancel", n.cancel, methods=["POST"]),
+        Route(logs_http.STREAM_PATH, logs_http.stream),
     ]
 
 
 def create_app(engine: Engine, settings: Settings | None = None,
                uvicorn_server: Any = None) -> Starlette:
     settings = settings or Settings()
-    models = ModelManager(engine, on_event=lambda level, msg: log.info(msg))
+    logs = LogBus()
+    models = ModelManager(engine, on_event=RuntimeLog(logs, engine, log), bus=logs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -95,7 +100,8 @@ def create_app(engine: Engine, settings: Settings | None = None,
             reaper.cancel()
             await models.unload_all()  # cancels running predictions first
 
-    middleware = []
+    # outermost, so that its duration and status cover everything the client saw
+    middleware = [Middleware(logs_http.RequestLogMiddleware, bus=logs)]
     if settings.cors:
         middleware.append(Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
                                      allow_headers=["*"]))
@@ -106,6 +112,7 @@ def create_app(engine: Engine, settings: Settings | None = None,
     )
     app.state.engine = engine
     app.state.models = models
+    app.state.logs = logs
     app.state.predictions = {}
     app.state.settings = settings
     app.state.uvicorn_server = uvicorn_server

@@ -6,12 +6,15 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmscli import catalog
 from lmscli.engine import Engine, LoadOptions, ModelInstance, ModelSpec
 from lmscli.errors import InvalidModelFileError
 from lmscli.server.errors import APIError, model_not_found
+
+if TYPE_CHECKING:
+    from lmscli.logbus import LogBus
 
 JIT_TTL_S = 3600  # LM Studio unloads JIT-loaded models after 60 idle minutes
 
@@ -26,6 +29,7 @@ class Loaded:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     active: int = 0  # requests that hold it right now
+    bus: LogBus | None = None  # where its predictions are logged (lms log stream)
 
     def touch(self) -> None:
         self.last_used = time.time()
@@ -55,15 +59,17 @@ class Loaded:
 
 
 ProgressCb = Callable[[float], None]
+EventCb = Callable[[str, str, str | None], None]  # level, message, model identifier
 
 
 class ModelManager:
-    def __init__(self, engine: Engine, *, on_event: Callable[[str, str], None] | None = None
-                 ) -> None:
+    def __init__(self, engine: Engine, *, on_event: EventCb | None = None,
+                 bus: LogBus | None = None) -> None:
         self.engine = engine
         self.loaded: dict[str, Loaded] = {}
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
-        self._on_event = on_event or (lambda level, msg: None)
+        self._on_event: EventCb = on_event or (lambda level, msg, identifier: None)
+        self.bus = bus
 
     # -- lookup ----------------------------------------------------------------------------
 
@@ -140,16 +146,20 @@ class ModelManager:
                          chat_template=model.chat_template,
                          is_embedding=model.type == "embedding")
         options = LoadOptions(context_length=context_length, gpu_ratio=gpu_ratio)
-        self._on_event("info", f"Loading {model.model_key} as {identifier}")
+        self._on_event("info", f"Loading {model.model_key} as {identifier}", identifier)
         started = time.perf_counter()
         try:
             instance = await asyncio.to_thread(self.engine.load, spec, options, on_progress)
         except InvalidModelFileError as exc:
-            self._on_event("error", exc.message)
+            self._on_event("error", exc.message, identifier)
             raise APIError(422, exc.message, param="model", code="model_load_failed") from exc
-        entry = Loaded(identifier, model, instance, ttl_s, jit)
+        except Exception as exc:
+            self._on_event("error", f"Failed to load {model.model_key}: {exc}", identifier)
+            raise
+        entry = Loaded(identifier, model, instance, ttl_s, jit, bus=self.bus)
         self.loaded[identifier] = entry
-        self._on_event("info", f"Loaded {identifier} in {time.perf_counter() - started:.2f}s")
+        self._on_event("info", f"Loaded {identifier} in {time.perf_counter() - started:.2f}s",
+                       identifier)
         return entry
 
     def _free_identifier(self, key: str) -> str:
@@ -168,7 +178,7 @@ class ModelManager:
             raise APIError(404, f'No model with identifier "{identifier}" is loaded.',
                            param="identifier", code="model_not_loaded")
         await asyncio.to_thread(entry.instance.close)
-        self._on_event("info", f"Unloaded {identifier}")
+        self._on_event("info", f"Unloaded {identifier}", identifier)
         return entry
 
     async def unload_all(self) -> list[str]:
@@ -187,7 +197,8 @@ class ModelManager:
         for entry in list(self.loaded.values()):
             remaining = entry.ttl_remaining()
             if remaining is not None and remaining <= 0 and entry.active == 0:
-                self._on_event("info", f"Unloading {entry.identifier}: idle TTL expired")
+                self._on_event("info", f"Unloading {entry.identifier}: idle TTL expired",
+                               entry.identifier)
                 await self.unload(entry.identifier)
 
     async def reaper(self, every_s: float = 1.0) -> None:

@@ -150,31 +150,37 @@ async def shutdown(request: Request) -> Any:
 # -- predictions for lmscli.client ---------------------------------------------------------
 
 async def predict(request: Request) -> Any:
-    """One prediction as NDJSON events shaped like LM Studio's predict channel:
-    ``started``, ``promptProcessingProgress``, ``fragment``, then ``success`` or ``error``."""
+    """One prediction as NDJSON events shaped like LM Studio's predict channel: ``started``,
+    ``promptProcessingProgress``, ``fragment``, ``toolCallGeneration*``, then ``success``
+    or ``error``."""
     from lmscli.engine import PredictionRequest
     from lmscli.server import openai_api as o
     from lmscli.server.predict import Running
+    from lmscli.server.tooluse import chat_prompt, tool_use
 
     body = await read_json(request)
     entry = await predict_model(request, body)
+    use = None
     if "prompt" in body.data:
         prompt = body.get("prompt", str, required=True)
     else:
-        prompt = o.chat_prompt(entry, o.parse_messages(body))
-    params, grammar = o.sampling(body), o.response_grammar(body)
+        use = tool_use(body, entry)
+        prompt = chat_prompt(entry, o.parse_messages(body), use)
+    params, grammar = o.sampling(body), o.request_grammar(body, use)
     running = Running(entry, PredictionRequest(prompt, params, grammar))
     await running.first()
     prediction_id = secrets.token_hex(8)
     predictions: dict[str, Running] = request.app.state.predictions
     predictions[prediction_id] = running
+    events = SdkEvents(entry, use.parser() if use else None)
 
     async def lines() -> AsyncIterator[bytes]:
         try:
             yield ndjson({"type": "started", "predictionId": prediction_id,
                           "modelInfo": entry.info()})
             async for event in running.events():
-                yield ndjson(sdk_event(event, entry))
+                for out in events.convert(event):
+                    yield ndjson(out)
         finally:
             predictions.pop(prediction_id, None)
 
@@ -196,21 +202,62 @@ async def predict_model(request: Request, body: Body) -> Loaded:
     return entry
 
 
-def sdk_event(event: Any, entry: Loaded) -> dict[str, Any]:
-    if event.type == "promptProgress":
-        return {"type": "promptProcessingProgress", "progress": event.progress, "details": {
-            "cachedTokenCount": event.cached_tokens,
-            "totalPromptTokenCount": event.total_tokens,
-            "processedPromptTokenCount": event.processed_tokens,
-            "unprocessedPromptTokenCount": event.total_tokens - event.processed_tokens}}
-    if event.type == "fragment":
-        return {"type": "fragment", "fragment": {
-            "content": event.text, "tokensCount": event.tokens, "containsDrafted": False,
-            "reasoningType": "none", "isStructural": False}}
-    if event.type == "done":
-        return {"type": "success", "stats": event.stats.to_lms(), "modelInfo": entry.info()}
-    return {"type": "error", "error": {"message": f"Prediction failed: {event.message}",
-                                       "type": "server_error", "code": "prediction_failed"}}
+class SdkEvents:
+    """Engine events → the SDK's predict messages, tool calls parsed out of the text."""
+
+    def __init__(self, entry: Loaded, parser: Any) -> None:
+        self.entry = entry
+        self.parser = parser
+
+    def convert(self, event: Any) -> list[dict[str, Any]]:
+        if event.type == "promptProgress":
+            return [progress_event(event)]
+        if event.type == "fragment":
+            if self.parser is None:
+                return [fragment_event(event.text, event.tokens)]
+            return [e for p in self.parser.feed(event.text) for e in self._parsed(p)]
+        if event.type == "done":
+            tail = [e for p in self.parser.finish() for e in self._parsed(p)] \
+                if self.parser else []
+            stats = event.stats.to_lms()
+            if self.parser and self.parser.calls:
+                stats["stopReason"] = "toolCalls"
+            return [*tail, {"type": "success", "stats": stats,
+                            "modelInfo": self.entry.info()}]
+        return [{"type": "error", "error": {"message": f"Prediction failed: {event.message}",
+                                            "type": "server_error",
+                                            "code": "prediction_failed"}}]
+
+    @staticmethod
+    def _parsed(p: Any) -> list[dict[str, Any]]:
+        from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta
+
+        if isinstance(p, ContentDelta):
+            return [fragment_event(p.text, 1)] if p.text else []
+        if isinstance(p, CallStart):
+            return [{"type": "toolCallGenerationStart", "toolCallId": p.id},
+                    {"type": "toolCallGenerationNameReceived", "name": p.name}]
+        if isinstance(p, CallArgs):
+            return [{"type": "toolCallGenerationArgumentFragmentGenerated", "content": p.text}]
+        if isinstance(p, CallEnd):
+            return [{"type": "toolCallGenerationEnd", "toolCallRequest": {
+                "type": "function", "id": p.id, "name": p.name, "arguments": p.arguments},
+                "rawContent": p.raw}]
+        return []
+
+
+def progress_event(event: Any) -> dict[str, Any]:
+    return {"type": "promptProcessingProgress", "progress": event.progress, "details": {
+        "cachedTokenCount": event.cached_tokens,
+        "totalPromptTokenCount": event.total_tokens,
+        "processedPromptTokenCount": event.processed_tokens,
+        "unprocessedPromptTokenCount": event.total_tokens - event.processed_tokens}}
+
+
+def fragment_event(text: str, tokens: int) -> dict[str, Any]:
+    return {"type": "fragment", "fragment": {
+        "content": text, "tokensCount": tokens, "containsDrafted": False,
+        "reasoningType": "none", "isStructural": False}}
 
 
 def ndjson(data: dict[str, Any]) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -12,11 +13,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from lmscli.engine import Done, PredictionRequest, PredictionStats, SamplingParams
-from lmscli.prompting import TemplateRenderError, render_chat
 from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
+from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta, ParseEvent
 from lmscli.server.errors import APIError, Body, bad_request
 from lmscli.server.models import Loaded, ModelManager
 from lmscli.server.predict import Running, collect, sse
+from lmscli.server.tooluse import ToolUse, chat_prompt, check_message_tool_fields, tool_use
 
 # Tokens that arrive within this long of the previous chunk share the next one: on a small
 # machine a write and a client-side parse per token slow decoding down (see bench/).
@@ -97,7 +99,9 @@ def parse_messages(body: Body) -> list[dict[str, Any]]:
             raise bad_request(f"'messages[{i}].role' must be one of "
                               f"{', '.join(sorted(ROLES))}.", f"messages[{i}].role")
         content = message_text(raw.get("content"), f"messages[{i}].content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        message = {"role": "system" if role == "developer" else role, "content": content}
+        check_message_tool_fields(raw, i, message)
+        out.append(message)
     return out
 
 
@@ -133,15 +137,6 @@ async def model_for(request: Request, body: Body) -> Loaded:
     return await manager(request).get_or_load(name, ttl_s=ttl_of(body))
 
 
-def chat_prompt(entry: Loaded, messages: list[dict[str, Any]]) -> str:
-    instance = entry.instance
-    try:
-        return render_chat(entry.model.chat_template, messages, bos_token=instance.bos_token,
-                           eos_token=instance.eos_token)
-    except TemplateRenderError as exc:
-        raise bad_request(str(exc), "messages", "template_error") from exc
-
-
 # -- responses ------------------------------------------------------------------------------
 
 def usage(stats: PredictionStats) -> dict[str, Any]:
@@ -170,11 +165,12 @@ class Completion:
     """One chat or text completion request, answered whole or as an SSE stream."""
 
     def __init__(self, request: Request, entry: Loaded, prompt: str, body: Body, *,
-                 chat: bool, rest: bool) -> None:
+                 chat: bool, rest: bool, use: ToolUse | None = None) -> None:
         self.request, self.entry, self.prompt, self.chat, self.rest = (
             request, entry, prompt, chat, rest)
         self.params = sampling(body)
-        self.grammar = response_grammar(body)
+        self.grammar = request_grammar(body, use)
+        self.parser = use.parser() if use else None
         self.stream = bool(body.get("stream", bool, False))
         opts = body.get("stream_options", dict, {})
         self.include_usage = bool(Body(opts, "stream_options").get("include_usage", bool, False))
@@ -196,10 +192,19 @@ class Completion:
                 "model": self.entry.identifier, "system_fingerprint": self.entry.identifier}
 
     def _whole(self, text: str, done: Done) -> dict[str, Any]:
-        finish = FINISH[done.stats.stop_reason]
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.parser:
+            events = self.parser.feed(text) + self.parser.finish()
+            content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+            calls = [openai_call(c) for c in self.parser.calls]
+            message = {"role": "assistant", "content": content or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = calls
+        done = self._with_tool_stop(done)
+        choice: dict[str, Any] = {"index": 0, "logprobs": None,
+                                  "finish_reason": FINISH[done.stats.stop_reason]}
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = message
         else:
             choice["text"] = text
         out = self._base() | {"choices": [choice], "usage": usage(done.stats)}
@@ -222,8 +227,18 @@ class Completion:
         async for event in running.events(coalesce_s=STREAM_COALESCE_S):
             if event.type == "fragment":
                 text = event.text  # type: ignore[union-attr]
-                yield sse(self._chunk({"content": text} if self.chat else text))
+                if self.parser:
+                    for delta in map(tool_delta, self.parser.feed(text)):
+                        if delta:
+                            yield sse(self._chunk(delta))
+                else:
+                    yield sse(self._chunk({"content": text} if self.chat else text))
             elif isinstance(event, Done):
+                if self.parser:
+                    for delta in map(tool_delta, self.parser.finish()):
+                        if delta:
+                            yield sse(self._chunk(delta))
+                event = self._with_tool_stop(event)
                 yield sse(self._final_chunk(event))
                 if self.include_usage:
                     yield sse(self._base() | {"object": "chat.completion.chunk" if self.chat
@@ -233,6 +248,11 @@ class Completion:
                 yield sse({"error": {"message": event.message,  # type: ignore[union-attr]
                                      "type": "server_error"}})
         yield sse("[DONE]")
+
+    def _with_tool_stop(self, done: Done) -> Done:
+        if self.parser and self.parser.calls:
+            return Done(dataclasses.replace(done.stats, stop_reason="toolCalls"))
+        return done
 
     def _final_chunk(self, done: Done) -> dict[str, Any]:
         chunk = self._chunk({} if self.chat else "", FINISH[done.stats.stop_reason])
@@ -247,8 +267,36 @@ async def chat_completions(request: Request, rest: bool = False) -> Any:
     body = await read_json(request)
     messages = parse_messages(body)
     entry = await model_for(request, body)
-    prompt = chat_prompt(entry, messages)
-    return await Completion(request, entry, prompt, body, chat=True, rest=rest).respond()
+    use = tool_use(body, entry)
+    prompt = chat_prompt(entry, messages, use)
+    return await Completion(request, entry, prompt, body, chat=True, rest=rest,
+                            use=use).respond()
+
+
+def request_grammar(body: Body, use: ToolUse | None) -> str | None:
+    """At most one constraint: a forced tool call, or a response_format schema."""
+    schema = response_grammar(body)
+    if schema and use and use.grammar:
+        raise bad_request("response_format cannot be combined with a required tool call.",
+                          "response_format")
+    return (use.grammar if use else None) or schema
+
+
+def openai_call(call: CallEnd) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
+
+
+def tool_delta(event: ParseEvent) -> dict[str, Any] | None:
+    """A parser event as an OpenAI chat delta (the SDK accumulates tool_calls by index)."""
+    if isinstance(event, ContentDelta):
+        return {"content": event.text} if event.text else None
+    if isinstance(event, CallStart):
+        return {"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                "function": {"name": event.name, "arguments": ""}}]}
+    if isinstance(event, CallArgs):
+        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+    return None
 
 
 async def completions(request: Request, rest: bool = False) -> Any:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from lmscli.engine import Done, Event, Failed, Fragment, Prediction, PredictionRequest
+from lmscli.logbus.events import PredictionLog
 from lmscli.server.errors import APIError
 from lmscli.server.models import Loaded
 
@@ -29,6 +30,8 @@ class Running:
         self.entry = entry
         entry.active += 1
         entry.touch()
+        # before submit: the engine may answer at once (an unloaded model ends it on the spot)
+        self._log = PredictionLog.begin(entry, request)
         self.prediction: Prediction = entry.instance.submit(request, self._put)
         self._first: Event | None = None
         self._closed = False
@@ -37,6 +40,8 @@ class Running:
 
     def _put(self, event: Event) -> None:
         """Called on the engine thread."""
+        if self._log is not None:
+            self._log.record(event)
         with self._lock:
             self._inbox.append(event)
             waiter, self._waiter = self._waiter, None

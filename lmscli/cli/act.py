@@ -1,0 +1,149 @@
+"""``lms act``: a terminal agent that shows every round of tool calls."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from lmscli.cli import render
+from lmscli.cli.chat import open_model
+from lmscli.errors import UserInputError
+
+ACT_SYSTEM_PROMPT = ("You are a task-focused AI agent running in the user's terminal. Use the "
+                     "available tools when they help, then answer concisely.")
+
+
+def act(
+    args: list[str] = typer.Argument(..., metavar="[MODEL] TASK",
+                                     help="The task, optionally after the model to use."),
+    tools: list[Path] = typer.Option([], "--tools", help="A Python file whose public "
+                                     "functions with docstrings become tools (repeatable)."),
+    tool_specs: list[str] = typer.Option([], "-T", "--tool", metavar="MODULE:FUNCTION",
+                                         help="One importable function as a tool "
+                                         "(repeatable)."),
+    no_builtin: bool = typer.Option(False, "--no-builtin-tools",
+                                    help="Leave out the built-in toolbox."),
+    max_rounds: int = typer.Option(10, "--max-rounds", min=1, help="At most this many "
+                                   "prediction rounds; the last one gets no tools."),
+    tool_choice: str = typer.Option("auto", "--tool-choice", metavar="auto|required",
+                                    help="required: the first round must call a tool."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Approve every tool call."),
+    json_: bool = typer.Option(False, "--json", help="One JSON event per line."),
+    ttl: int = typer.Option(3600, "--ttl", min=1, help="Idle TTL if this loads the model."),
+) -> None:
+    """Run a multi-round tool-calling agent on a task"""
+    if len(args) > 2:
+        raise UserInputError("Give at most a model and a task (quote the task).")
+    if tool_choice not in ("auto", "required"):
+        raise UserInputError("--tool-choice must be auto or required.")
+    model_name, task = (args[0], args[1]) if len(args) == 2 else (None, args[0])
+    approval = Approval(yes, json_)
+    view = render.ActView(json_)
+    toolset = [view.timed(approval.guard(t))
+               for t in collect_tools(tools, tool_specs, not no_builtin)]
+    handle = open_model(model_name, ttl, yes)
+    view.start(handle.identifier, task, [t.__name__ for t in toolset])
+    approval.view = view
+    from lmscli.client import Chat
+
+    chat = Chat(ACT_SYSTEM_PROMPT)
+    chat.add_user_message(task)
+    try:
+        result = handle.act(chat, toolset, max_prediction_rounds=max_rounds,
+                            tool_choice=tool_choice, **view.callbacks())
+    except KeyboardInterrupt:
+        view.stopped()
+        raise typer.Exit(130) from None
+    view.finish(result)
+
+
+def collect_tools(files: list[Path], specs: list[str], builtin: bool) -> list[Callable]:
+    from lmscli.client.toolbox import make_toolbox
+
+    found: list[Callable] = make_toolbox() if builtin else []
+    for path in files:
+        found += tools_from_file(path)
+    for spec in specs:
+        found.append(tool_from_spec(spec))
+    if not found:
+        raise UserInputError("No tools: give --tools or -T, or keep the built-in toolbox.")
+    return found
+
+
+def tools_from_file(path: Path) -> list[Callable]:
+    if not path.is_file():
+        raise UserInputError(f"Tool file not found: {path}")
+    name = f"lms_tools_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a broken tool file is the user's to fix: say where
+        raise UserInputError(f"Could not load {path}: {type(exc).__name__}: {exc}") from exc
+    fns = [fn for n, fn in inspect.getmembers(module, inspect.isfunction)
+           if not n.startswith("_") and fn.__module__ == name and inspect.getdoc(fn)]
+    if not fns:
+        raise UserInputError(f"{path} has no public function with a docstring.")
+    return fns
+
+
+def tool_from_spec(spec: str) -> Callable:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserInputError(f"-T takes module:function, not {spec!r}.")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserInputError(f"Cannot import {spec}: {exc}") from exc
+    if not callable(fn):
+        raise UserInputError(f"{spec} is not a function.")
+    return fn
+
+
+class Approval:
+    """Asks before a tool that writes runs: once, always for this tool, or deny."""
+
+    def __init__(self, yes: bool, json_mode: bool) -> None:
+        self.yes = yes
+        self.json_mode = json_mode
+        self.always: set[str] = set()
+        self.view: Any = None
+
+    def guard(self, fn: Callable) -> Callable:
+        if not getattr(fn, "lms_writes", False):
+            return fn
+
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.allowed(fn.__name__, kwargs):
+                return fn(*args, **kwargs)
+            return f"Denied: the user did not allow {fn.__name__} to run."
+
+        return guarded
+
+    def allowed(self, name: str, kwargs: dict[str, Any]) -> bool:
+        if self.yes or name in self.always:
+            return True
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            return False  # never wait for an answer nobody can give
+        if self.view:
+            self.view.pause()
+        shown = ", ".join(f"{k}={render.shorten(repr(v), 60)}" for k, v in kwargs.items())
+        answer = typer.prompt(f"Allow {name}({shown})? [y]es once / [a]lways / [n]o",
+                              default="n", err=True, show_default=False).strip().lower()
+        if answer.startswith("a"):
+            self.always.add(name)
+        return answer[:1] in ("y", "a")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="act", rich_help_panel="Local models")(act)
