@@ -13,29 +13,12 @@ import pytest
 
 from lmscli.client.logs import stream_logs
 from tests.conftest import DEFAULT_MODEL_REL, ProcessServer
+from tests.doc_tools import SEARCH_PRODUCTS
 
 pytestmark = pytest.mark.real
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What dell products do you have under $50 in electronics?"
-TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "search_products",
-        "description": "Search the product catalog by various criteria. Use this whenever a "
-                       "customer asks about product availability, pricing, or specifications.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "query": {"type": "string", "description": "Search terms or product name"},
-                "category": {"type": "string", "description": "Product category to filter by",
-                             "enum": ["electronics", "clothing", "home", "outdoor"]},
-                "max_price": {"type": "number", "description": "Maximum price in dollars"},
-            },
-            "required": ["query"],
-            "additionalProperties": False,
-        },
-    },
-}]
+TOOLS = [SEARCH_PRODUCTS]
 
 
 class Captured:

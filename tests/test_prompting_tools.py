@@ -31,6 +31,7 @@ from lmscli.prompting.tools import (
     detect_format,
     prepare_chat,
 )
+from tests.doc_tools import SEARCH_PRODUCTS
 from tests.gguf_factory import TOOLS_TEMPLATE, make_gguf
 
 FORMATS: list[ToolFormat] = ["default", "hermes", "llama3", "mistral"]
@@ -414,24 +415,7 @@ def test_the_checker_itself_rejects_bad_grammars_and_texts(grammar: GrammarCheck
     assert not grammar.accepts('root ::= "a" [0-9]+', "b4")
 
 
-SEARCH_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "search_products",
-        "description": "Search the product catalog by various criteria.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "query": {"type": "string", "description": "Search terms or product name"},
-                "category": {"type": "string", "description": "Product category to filter by",
-                             "enum": ["electronics", "clothing", "home", "outdoor"]},
-                "max_price": {"type": "number", "description": "Maximum price in dollars"},
-            },
-            "required": ["query"],
-            "additionalProperties": False,
-        },
-    },
-}
+SEARCH_TOOL: dict[str, Any] = SEARCH_PRODUCTS
 TIME_TOOL: dict[str, Any] = {"type": "function", "function": {
     "name": "get_current_time", "description": "Get the current time"}}
 EMPTY_TOOL: dict[str, Any] = {"type": "function", "function": {

@@ -256,3 +256,70 @@ def test_lms_act_without_a_tty_denies_writing_tools(real_server: ProcessServer,
     writes = [e for e in results if e["name"] == "create_file"]
     assert all("Denied" in e["content"] for e in writes)
     assert [p.name for p in tmp_path.iterdir()] == ["home"]  # nothing was written
+
+
+def add(a: int, b: int) -> int:
+    """Given two numbers a and b, returns the sum of them."""
+    return a + b
+
+
+def is_prime(n: int) -> bool:
+    """Given a number n, returns True if n is a prime number."""
+    import math
+
+    if n < 2:
+        return False
+    sqrt = int(math.sqrt(n))
+    for i in range(2, sqrt):  # noqa: SIM110 - the docs example, as written
+        if n % i == 0:
+            return False
+    return True
+
+
+def test_act_docs_example_add_and_is_prime(sdk_env: None, capsys) -> None:
+    model = lms.llm(MODEL)
+    model.act("Is the result of 12345 + 45668 a prime? Think step by step.",
+              [add, is_prime], on_message=print)
+    assert "AssistantResponse" in capsys.readouterr().out
+
+
+def test_act_docs_create_file_chat_loop(sdk_env: None, monkeypatch, tmp_path: Path,
+                                        capsys) -> None:
+    import builtins
+
+    monkeypatch.chdir(tmp_path)
+    answers = iter(["Create a file named hello.txt that says hi", ""])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(answers))
+
+    def create_file(name: str, content: str):  # noqa: ANN202 - as in the docs
+        """Create a file with the given name and content."""
+        dest_path = Path(name)
+        if dest_path.exists():
+            return "Error: File already exists."
+        try:
+            dest_path.write_text(content, encoding="utf-8")
+        except Exception as exc:
+            return f"Error: {exc!r}"
+        return "File created."
+
+    def print_fragment(fragment, round_index=0):  # noqa: ANN001, ANN202
+        print(fragment.content, end="", flush=True)
+
+    model = lms.llm()
+    chat = lms.Chat("You are a task focused AI assistant")
+    while True:
+        try:
+            user_input = input("You (leave blank to exit): ")
+        except EOFError:
+            print()
+            break
+        if not user_input:
+            break
+        chat.add_user_message(user_input)
+        print("Bot: ", end="", flush=True)
+        model.act(chat, [create_file], on_message=chat.append,
+                  on_prediction_fragment=print_fragment)
+        print()
+    assert capsys.readouterr().out.startswith("Bot: ")
+    assert [m["role"] for m in chat.messages][:3] == ["system", "user", "assistant"]
+    assert chat.messages[-1]["role"] == "assistant"
