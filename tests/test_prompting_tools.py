@@ -829,3 +829,11 @@ def test_prompt_round_trip_default_format() -> None:
                 "tool_calls": [_call(call.id, call.name, json.dumps(call.arguments))]}]
     messages, _ = prepare_chat(history, None, "default")
     assert messages[-1]["content"] == call.raw
+
+
+def test_raw_newlines_inside_strings_still_parse() -> None:
+    parser = ToolCallParser("default")
+    text = '[TOOL_REQUEST]{"name": "f", "arguments": {"code": "a\nb"}}[END_TOOL_REQUEST]'
+    events = parser.feed(text) + parser.finish()
+    ends = [e for e in events if isinstance(e, CallEnd)]
+    assert [e.arguments for e in ends] == [{"code": "a\nb"}]

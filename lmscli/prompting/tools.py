@@ -480,7 +480,8 @@ def _call_fields(obj: Any, require_arguments: bool = False) -> _Call | None:
 
 def _loads(text: str) -> Any:
     try:
-        return json.loads(text)
+        # small models put raw newlines and tabs inside strings: accept them
+        return json.loads(text, strict=False)
     except ValueError:
         return None
 
@@ -507,7 +508,7 @@ def _named_call(name: str, arguments: str) -> list[_Call] | None:
 
 def _json_calls(body: str) -> list[_Call] | None:
     """Llama 3 calls: JSON objects, optionally separated by `;`, and nothing else."""
-    decoder, calls, pos = json.JSONDecoder(), [], 0
+    decoder, calls, pos = json.JSONDecoder(strict=False), [], 0
     text = body.strip()
     while pos < len(text):
         try:
