@@ -62,7 +62,7 @@ def arch_name(arch: str | None) -> str:
     return ARCH_NAMES.get(arch or "", arch or "")
 
 
-def columns(rows: Sequence[Sequence[str]], styles: Sequence[str | None] = ()) -> list[str]:
+def columns(rows: Sequence[Sequence[str]]) -> list[str]:
     """A columnify table: left-aligned, four spaces between columns."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []

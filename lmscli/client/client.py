@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -93,15 +94,21 @@ class Client:
 
     # -- transport -------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    @contextmanager
+    def _transport_errors(self) -> Iterator[None]:
+        """httpx's connection failures as lmscli errors that say what to do."""
         try:
-            response = self._http.request(method, path, **kwargs)
+            yield
         except httpx.ConnectError as exc:
             raise ServerNotRunningError(
                 f"The server is not running at {self.host}:{self.port}.") from exc
         except httpx.TimeoutException as exc:
             raise TimeoutError_(f"The server at {self.host}:{self.port} did not answer in "
                                 "time.") from exc
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self._transport_errors():
+            response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             raise error_from_response(response)
         return response.json()
@@ -109,14 +116,8 @@ class Client:
     def open_stream(self, path: str, body: dict[str, Any]) -> tuple[Any, httpx.Response]:
         """POST and return (context, response) once the status is known to be good."""
         context = self._http.stream("POST", path, json=body)
-        try:
+        with self._transport_errors():
             response = context.__enter__()
-        except httpx.ConnectError as exc:
-            raise ServerNotRunningError(
-                f"The server is not running at {self.host}:{self.port}.") from exc
-        except httpx.TimeoutException as exc:
-            raise TimeoutError_(f"The server at {self.host}:{self.port} did not answer in "
-                                "time.") from exc
         if response.status_code >= 400:
             response.read()
             context.__exit__(None, None, None)

@@ -78,7 +78,7 @@ async def load(request: Request) -> Any:
     if body.get("get_or_load", bool, False) and (entry := models.find_loaded(name)):
         entry.touch()
         line = {"type": "success", "info": entry.info(), "alreadyLoaded": True}
-        return StreamingResponse(iter([(json.dumps(line) + "\n").encode()]),
+        return StreamingResponse(iter([ndjson(line)]),
                                  media_type="application/x-ndjson")
     models._resolve_downloaded(name)  # unknown model: a plain 404 before any streaming
     if identifier and identifier in models.loaded:
@@ -119,7 +119,7 @@ async def load(request: Request) -> Any:
         try:
             while True:
                 item = await queue.get()
-                yield (json.dumps(item) + "\n").encode()
+                yield ndjson(item)
                 if item["type"] in ("success", "error"):
                     return
         finally:

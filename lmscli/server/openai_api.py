@@ -228,16 +228,14 @@ class Completion:
             if event.type == "fragment":
                 text = event.text  # type: ignore[union-attr]
                 if self.parser:
-                    for delta in map(tool_delta, self.parser.feed(text)):
-                        if delta:
-                            yield sse(self._chunk(delta))
+                    for chunk in self._tool_chunks(self.parser.feed(text)):
+                        yield chunk
                 else:
                     yield sse(self._chunk({"content": text} if self.chat else text))
             elif isinstance(event, Done):
                 if self.parser:
-                    for delta in map(tool_delta, self.parser.finish()):
-                        if delta:
-                            yield sse(self._chunk(delta))
+                    for chunk in self._tool_chunks(self.parser.finish()):
+                        yield chunk
                 event = self._with_tool_stop(event)
                 yield sse(self._final_chunk(event))
                 if self.include_usage:
@@ -248,6 +246,10 @@ class Completion:
                 yield sse({"error": {"message": event.message,  # type: ignore[union-attr]
                                      "type": "server_error"}})
         yield sse("[DONE]")
+
+    def _tool_chunks(self, events: list[ParseEvent]) -> list[bytes]:
+        """Parser events as SSE chunks (events that change nothing send nothing)."""
+        return [sse(self._chunk(delta)) for delta in map(tool_delta, events) if delta]
 
     def _with_tool_stop(self, done: Done) -> Done:
         if self.parser and self.parser.calls:
