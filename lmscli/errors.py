@@ -7,11 +7,24 @@ bug and keeps its traceback. Standard library only: the client re-exports these.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Every exit status of ``lms`` and of the server process."""
+
+    OK = 0
+    ERROR = 1  # also every usage error, as lms (commander) does
+    PORT_IN_USE = 3
+    BIND_FAILED = 4
+    UNSAFE_BIND = 5  # a network bind without an API key
+    INTERRUPTED = 130  # Ctrl+C, as a shell reports SIGINT
+
 
 class LMSError(Exception):
     """Base of every expected error. ``hint`` is an extra line telling the user what to do."""
 
-    exit_code = 1
+    exit_code: ExitCode = ExitCode.ERROR
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -59,6 +72,10 @@ class ServerError(LMSError):
         self.param = param
 
 
+class ConnectionLostError(ServerError):
+    """The connection to the server broke in the middle of an answer."""
+
+
 class ModelLoadError(ServerError):
     """The server could not load a model (corrupt file, out of memory...)."""
 
@@ -70,8 +87,8 @@ class PredictionError(ServerError):
 class CancelledError(LMSError):
     """An operation stopped by the user."""
 
-    exit_code = 130
+    exit_code = ExitCode.INTERRUPTED
 
 
-class TimeoutError_(LMSError):
+class ServerTimeoutError(LMSError):
     """No answer from the server in time."""

@@ -13,14 +13,14 @@ from rich.console import Console
 import lmscli as lms
 from lmscli.cli.app import run
 from lmscli.cli.repl import SETTINGS, ChatSession, make_session
-from lmscli.client import handles
+from lmscli.client import default
 from lmscli.engine.fake import DEFAULT_REPLY
 from tests.conftest import ThreadServer
 
 
 @pytest.fixture(autouse=True)
 def fresh_default_client() -> Iterator[None]:
-    handles._default.update(client=None, api_host=None)
+    default.reset_default_client()
     yield
 
 

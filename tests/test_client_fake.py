@@ -11,16 +11,16 @@ from collections.abc import Iterator
 import pytest
 
 import lmscli as lms
-from lmscli.client import handles as llm_module
+from lmscli.client import default
 from lmscli.engine.fake import DEFAULT_REPLY
 from tests.conftest import ThreadServer
 
 
 @pytest.fixture(autouse=True)
 def fresh_default_client() -> Iterator[None]:
-    llm_module._default.update(client=None, api_host=None)
+    default.reset_default_client()
     yield
-    llm_module._default.update(client=None, api_host=None)
+    default.reset_default_client()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from lmscli.cli.app import run
 from lmscli.client.logs import stream_logs
 from lmscli.engine.fake import DEFAULT_REPLY, FakeEngine
 from lmscli.errors import ServerNotRunningError
-from lmscli.logbus import http as logs_http
+from lmscli.server import logs_http
 from tests.conftest import ThreadServer, free_port
 
 MODEL_PATH = "test/tiny-chat-GGUF/tiny-chat.Q4_0.gguf"
@@ -323,7 +323,7 @@ def test_a_stuck_reader_never_slows_predictions(fake_server: ThreadServer) -> No
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect(("127.0.0.1", fake_server.port))
-    stuck.sendall(b"GET /lmscli/logs/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    stuck.sendall(b"GET /lmscli/logs/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     try:
         deadline = time.monotonic() + 5
         while bus.subscriber_count < 1 and time.monotonic() < deadline:

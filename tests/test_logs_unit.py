@@ -15,7 +15,7 @@ from lmscli.cli import log as log_cli
 from lmscli.errors import UserInputError
 from lmscli.logbus import LogBus
 from lmscli.logbus import events as log_events
-from lmscli.logbus.http import STREAM_PATH, RequestLogMiddleware
+from lmscli.server.logs_http import STREAM_PATH, RequestLogMiddleware
 
 
 def logs(messages: list[dict[str, Any]]) -> list[Any]:
@@ -157,11 +157,7 @@ def test_without_subscribers_nothing_is_built(monkeypatch: pytest.MonkeyPatch) -
     assert not bus.active
     bus.publish({"n": 1})
 
-    class Entry:  # what PredictionLog reads of a loaded model
-        bus = LogBus()
-        identifier = "m"
-
-    assert log_events.PredictionLog.begin(Entry(), object()) is None  # type: ignore[arg-type]
+    assert log_events.PredictionLog.begin(LogBus(), "m", "a/b.gguf", "hi") is None
 
     class FakeEngine:
         name, version = "fake", "1.0"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import lmscli as lms
-from lmscli.client import handles
+from lmscli.client import default
 from tests.conftest import ProcessServer, free_port
 
 pytestmark = pytest.mark.real
@@ -22,9 +22,9 @@ pytestmark = pytest.mark.real
 def use_real_server(real_server: ProcessServer, monkeypatch: pytest.MonkeyPatch
                     ) -> Iterator[None]:
     monkeypatch.setenv("LMSCLI_HOME", str(real_server.home))
-    handles._default.update(client=None, api_host=None)
+    default.reset_default_client()
     yield
-    handles._default.update(client=None, api_host=None)
+    default.reset_default_client()
 
 
 def test_docs_examples_on_the_real_model(capsys) -> None:

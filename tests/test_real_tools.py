@@ -14,7 +14,7 @@ import pexpect
 import pytest
 
 import lmscli as lms
-from lmscli.client import handles
+from lmscli.client import default
 from tests.conftest import ProcessServer
 
 pytestmark = pytest.mark.real
@@ -181,9 +181,9 @@ def test_native_tool_call_parsed_whole_and_streamed(qwen_server: ProcessServer) 
 @pytest.fixture
 def sdk_env(real_server: ProcessServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("LMSCLI_HOME", str(real_server.home))
-    handles._default.update(client=None, api_host=None)
+    default.reset_default_client()
     yield
-    handles._default.update(client=None, api_host=None)
+    default.reset_default_client()
 
 
 def multiply(a: float, b: float) -> float:

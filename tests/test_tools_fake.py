@@ -10,7 +10,7 @@ import openai
 import pytest
 
 import lmscli as lms
-from lmscli.client import handles
+from lmscli.client import default
 from lmscli.engine.fake import DEFAULT_REPLY
 from tests.conftest import ThreadServer
 
@@ -26,7 +26,7 @@ TWO_CALLS = ('Let me do both. [TOOL_REQUEST]{"name": "say_hello", "arguments": {
 
 @pytest.fixture(autouse=True)
 def fresh_default_client() -> Iterator[None]:
-    handles._default.update(client=None, api_host=None)
+    default.reset_default_client()
     yield
 
 

@@ -13,9 +13,8 @@ from typing import Any
 
 import typer
 
-from lmscli.cli import render
-from lmscli.cli.chat import open_model
-from lmscli.errors import UserInputError
+from lmscli.cli import act_view, steps
+from lmscli.errors import ExitCode, UserInputError
 
 ACT_SYSTEM_PROMPT = ("You are a task-focused AI agent running in the user's terminal. Use the "
                      "available tools when they help, then answer concisely.")
@@ -46,10 +45,10 @@ def act(
         raise UserInputError("--tool-choice must be auto or required.")
     model_name, task = (args[0], args[1]) if len(args) == 2 else (None, args[0])
     approval = Approval(yes, json_)
-    view = render.ActView(json_)
+    view = act_view.ActView(json_)
     toolset = [view.timed(approval.guard(t))
                for t in collect_tools(tools, tool_specs, not no_builtin)]
-    handle = open_model(model_name, ttl, yes)
+    handle = steps.open_model(model_name, ttl, yes)
     view.start(handle.identifier, task, [t.__name__ for t in toolset])
     approval.view = view
     from lmscli.client import Chat
@@ -61,7 +60,7 @@ def act(
                             tool_choice=tool_choice, **view.callbacks())
     except KeyboardInterrupt:
         view.stopped()
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     view.finish(result)
 
 
@@ -137,7 +136,7 @@ class Approval:
             return False  # never wait for an answer nobody can give
         if self.view:
             self.view.pause()
-        shown = ", ".join(f"{k}={render.shorten(repr(v), 60)}" for k, v in kwargs.items())
+        shown = ", ".join(f"{k}={act_view.shorten(repr(v), 60)}" for k, v in kwargs.items())
         answer = typer.prompt(f"Allow {name}({shown})? [y]es once / [a]lways / [n]o",
                               default="n", err=True, show_default=False).strip().lower()
         if answer.startswith("a"):

@@ -7,12 +7,11 @@ import os
 import sys
 
 import typer
-from typer._click import exceptions as click_exc  # Typer vendors Click and exports no errors
 
 import lmscli
 from lmscli.cli import act, chat, console, models, server
 from lmscli.cli import log as log_cli
-from lmscli.errors import LMSError
+from lmscli.errors import ExitCode, LMSError
 
 HELP = "lmscli: local LLMs from your terminal. Chat, serve and manage GGUF models with llama.cpp."
 EPILOG = "Learn more: README.md of lmscli · Docs of the API: http://127.0.0.1:1234/v1"
@@ -52,25 +51,25 @@ def main(argv: list[str] | None = None) -> None:
         console.out.print(f"Version: {lmscli.__version__}", markup=False)
         with contextlib.redirect_stdout(sys.stderr):
             run(["--help"])
-        sys.exit(1)  # lms shows help on stderr and exits 1 when given nothing to do
+        sys.exit(ExitCode.ERROR)  # lms shows help on stderr and exits 1 given nothing to do
     sys.exit(run(argv))
 
 
 def run(argv: list[str]) -> int:
     try:
-        app(args=argv, prog_name="lms", standalone_mode=False)
+        # without standalone mode, Click returns a typer.Exit's code instead of raising it
+        code = app(args=argv, prog_name="lms", standalone_mode=False)
     except LMSError as exc:
         console.error(exc.message, exc.hint)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         console.err.print()
-        return 130
-    except KeyboardInterrupt:
-        console.err.print()
-        return 130
-    except click_exc.ClickException as exc:
-        exc.show()
-        return 1  # lms (commander) exits 1 on every usage error
-    return 0
+        return ExitCode.INTERRUPTED
+    except typer.TyperException as exc:  # Click's usage errors, which Typer re-bases here
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        return ExitCode.ERROR  # lms (commander) exits 1 on every usage error
+    return code if isinstance(code, int) else ExitCode.OK

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from lmscli import catalog
-from lmscli.cli import connect, console, models, render
+from lmscli.cli import console, render, steps
 from lmscli.errors import LMSError
 
 DEFAULT_SYSTEM_PROMPT = ("You are an AI assistant running in the user's terminal. Provide "
@@ -19,7 +19,7 @@ def chat(
     model: Optional[str] = typer.Argument(None, help="The model to chat with (key or "  # noqa: UP045
                                           "identifier). Default: the loaded one, else "
                                           f"{catalog.DEFAULT_MODEL}.",
-                                          autocompletion=models.complete_model_keys),
+                                          autocompletion=steps.complete_model_keys),
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt",  # noqa: UP045
                                          help="Print response to stdout and quit."),
     system_prompt: str = typer.Option(DEFAULT_SYSTEM_PROMPT, "-s", "--system-prompt",
@@ -36,12 +36,12 @@ def chat(
         if not text:
             console.error("No prompt provided for non-interactive chat.")
             return  # lms exits 0 here
-        handle = open_model(model, ttl, yes)
+        handle = steps.open_model(model, ttl, yes)
         one_shot(handle, system_prompt, text, stats)
         return
     from lmscli.cli.repl import ChatSession
 
-    handle = open_model(model, ttl, yes)
+    handle = steps.open_model(model, ttl, yes)
     raise typer.Exit(ChatSession(handle, system_prompt=system_prompt, show_stats=stats,
                                  ttl=ttl).run())
 
@@ -52,31 +52,6 @@ def one_shot_prompt(prompt: str | None, stdin: str | None) -> str:
     if prompt is not None and piped:
         return f"{prompt}\n\n{piped}"
     return (prompt if prompt is not None else piped).strip()
-
-
-def open_model(name: str | None, ttl: int, yes: bool) -> Any:
-    """The model to chat with, loading (and fetching the default model) as needed."""
-    client = connect.client(start=True)
-    assert client is not None
-    if name is not None:
-        loaded = {m["identifier"] for m in client.loaded_models_info()}
-        key = name if name in loaded else models.resolve_key(name, exact=False, yes=yes)
-        return load_with_progress(client, key, ttl)
-    loaded_models = client.list_loaded_models("llm")
-    if loaded_models:
-        return loaded_models[0]
-    if catalog.find_model(catalog.DEFAULT_MODEL) is None:
-        console.info(f"No model is downloaded yet: fetching {catalog.DEFAULT_MODEL}.")
-        models.get(catalog.DEFAULT_MODEL)
-    return load_with_progress(client, catalog.DEFAULT_MODEL, ttl)
-
-
-def load_with_progress(client: Any, key: str, ttl: int) -> Any:
-    line = render.PercentLine(f"Loading {key}")
-    try:
-        return client.llm.model(key, ttl=ttl, on_load_progress=line.update)
-    finally:
-        line.finish()
 
 
 def one_shot(handle: Any, system_prompt: str, text: str, show_stats: bool) -> None:

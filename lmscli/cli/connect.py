@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def running() -> serverstate.ServerState | None:
     if serverstate.read_state() is None:
         return None
-    from lmscli.client import daemon
+    from lmscli import daemon
 
     return daemon.running_server()
 
@@ -28,7 +28,7 @@ def client(start: bool = True) -> Client | None:
     if running() is None:
         if not start:
             return None
-        from lmscli.client import daemon
+        from lmscli import daemon
 
         port = serverstate.last_port()
         console.info(f"Starting the lmscli server on port {port}...")

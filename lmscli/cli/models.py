@@ -8,17 +8,10 @@ from typing import Any, Optional
 import typer
 
 from lmscli import catalog
-from lmscli.cli import connect, console, prefs, render
+from lmscli.cli import connect, console, prefs, render, steps
 from lmscli.errors import CancelledError, ModelNotFoundError, UserInputError
 
 PANEL = "Local models"
-
-
-def complete_model_keys(incomplete: str) -> list[str]:
-    """Shell completion from the models folder; never contacts the server."""
-    keys = [m.model_key for m in catalog.list_models()]
-    return [k for k in keys if k.startswith(incomplete)] or \
-        [k for k, _ in catalog.fuzzy_filter(incomplete, keys)]
 
 
 # -- get / import ---------------------------------------------------------------------------
@@ -27,49 +20,13 @@ def get(name: str = typer.Argument(..., help="A built-in name (e.g. smollm2-135m
                                    "owner/repo[@quant] or a https://huggingface.co URL.")
         ) -> None:
     """Download a model"""
-    bar = _DownloadBar()
-    try:
-        result = catalog.get_model(name, on_status=console.info, on_progress=bar.update)
-    finally:
-        bar.close()
+    result = steps.fetch(name)
     key = result.model.model_key
     if result.already_present:
         console.info("Model already downloaded. To use, run:")
     else:
         console.info("Download completed. To use, run:")
     console.info(f"    lms load {key}")
-
-
-class _DownloadBar:
-    """A rich progress bar on stderr; nothing when stderr is not a terminal."""
-
-    def __init__(self) -> None:
-        self._progress: Any = None
-        self._task: Any = None
-
-    def update(self, done: int, total: int) -> None:
-        if not console.stderr_is_tty():
-            return
-        if self._progress is None:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self._progress = Progress("[progress.description]Downloading", BarColumn(),
-                                      DownloadColumn(), TransferSpeedColumn(),
-                                      TimeRemainingColumn(), console=console.err,
-                                      transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task("download", total=total)
-        self._progress.update(self._task, completed=done, total=total)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
 
 
 def import_(
@@ -172,70 +129,9 @@ def parse_gpu(value: str | None) -> float | str | None:
     return ratio
 
 
-def resolve_key(key: str | None, exact: bool, yes: bool) -> str:
-    """lms's resolution: --exact on paths, else fuzzy over keys, recent first."""
-    models = [m for m in catalog.list_models() if "clip" not in (m.architecture or "").lower()]
-    if not models:
-        raise ModelNotFoundError("You have not downloaded any models yet.",
-                                 hint=f"Download one with: lms get {catalog.DEFAULT_MODEL}")
-    recent = prefs.last_loaded()
-    models.sort(key=lambda m: recent.index(m.model_key) if m.model_key in recent else 99)
-    keys = [m.model_key for m in models]
-    if exact:
-        return _exact(key, models)
-    matches = [k for k, _ in catalog.fuzzy_filter(key or "", keys)]
-    if key and key.lower() in (k.lower() for k in keys):
-        return next(k for k in keys if k.lower() == key.lower())
-    if key and len(matches) == 1:
-        return matches[0]
-    return _choose(key, matches, keys, models, yes)
-
-
-def _exact(key: str | None, models: list[Any]) -> str:
-    if not key:
-        raise UserInputError("Path not provided: --exact needs the model's path.")
-    for m in models:
-        if key in (m.path, str(m.abs_path)):
-            return m.model_key
-    shortest = min((m.path for m in models), key=len)
-    raise ModelNotFoundError(f"No model has the path {key!r}.",
-                             hint=f"For example: lms load --exact {shortest}")
-
-
-def _choose(key: str | None, matches: list[str], keys: list[str], models: list[Any],
-            yes: bool) -> str:
-    if yes:
-        if not matches:
-            raise ModelNotFoundError(f"No model matches {key!r}.", available=keys,
-                                     hint="Downloaded: " + ", ".join(keys))
-        if len(matches) > 1:
-            console.warn(f"{len(matches)} models match the provided model key. "
-                         "Loading the first one.")
-        return matches[0]
-    if not console.stdin_is_tty() or not console.stderr_is_tty():
-        what = f"matching {key!r}" if key else "given"
-        if not matches:
-            raise ModelNotFoundError(f"No model {what}.", available=keys,
-                                     hint="Downloaded: " + ", ".join(keys))
-        raise UserInputError(f"{len(matches)} models match {key!r}: " + ", ".join(matches)
-                             if key else "No model key given. Downloaded: " + ", ".join(keys),
-                             hint="Name one exactly, or pass -y to load the best match.")
-    from lmscli.cli import picker
-
-    console.info("")
-    if key and not matches:
-        console.err.print(f"[error]![/error] Cannot find a model matching the provided model key "
-                          f"({key}). Please select one from the list below.")
-    elif key:
-        console.err.print("[warn]![/warn] Multiple models match the provided model key. "
-                          "Please select one.")
-    sizes = {m.model_key: render.size_1024(m.size_bytes) for m in models}
-    return picker.pick("Select a model to load", keys, sizes, initial=key if matches else "")
-
-
 def load(
     model_key: Optional[str] = typer.Argument(None, help="The model to load (fuzzy matched).",  # noqa: UP045
-                                              autocompletion=complete_model_keys),
+                                              autocompletion=steps.complete_model_keys),
     identifier: Optional[str] = typer.Option(None, "--identifier",  # noqa: UP045
                                              help="The identifier to assign to the loaded model."),
     context_length: Optional[int] = typer.Option(None, "-c", "--context-length", min=1,  # noqa: UP045
@@ -246,12 +142,15 @@ def load(
                                       "0 and 1."),
     ttl: Optional[int] = typer.Option(None, "--ttl", min=1,  # noqa: UP045
                                       help="Unload after this many idle seconds."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", min=1, max=64,  # noqa: UP045
+                                           help="Maximum number of predictions the model can "
+                                           "run at a given time (default 4)."),
     exact: bool = typer.Option(False, "--exact", help="Match the model's path exactly."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Never ask: take the best match."),
 ) -> None:
     """Load a model"""
     ratio = parse_gpu(gpu)
-    key = resolve_key(model_key, exact, yes)
+    key = steps.resolve_key(model_key, exact, yes)
     with connect.client() as client:  # type: ignore[union-attr]
         existing = [m for m in client.loaded_models_info() if m["modelKey"] == key]
         same = [m for m in existing if identifier in (None, m["identifier"])]
@@ -262,7 +161,7 @@ def load(
         line = render.PercentLine(f"Loading {key}")
         try:
             info = client.load(key, identifier=identifier, context_length=context_length,
-                               gpu=ratio, ttl=ttl, on_progress=line.update)
+                               gpu=ratio, ttl=ttl, parallel=parallel, on_progress=line.update)
         except KeyboardInterrupt:
             line.finish()
             console.warn("Load cancelled.")

@@ -16,8 +16,8 @@ from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
 from lmscli import catalog, paths
+from lmscli.cli import chat_view, render, steps
 from lmscli.cli import console as cli_console
-from lmscli.cli import render
 from lmscli.client import Chat
 from lmscli.errors import LMSError
 
@@ -99,7 +99,7 @@ class ChatSession:
         return True
 
     def reply(self) -> None:
-        view = render.ReplyView(self.console)
+        view = chat_view.ReplyView(self.console)
         guard = InterruptGuard()
         stream = None
         try:
@@ -120,7 +120,7 @@ class ChatSession:
         except LMSError as exc:
             view.finish()
             self.console.print(f"Prediction error: {exc.message}", style="red", markup=False)
-            self.chat._drop_last()  # let the user send it again
+            self.chat.drop_last()  # let the user send it again
             return
         view.finish()
         self.chat.add_assistant_response(result.content)
@@ -132,7 +132,7 @@ class ChatSession:
         if text.strip():
             self.chat.add_assistant_response(text)
         else:
-            self.chat._drop_last()
+            self.chat.drop_last()
 
     # -- commands -------------------------------------------------------------------------
 
@@ -151,9 +151,7 @@ class ChatSession:
                 self.console.print(f"  {m.model_key}{mark}", markup=False)
             return True
         try:
-            from lmscli.cli import models
-
-            resolved = models.resolve_key(key, exact=False, yes=True)
+            resolved = steps.resolve_key(key, exact=False, yes=True)
             self.model = (self._load_model or self._default_loader)(resolved)
         except LMSError as exc:
             self.console.print(f'Model "{key}" not found: {exc.message} Use lms get to '
@@ -165,9 +163,7 @@ class ChatSession:
         return True
 
     def _default_loader(self, key: str) -> Any:
-        from lmscli.cli.chat import load_with_progress
-
-        return load_with_progress(self.model._client, key, self.ttl)
+        return steps.load_with_progress(self.model.client, key, self.ttl)
 
     def cmd_clear(self, _: str) -> bool:
         self.chat = Chat(self.system_prompt)
@@ -229,7 +225,7 @@ class ChatSession:
         if not messages or messages[-1]["role"] != "assistant":
             self.console.print("Nothing to retry yet.")
             return True
-        self.chat._drop_last()
+        self.chat.drop_last()
         self.reply()
         return True
 

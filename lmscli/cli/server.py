@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from lmscli import serverstate
 from lmscli.cli import connect, console, render
-from lmscli.errors import LMSError
+from lmscli.errors import LMSError, UserInputError
+from lmscli.server.security import DEFAULT_MAX_BODY_MB, bind_refusal, is_loopback
 
 app = typer.Typer(help="Commands for managing the local server", no_args_is_help=True)
-
-
-def loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1")
 
 
 @app.command()
@@ -31,14 +28,35 @@ def start(
                               "website you visit to access the server."),
     foreground: bool = typer.Option(False, "--foreground", help="Run in this process until "
                                     "Ctrl+C (for containers and service managers)."),
+    api_key: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--api-key", help="Require this key ('Authorization: Bearer KEY') on every "
+        "request but the greeting. Defaults to the LMS_API_KEY (or LM_API_TOKEN) environment "
+        "variable, which clients and lms commands send."),
+    allow_unauthenticated: bool = typer.Option(
+        False, "--allow-unauthenticated", help="Allow a network --bind without an API key: "
+        "anyone who can reach the port can use the server."),
+    allowed_hosts: Optional[list[str]] = typer.Option(  # noqa: UP045
+        None, "--allowed-host", help="Also accept requests whose Host header names this host "
+        "(repeatable; * for any). Also LMS_ALLOWED_HOSTS, comma-separated."),
+    max_body_mb: float = typer.Option(
+        DEFAULT_MAX_BODY_MB, "--max-body-mb", min=0.001,
+        help="Refuse request bodies larger than this many megabytes (413)."),
+    parallel: int = typer.Option(
+        4, "--parallel", min=1, max=64, help="Predictions each model runs at once, for loads "
+        "that don't set --parallel themselves (JIT loads included)."),
+    max_queue: int = typer.Option(
+        64, "--max-queue", min=0, max=100_000, help="Requests that may wait for a model's "
+        "free slot; past that the server answers 503 with Retry-After."),
 ) -> None:
     """Starts the local server"""
     port = port or serverstate.last_port()
     host = bind or serverstate.default_host()
+    api_key = api_key or serverstate.env_api_key()
+    _check_bind(host, api_key, allow_unauthenticated)
     if cors:
         console.warn("CORS is enabled. This means any website you visit can use the lmscli "
                      "server.")
-    if not loopback(host):
+    if not is_loopback(host):
         console.warn("Server will accept connections from the network. Only use this if you "
                      "know what you are doing!")
     running = connect.running()
@@ -48,24 +66,34 @@ def start(
                            hint="Stop it first with: lms server stop")
         console.info(f"The server is already running on port {running.port}.")
         return
+    options: dict[str, Any] = {"api_key": api_key, "allowed_hosts": allowed_hosts or [],
+               "max_body_mb": max_body_mb, "allow_unauthenticated": allow_unauthenticated,
+               "parallel": parallel, "max_queue": max_queue}
     if foreground:
         from lmscli.server.run import serve
 
-        raise typer.Exit(serve(host, port, cors, announce=True))
-    from lmscli.client import daemon
+        raise typer.Exit(serve(host, port, cors, announce=True, **options))
+    from lmscli import daemon
 
-    state = daemon.start_server(port, host, cors)
+    state = daemon.start_server(port, host, cors, **options)
     console.info(f"Success! Server is now running on port {state.port}")
+
+
+def _check_bind(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:
+    refusal = bind_refusal(host, api_key, allow_unauthenticated)
+    if refusal:
+        raise UserInputError(refusal)
 
 
 @app.command()
 def stop() -> None:
     """Stops the local server"""
-    state = connect.running()
+    from lmscli import daemon
+
+    # the state file's pid must still be this home's server: never signal a stranger
+    state = daemon.verified_server()
     if state is None:
         raise LMSError("The server is not running.")
-    from lmscli.client import daemon
-
     daemon.stop_server(state)
     console.info(f"Stopped the server on port {state.port}.")
 

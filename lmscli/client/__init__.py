@@ -3,16 +3,15 @@
 Imports httpx and the standard library only. ``import lmscli as lms`` re-exports all of it.
 """
 
-from lmscli.client.client import Client, get_sync_api_timeout, set_sync_api_timeout
-from lmscli.client.handles import (
-    LLM,
-    DownloadedModel,
+from lmscli.client.client import Client
+from lmscli.client.default import (
     configure_default_client,
     get_default_client,
     list_downloaded_models,
     list_loaded_models,
     llm,
 )
+from lmscli.client.handles import LLM, DownloadedModel
 from lmscli.client.history import AssistantResponse, Chat, Message, ToolResultMessage
 from lmscli.client.prediction import PredictionStream
 from lmscli.client.results import (
@@ -23,6 +22,7 @@ from lmscli.client.results import (
     PredictionResult,
     PredictionRoundResult,
 )
+from lmscli.client.transport import get_sync_api_timeout, set_sync_api_timeout
 from lmscli.errors import (
     CancelledError,
     LMSError,
@@ -31,7 +31,7 @@ from lmscli.errors import (
     PredictionError,
     ServerError,
     ServerNotRunningError,
-    TimeoutError_,
+    ServerTimeoutError,
     UserInputError,
 )
 
@@ -42,7 +42,7 @@ LMStudioModelNotFoundError = ModelNotFoundError
 LMStudioPredictionError = PredictionError
 LMStudioClientError = ServerNotRunningError
 LMStudioCancelledError = CancelledError
-LMStudioTimeoutError = TimeoutError_
+LMStudioTimeoutError = ServerTimeoutError
 LMStudioValueError = UserInputError
 
 __all__ = [
@@ -52,7 +52,7 @@ __all__ = [
     "LMStudioServerError", "LMStudioTimeoutError", "LMStudioValueError", "LlmInfo",
     "LlmPredictionFragment", "LlmPredictionStats", "Message", "ModelLoadError",
     "ModelNotFoundError", "PredictionError", "PredictionResult", "PredictionRoundResult",
-    "PredictionStream", "ServerError", "ServerNotRunningError", "TimeoutError_",
+    "PredictionStream", "ServerError", "ServerNotRunningError", "ServerTimeoutError",
     "ToolResultMessage", "UserInputError", "configure_default_client", "get_default_client",
     "get_sync_api_timeout", "list_downloaded_models", "list_loaded_models", "llm",
     "set_sync_api_timeout",

@@ -66,7 +66,7 @@ class ActLoop:
         tools = None if final else [t.openai() for t in self.tools.values()]
         # a forced choice applies to the first round; later rounds decide for themselves
         choice = self.tool_choice if round_index == 0 and not final else None
-        stream = self.model._stream_chat(self.chat, tools=tools, tool_choice=choice,
+        stream = self.model.stream_chat(self.chat, tools=tools, tool_choice=choice,
                                          config=self.config, callbacks=callbacks)
         with stream:
             result = stream.wait_for_result()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from lmscli.client.act import ActLoop
 from lmscli.client.history import Chat, to_openai_message
 from lmscli.client.prediction import Callbacks, PredictionStream
 from lmscli.client.results import ActResult, LlmInfo, PredictionResult
@@ -51,6 +51,8 @@ def load_fields(config: Mapping[str, Any] | None) -> dict[str, Any]:
             out["context_length"] = value
         elif name == "gpu" and isinstance(value, Mapping) and "ratio" in value:
             out["gpu"] = value["ratio"]
+        elif name in ("max_parallel_predictions", "parallel", "num_parallel_sessions"):
+            out["parallel"] = value
     return out
 
 
@@ -92,6 +94,11 @@ class LLM:
     def __repr__(self) -> str:
         return f"LLM(identifier={self.identifier!r})"
 
+    @property
+    def client(self) -> Client:
+        """The client this model is reached through (to load another model on it)."""
+        return self._client
+
     # -- predictions ----------------------------------------------------------------------
 
     def respond_stream(self, history: Any, *, response_format: Any = None,
@@ -102,15 +109,16 @@ class LLM:
                        on_prompt_processing_progress: Callable[..., Any] | None = None,
                        ) -> PredictionStream:
         chat = history if isinstance(history, Chat) else Chat.from_history(history)
-        return self._stream_chat(chat, response_format=response_format, config=config,
+        return self.stream_chat(chat, response_format=response_format, config=config,
                                  callbacks=Callbacks(on_message, on_first_token,
                                                      on_prediction_fragment,
                                                      on_prompt_processing_progress))
 
-    def _stream_chat(self, chat: Chat, *, callbacks: Callbacks, response_format: Any = None,
-                     config: Mapping[str, Any] | None = None,
-                     tools: list[dict[str, Any]] | None = None,
-                     tool_choice: Any = None) -> PredictionStream:
+    def stream_chat(self, chat: Chat, *, callbacks: Callbacks, response_format: Any = None,
+                    config: Mapping[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None,
+                    tool_choice: Any = None) -> PredictionStream:
+        """One round of a chat, with tools offered: what ``act()`` builds its rounds on."""
         body: dict[str, Any] = {"messages": openai_messages(chat)}
         if tools:
             body["tools"] = tools
@@ -135,8 +143,6 @@ class LLM:
 
         ``tool_choice`` ("auto", "required" or {"type": "function", ...}) is an lmscli
         extension that applies to the first round (e.g. to force one tool call)."""
-        from lmscli.client.act import ActLoop
-
         callbacks = {"on_message": on_message, "on_first_token": on_first_token,
                      "on_prediction_fragment": on_prediction_fragment,
                      "on_round_start": on_round_start, "on_round_end": on_round_end,
@@ -172,7 +178,7 @@ class LLM:
         fmt = response_format_field(response_format)
         if fmt:
             body["response_format"] = fmt
-        return PredictionStream(self._client, body, structured=fmt is not None,
+        return PredictionStream(self._client.transport, body, structured=fmt is not None,
                                 callbacks=callbacks)
 
     # -- the instance ---------------------------------------------------------------------
@@ -251,39 +257,3 @@ class LlmNamespace:
 
     def unload(self, identifier: str) -> None:
         self._client.unload(identifier)
-
-
-# -- the default client and the convenience API ---------------------------------------------
-
-_default: dict[str, Any] = {"client": None, "api_host": None}
-_default_lock = threading.Lock()
-
-
-def configure_default_client(api_host: str) -> None:
-    with _default_lock:
-        if _default["client"] is not None:
-            raise UserInputError("Default client is already created, cannot set its API host.")
-        _default["api_host"] = api_host
-
-
-def get_default_client(api_host: str | None = None) -> Client:
-    from lmscli.client.client import Client
-
-    with _default_lock:
-        if _default["client"] is None:
-            _default["client"] = Client(api_host or _default["api_host"])
-        return _default["client"]
-
-
-def llm(model_key: str | None = None, /, *, ttl: int | None = 3600,
-        config: Mapping[str, Any] | None = None) -> LLM:
-    return get_default_client().llm.model(model_key, ttl=ttl, config=config)
-
-
-def list_loaded_models(namespace: str | None = None) -> list[LLM]:
-    return get_default_client().list_loaded_models(namespace)
-
-
-def list_downloaded_models(namespace: str | None = None) -> list[DownloadedModel]:
-    return get_default_client().list_downloaded_models(namespace)
-

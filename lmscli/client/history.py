@@ -152,7 +152,7 @@ class Chat:
         self._messages.append({"role": role, "content": parts})
         return Message(role, parts)
 
-    def _drop_last(self) -> None:
+    def drop_last(self) -> None:
         """Remove the last message (the REPL uses it to retry or undo a failed turn)."""
         if self._messages:
             self._messages.pop()

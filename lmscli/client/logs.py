@@ -17,10 +17,16 @@ from typing import Any
 import httpx
 
 from lmscli import serverstate
-from lmscli.client.client import error_from_response
-from lmscli.errors import LMSError, ServerError, ServerNotRunningError
+from lmscli.client.transport import auth_headers, error_from_response, transport_errors
+from lmscli.errors import (
+    ConnectionLostError,
+    LMSError,
+    ServerError,
+    ServerNotRunningError,
+    ServerTimeoutError,
+)
 
-STREAM_PATH = "/lmscli/logs/stream"  # lmscli.logbus.http's, which needs Starlette to import
+STREAM_PATH = "/lmscli/logs/stream"  # lmscli.server.logs_http's, which needs Starlette
 # the server says something at least every 15 s; silence for longer means a dead connection
 READ_TIMEOUT_S = 40.0
 POLL_S = 1.0
@@ -47,19 +53,21 @@ def stream_logs(base_url: str, *, read_timeout_s: float = READ_TIMEOUT_S,
 
 
 def _client(read_timeout_s: float) -> httpx.Client:
-    return httpx.Client(timeout=httpx.Timeout(read_timeout_s, connect=5.0))
+    # the stream carries every user's prompts: a keyed server wants the key here too
+    return httpx.Client(headers=auth_headers(),
+                        timeout=httpx.Timeout(read_timeout_s, connect=5.0))
 
 
 def _stream(http: httpx.Client, base_url: str) -> Iterator[Message]:
     try:
-        with http.stream("GET", base_url + STREAM_PATH) as response:
+        with transport_errors(base_url), http.stream("GET", base_url + STREAM_PATH) as response:
             if response.status_code >= 400:
                 response.read()
                 raise error_from_response(response)
             yield from _messages(response)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+    except ServerNotRunningError as exc:
         raise ServerNotRunningError(NOT_RUNNING, hint=None) from exc
-    except httpx.TransportError:
+    except (ServerTimeoutError, ConnectionLostError):
         return  # the server died or hangs: the caller decides whether to wait for it
 
 

@@ -6,9 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import httpx
+from typing import Any
 
 from lmscli.client.history import AssistantResponse
 from lmscli.client.results import (
@@ -17,10 +15,8 @@ from lmscli.client.results import (
     LlmPredictionStats,
     PredictionResult,
 )
+from lmscli.client.transport import Transport
 from lmscli.errors import CancelledError, LMSError, PredictionError, ServerError
-
-if TYPE_CHECKING:
-    from lmscli.client.client import Client
 
 log = logging.getLogger("lmscli.client")
 
@@ -57,9 +53,9 @@ class PredictionStream:
     the prediction on the server.
     """
 
-    def __init__(self, client: Client, body: dict[str, Any], *, structured: bool = False,
-                 callbacks: Callbacks | None = None) -> None:
-        self._client = client
+    def __init__(self, transport: Transport, body: dict[str, Any], *,
+                 structured: bool = False, callbacks: Callbacks | None = None) -> None:
+        self._transport = transport
         self._structured = structured
         self._cb = callbacks or Callbacks()
         self._result: PredictionResult | None = None
@@ -69,8 +65,8 @@ class PredictionStream:
         self._saw_fragment = False
         self._content: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []
-        self._context, self._response = client.open_stream("/lmscli/predict", body)
-        self._lines = self._response.iter_lines()
+        self._stream = transport.stream("/lmscli/predict", body)
+        self._lines = self._stream.json_lines()
         started = self._next_event()
         if started is None or started.get("type") != "started":
             self.close()
@@ -84,18 +80,7 @@ class PredictionStream:
         return self._events
 
     def _next_event(self) -> dict[str, Any] | None:
-        try:
-            for line in self._lines:
-                if line.strip():
-                    return json.loads(line)
-        except httpx.ReadTimeout as exc:
-            from lmscli.errors import TimeoutError_
-
-            raise TimeoutError_("No answer from the server in time (see "
-                                "lms.set_sync_api_timeout).") from exc
-        except httpx.HTTPError as exc:
-            raise ServerError(f"The connection to the server broke: {exc}") from exc
-        return None
+        return next(self._lines, None)
 
     def _run(self) -> Iterator[LlmPredictionFragment]:
         try:
@@ -159,7 +144,11 @@ class PredictionStream:
         if self._result is not None or self._closed:
             return
         self._cancel_requested = True
-        self._client.cancel_prediction(self.prediction_id)
+        try:
+            self._transport.post(f"/lmscli/predict/{self.prediction_id}/cancel", {})
+        except ServerError as exc:
+            if exc.status != 404:  # already finished: nothing to cancel
+                raise
 
     def wait_for_result(self) -> PredictionResult:
         for _ in self._events:
@@ -186,7 +175,7 @@ class PredictionStream:
         if self._closed:
             return
         self._closed = True
-        self._context.__exit__(None, None, None)
+        self._stream.close()
 
     def __enter__(self) -> PredictionStream:
         return self

@@ -14,12 +14,14 @@ from lmscli.engine.types import (
     PredictionRequest,
     PredictionStats,
     PromptProgress,
+    QueueFull,
     SamplingParams,
 )
 
 __all__ = [
     "Done", "Engine", "Event", "Failed", "Fragment", "LoadOptions", "ModelInstance", "ModelSpec",
-    "Prediction", "PredictionRequest", "PredictionStats", "PromptProgress", "SamplingParams",
+    "Prediction", "PredictionRequest", "PredictionStats", "PromptProgress", "QueueFull",
+    "SamplingParams",
     "get_engine",
 ]
 

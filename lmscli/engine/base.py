@@ -1,9 +1,14 @@
-"""A loaded model with its own worker thread and request queue.
+"""A loaded model: one thread that owns it and decodes several predictions together.
 
-Every call into the backend library happens on the worker thread; the rest of the program
+Every call into the backend happens on the instance's own thread; the rest of the program
 talks to an instance through ``submit`` (a prediction request plus a sink for its events) and
-reads ``status`` / ``queued``. Nothing outside the engine may assume predictions run one at a
-time: a batching backend may interleave them; this one runs them in order.
+reads ``status`` / ``queued``. The thread runs a step loop (the same order as llama-server's):
+take new requests and cancellations, admit waiting requests to free slots, build one batch
+(one token per generating slot, then prompt chunks), decode once, sample each slot, emit.
+
+Backends implement the small set of hooks at the bottom of ``ModelInstance``; the scheduling
+(slots, prefix reuse, queueing, stop checks, stats) is written once, here, and so the fake
+engine exercises the same code as llama.cpp.
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ import contextlib
 import itertools
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmscli.engine.slots import Batch, Sequence, Slot, choose_slot
 from lmscli.engine.types import (
     Done,
     Event,
@@ -23,11 +31,29 @@ from lmscli.engine.types import (
     LoadOptions,
     PredictionRequest,
     PredictionStats,
+    PromptProgress,
+    QueueFull,
     Status,
+    StopReason,
 )
 
 Sink = Callable[[Event], None]
 ProgressFn = Callable[[float], bool | None]
+
+# Prompt tokens per step when no other slot generates: small enough that progress moves.
+PROMPT_CHUNK = 256
+# Prompt tokens per step while others generate: each prompt token costs about 4 ms on a
+# 2-core CPU, so this keeps their streams moving (llama-server fills the whole batch).
+PROMPT_SHARE = 64
+NO_ROOM = 1  # llama_decode: no KV cells for the batch (nothing was changed)
+
+
+class GrammarError(ValueError):
+    """The backend rejected a request's grammar."""
+
+
+class PredictionFailure(Exception):
+    """A prediction that fails for a reason the user should read as it is."""
 
 
 @dataclass
@@ -50,6 +76,8 @@ class Prediction:
     def __init__(self, request: PredictionRequest, sink: Sink) -> None:
         self.id = next(self._ids)
         self.request = request
+        self.submitted_at = time.perf_counter()
+        self.tokens: list[int] | None = None  # the tokenized prompt, once the engine has it
         self._sink = sink
         self._cancel = threading.Event()
         self.finished = threading.Event()
@@ -62,11 +90,18 @@ class Prediction:
         return self._cancel.is_set()
 
     def emit(self, event: Event) -> None:
+        if self.finished.is_set():
+            return
         try:
             self._sink(event)
         finally:
             if isinstance(event, Done | Failed):
                 self.finished.set()
+
+    def end(self, reason: StopReason, prompt_tokens: int = 0) -> None:
+        elapsed = time.perf_counter() - self.submitted_at
+        self.emit(Done(PredictionStats(stop_reason=reason, prompt_tokens=prompt_tokens,
+                                       total_time_s=elapsed)))
 
 
 @dataclass
@@ -78,23 +113,30 @@ class _Job:
 
 
 class ModelInstance:
-    """Base for engine instances: owns the worker thread, the queue and the status."""
+    """Base for engine instances: the thread, the slots, the queue and the step loop."""
 
     engine_name = "base"
+    n_batch = 512  # most tokens one decode takes
 
     def __init__(self, spec: ModelSpec, options: LoadOptions) -> None:
         self.spec = spec
         self.options = options
         self.context_length = options.context_length or spec.max_context_length or 4096
+        self.parallel = max(1, options.parallel)
+        self.max_queue = max(0, options.max_queue)
         self.status: Status = "loading"
-        self._queue: queue.Queue[Prediction | _Job | None] = queue.Queue()
-        self._pending = 0
+        self.slots = [Slot(i) for i in range(self.parallel)]
+        self._inbox: queue.Queue[Prediction | _Job | None] = queue.Queue()
+        self._waiting: deque[Prediction] = deque()
+        self._running: list[Sequence] = []
         self._lock = threading.Lock()
+        self._queued = 0  # submitted, not yet given a slot
+        self._busy = 0  # holding a slot
         self._thread = threading.Thread(
             target=self._run, name=f"engine-{spec.model_key}", daemon=True
         )
         self._closed = False
-        self._current: Prediction | None = None
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -105,60 +147,90 @@ class ModelInstance:
         self.status = "idle"
 
     def close(self) -> None:
-        """Cancel what runs, drop what waits, free the model. Safe to call twice."""
+        """End what runs, drop what waits, free the model. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        if self._current is not None:
-            self._current.cancel()
-        self._drain_queue()
-        self._queue.put(None)
+        self._inbox.put(None)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
 
     @property
     def queued(self) -> int:
-        """Requests waiting behind the one that runs."""
+        """Requests waiting for a free slot."""
         with self._lock:
-            return max(0, self._pending - (1 if self._current else 0))
+            return self._queued
+
+    @property
+    def active(self) -> int:
+        """Requests holding a slot (processing their prompt or generating)."""
+        with self._lock:
+            return self._busy
 
     # -- work ------------------------------------------------------------------------------
 
     def submit(self, request: PredictionRequest, sink: Sink) -> Prediction:
+        """Queue a prediction; raises ``QueueFull`` when every slot and the queue are taken."""
         prediction = Prediction(request, sink)
         if self._closed:
-            prediction.emit(Done(PredictionStats(stop_reason="modelUnloaded")))
+            prediction.end("modelUnloaded")
             return prediction
         with self._lock:
-            self._pending += 1
-        self._queue.put(prediction)
+            free = max(0, self.parallel - self._busy)
+            if self._queued - free >= self.max_queue:
+                raise QueueFull(f"{self._queued} requests are already waiting for "
+                                f"{self.spec.model_key}.")
+            self._queued += 1
+        self._inbox.put(prediction)
         return prediction
 
     def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the worker thread (after what is queued) and return its result."""
+        """Run ``fn`` on the worker thread between two steps and return its result."""
         job = _Job(fn)
-        with self._lock:
-            self._pending += 1
-        self._queue.put(job)
+        self._inbox.put(job)
         job.done.wait()
         if job.error is not None:
             raise job.error
         return job.result
 
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        return self.call(lambda: self._tokenize(text, add_bos))
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        return self.call(lambda: self._embed_texts(texts))
+
+    # -- the step loop ---------------------------------------------------------------------
+
     def _run(self) -> None:
+        while not self._stopping:
+            self._take_inbox(block=not self._running and not self._admissible())
+            if self._stopping:
+                break
+            self._admit()
+            if self._running:
+                self._step_safely()
+            self.status = self._current_status()
+        self._shutdown()
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+        except queue.Empty:
+            return
         while True:
-            item = self._queue.get()
-            if item is None:
-                self._safe_unload()
-                return
+            self._take(item)
             try:
-                if isinstance(item, Prediction):
-                    self._run_prediction(item)
-                else:
-                    self._run_job(item)
-            finally:
-                with self._lock:
-                    self._pending -= 1
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _take(self, item: Prediction | _Job | None) -> None:
+        if item is None:
+            self._stopping = True
+        elif isinstance(item, Prediction):
+            self._waiting.append(item)
+        else:
+            self._run_job(item)
 
     def _run_job(self, job: _Job) -> None:
         try:
@@ -168,57 +240,292 @@ class ModelInstance:
         finally:
             job.done.set()
 
-    def _run_prediction(self, prediction: Prediction) -> None:
-        if prediction.cancelled or self._closed:
-            reason = "modelUnloaded" if self._closed else "userStopped"
-            prediction.emit(Done(PredictionStats(stop_reason=reason)))
-            return
-        self._current = prediction
-        try:
-            self._predict(prediction)
-        except Exception as exc:  # a failed prediction must not kill the worker
-            prediction.emit(Failed(f"{type(exc).__name__}: {exc}"))
-        finally:
-            self._current = None
-            self.status = "idle"
-            if not prediction.finished.is_set():
-                prediction.emit(Failed("The engine ended the prediction without a result."))
+    def _admissible(self) -> bool:
+        return bool(self._waiting) and any(s.seq is None for s in self.slots)
 
-    def _drain_queue(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+    def _current_status(self) -> Status:
+        if any(not s.prompting for s in self._running):
+            return "generating"
+        return "processingPrompt" if self._running else "idle"
+
+    # -- admission -------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self._waiting and not self._stopping:
+            prediction = self._waiting[0]
+            if prediction.cancelled:
+                self._drop_waiting("userStopped")
+                continue
+            if prediction.tokens is None:
+                prediction.tokens = self._prompt_tokens(prediction)
+            prompt = prediction.tokens
+            if not prompt or len(prompt) >= self.context_length:
+                self._drop_waiting("contextLengthReached", len(prompt))
+                continue
+            choice = choose_slot(self.slots, prompt)
+            if choice is None or not self._make_room(prediction, choice.reuse, choice.keep()):
                 return
-            if isinstance(item, Prediction):
-                item.emit(Done(PredictionStats(stop_reason="modelUnloaded")))
-            elif isinstance(item, _Job):
-                item.error = RuntimeError("The model was unloaded.")
-                item.done.set()
-            with self._lock:
-                self._pending -= 1
+            self._start(self._waiting.popleft(), choice)
 
-    def _safe_unload(self) -> None:
+    def _drop_waiting(self, reason: StopReason, prompt_tokens: int = 0) -> None:
+        prediction = self._waiting.popleft()
+        with self._lock:
+            self._queued -= 1
+        prediction.end(reason, prompt_tokens)
+
+    def _prompt_tokens(self, prediction: Prediction) -> list[int]:
+        req = prediction.request
+        add_bos = req.add_bos if req.add_bos is not None else self._wants_bos(req.prompt)
+        return self._tokenize(req.prompt, add_bos)
+
+    def _make_room(self, prediction: Prediction, reuse: int, keep: set[int]) -> bool:
+        """Free idle slots' caches until the new prompt and its answer fit the KV pool."""
+        prompt = prediction.tokens or []
+        limit = prediction.request.params.max_tokens
+        answer = limit if limit is not None and limit >= 0 else 0
+        need = len(prompt) - reuse + min(answer, self.context_length - len(prompt))
+        need += sum(len(s.prompt) - s.n_past for s in self._running)
+        if self._evict_until(need, keep):
+            return True
+        return not self._running  # alone, it may use the whole context
+
+    def _evict_until(self, need: int, keep: set[int]) -> bool:
+        idle = sorted((s for s in self.slots if s.seq is None and s.id not in keep),
+                      key=lambda s: s.last_used)
+        while self._free_cells() < need and idle:
+            self._clear_slot(idle.pop(0))
+        return self._free_cells() >= need
+
+    def _free_cells(self) -> int:
+        # cells shared through a prefix copy count twice: the estimate errs on the safe side
+        return self.context_length - sum(len(s.tokens) for s in self.slots)
+
+    def _clear_slot(self, slot: Slot) -> None:
+        if slot.tokens:
+            self._seq_rm(slot.id, 0)
+            slot.tokens = []
+        slot.prompt_len = 0
+
+    def _start(self, prediction: Prediction, choice: Any) -> None:
+        prompt = prediction.tokens or []
+        slot = choice.slot
+        try:
+            sampler = self._new_sampler(prediction.request)
+        except GrammarError as exc:
+            self._fail_waiting(prediction, Failed(str(exc), code="grammar"))
+            return
+        except Exception as exc:  # a request the backend refuses must not stop the loop
+            self._fail_waiting(prediction, Failed(_describe(exc)))
+            return
+        reuse = self._reuse_prefix(slot, choice.source, choice.reuse, prompt)
+        seq = Sequence(prediction, prompt, slot, reuse, sampler)
+        slot.seq, slot.prompt_len = seq, len(prompt)
+        self._running.append(seq)
+        with self._lock:
+            self._queued -= 1
+            self._busy += 1
+        prediction.emit(PromptProgress(0.0, reuse, reuse, len(prompt)))
+        if seq.limit == 0:
+            self._finish(seq, "maxPredictedTokensReached")
+
+    def _fail_waiting(self, prediction: Prediction, event: Failed) -> None:
+        with self._lock:
+            self._queued -= 1
+        prediction.emit(event)
+
+    def _reuse_prefix(self, slot: Slot, source: Slot, reuse: int, prompt: list[int]) -> int:
+        """Make ``slot`` hold ``prompt[:reuse]`` (trimming it, or copying from ``source``)."""
+        if source is slot:
+            if reuse < len(slot.tokens) and not self._seq_rm(slot.id, reuse):
+                self._clear_slot(slot)
+                return 0
+            slot.tokens = slot.tokens[:reuse]
+            return reuse
+        self._clear_slot(slot)
+        if reuse:
+            self._seq_cp(source.id, slot.id, reuse)
+            slot.tokens = prompt[:reuse]
+        return reuse
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _step_safely(self) -> None:
+        try:
+            self._step()
+        except Exception as exc:  # the loop must survive whatever one step does
+            for seq in list(self._running):
+                self._clear_slot(seq.slot)
+                self._finish(seq, "failed", failure=_describe(exc))
+
+    def _step(self) -> None:
+        for seq in [s for s in self._running if s.prediction.cancelled or self._closed]:
+            self._finish(seq, "modelUnloaded" if self._closed else "userStopped")
+        if not self._running:
+            return
+        batch = self._build_batch()
+        if not self._fit(batch):
+            return
+        status = self._decode(batch)
+        if status == NO_ROOM:  # the pool is fragmented beyond the estimate: free all idle
+            self._evict_until(self.context_length, keep=set())
+            status = self._decode(batch)
+        if status == NO_ROOM and self._shed_prompts(batch):
+            status = self._decode(batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        self._after_decode(batch)
+
+    def _build_batch(self) -> Batch:
+        batch = Batch()
+        generating = [s for s in self._running if not s.prompting]
+        for seq in generating:
+            seq.logits_at = batch.add(seq.last_token, seq.n_past, seq.slot.id, True)
+            seq.chunk = 1
+        budget = min(PROMPT_SHARE if generating else PROMPT_CHUNK, self.n_batch - len(batch))
+        for seq in (s for s in self._running if s.prompting):
+            if budget <= 0:
+                seq.chunk = 0
+                continue
+            take = min(budget, len(seq.prompt) - seq.n_past)
+            for pos in range(seq.n_past, seq.n_past + take):
+                at = batch.add(seq.prompt[pos], pos, seq.slot.id, pos == len(seq.prompt) - 1)
+            seq.logits_at, seq.chunk = at, take
+            budget -= take
+        return batch
+
+    def _fit(self, batch: Batch) -> bool:
+        """Make the KV pool hold this batch: evict idle caches, else shed work."""
+        if self._evict_until(len(batch), keep=set()):
+            return True
+        if self._shed_prompts(batch):
+            return bool(len(batch)) and self._fit(batch)
+        fullest = max(self._running, key=lambda s: s.n_past)
+        self._finish(fullest, "contextLengthReached")
+        self._clear_slot(fullest.slot)
+        return False
+
+    def _shed_prompts(self, batch: Batch) -> bool:
+        """Take the prompt chunks out of the batch (generating slots go first)."""
+        prompting = [s for s in self._running if s.prompting and s.chunk]
+        for seq in prompting:
+            seq.chunk = 0
+        batch.keep_only({s.slot.id for s in self._running if not s.prompting})
+        return bool(prompting)
+
+    def _after_decode(self, batch: Batch) -> None:
+        for seq in list(self._running):
+            if not seq.chunk:
+                continue
+            was_prompting = seq.prompting
+            added = seq.prompt[seq.n_past:seq.n_past + seq.chunk] if was_prompting \
+                else [seq.last_token]
+            seq.slot.tokens.extend(added)
+            seq.n_past += len(added)
+            if was_prompting:
+                seq.progress()
+            if not seq.prompting:
+                self._on_token(seq, self._sample(seq.sampler, seq.logits_at))
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        if self._is_eog(token):
+            self._finish(seq, "eosFound")
+            return
+        stop = seq.take(token, self._piece(token))
+        if stop is not None:
+            self._finish(seq, "stopStringFound", stop)
+        elif seq.limit is not None and seq.predicted >= seq.limit:
+            self._finish(seq, "maxPredictedTokensReached")
+        elif seq.n_past + 1 >= self.context_length:
+            self._finish(seq, "contextLengthReached")
+
+    def _finish(self, seq: Sequence, reason: StopReason, stop: str | None = None, *,
+                failure: str | None = None) -> None:
+        self._running.remove(seq)
+        seq.slot.seq = None
+        seq.slot.last_used = time.monotonic()
+        with self._lock:
+            self._busy -= 1
+        with contextlib.suppress(Exception):
+            self._free_sampler(seq.sampler)
+        if failure is not None:
+            seq.prediction.emit(Failed(failure))
+        else:
+            seq.finish(reason, stop)
+
+    def _shutdown(self) -> None:
+        for seq in list(self._running):
+            self._finish(seq, "modelUnloaded")
+        while self._waiting:
+            self._drop_waiting("modelUnloaded")
+        self._take_inbox(block=False)
+        while self._waiting:
+            self._drop_waiting("modelUnloaded")
         # a failure while freeing must never hang the caller waiting in close()
         with contextlib.suppress(Exception):
             self._unload()
+        self._fail_late_calls()
+
+    def _fail_late_calls(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Job):
+                item.error = RuntimeError("The model was unloaded.")
+                item.done.set()
+            elif isinstance(item, Prediction):
+                with self._lock:
+                    self._queued -= 1
+                item.end("modelUnloaded")
 
     # -- backend hooks ---------------------------------------------------------------------
 
     def _load(self, on_progress: ProgressFn | None) -> None:
         raise NotImplementedError
 
-    def _predict(self, prediction: Prediction) -> None:
-        raise NotImplementedError
-
     def _unload(self) -> None:
         pass
 
-    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         raise NotImplementedError
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def _wants_bos(self, prompt: str) -> bool:
+        return False
+
+    def _new_sampler(self, request: PredictionRequest) -> Any:
+        """Per-sequence sampling state; raises ``GrammarError`` for a rejected grammar."""
         raise NotImplementedError
+
+    def _free_sampler(self, sampler: Any) -> None:
+        pass
+
+    def _decode(self, batch: Batch) -> int:
+        """Decode the batch: 0 done, anything else an error (the KV pool was fitted first)."""
+        raise NotImplementedError
+
+    def _sample(self, sampler: Any, index: int) -> int:
+        raise NotImplementedError
+
+    def _is_eog(self, token: int) -> bool:
+        raise NotImplementedError
+
+    def _piece(self, token: int) -> bytes:
+        raise NotImplementedError
+
+    def _seq_rm(self, seq_id: int, start: int) -> bool:
+        """Drop positions ``start`` and after from a sequence's KV; False if impossible."""
+        return True
+
+    def _seq_cp(self, src: int, dst: int, count: int) -> None:
+        """Share the first ``count`` positions of ``src`` with ``dst``."""
+
+    def _embed_texts(self, texts: list[str]) -> list[list[float]]:
+        raise NotImplementedError
+
+    def check_grammar(self, grammar: str) -> str | None:
+        """Why the backend would reject this GBNF grammar, or None when it accepts it."""
+        return None
 
     @property
     def bos_token(self) -> str:
@@ -227,6 +534,10 @@ class ModelInstance:
     @property
     def eos_token(self) -> str:
         return ""
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, PredictionFailure) else f"{type(exc).__name__}: {exc}"
 
 
 class Engine:

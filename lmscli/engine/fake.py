@@ -1,21 +1,33 @@
-"""A deterministic engine for fast tests: no weights, same interface and events as llama.cpp.
+"""A deterministic engine for fast tests: no weights, the same scheduler and events as llama.cpp.
 
 Tokens are whitespace-separated words. The reply is ``FakeEngine.reply`` unless the prompt
 asks for one with ``[[reply: text]]``; ``[[fail]]`` makes the prediction fail and
-``[[slow]]`` adds a delay per token so that cancellation can be tested; ``[[count: N]]``
-replies ``n1 n2 … nN``, text that the prompt itself does not contain.
+``[[slow]]`` adds a delay per token so that cancellation and interleaving can be tested;
+``[[count: N]]`` replies ``n1 n2 … nN``, text that the prompt itself does not contain.
+A grammar containing ``!invalid`` is rejected, as llama.cpp rejects a grammar it can't parse.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections import deque
+from dataclasses import dataclass
 
-from lmscli.engine.base import Engine, ModelInstance, ModelSpec, Prediction, ProgressFn
-from lmscli.engine.textstream import StopMatcher
-from lmscli.engine.types import Done, Failed, Fragment, LoadOptions, PredictionStats, PromptProgress
+from lmscli.engine.base import (
+    Engine,
+    GrammarError,
+    ModelInstance,
+    ModelSpec,
+    PredictionFailure,
+    ProgressFn,
+)
+from lmscli.engine.slots import Batch
+from lmscli.engine.types import LoadOptions, PredictionRequest
 
 DEFAULT_REPLY = "Hello! I am the fake engine."
+EOS = 0
+SLOW_S = 0.05
 
 
 def _last_turn(prompt: str) -> str:
@@ -28,13 +40,31 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", text)
 
 
+@dataclass
+class FakeSampler:
+    reply: list[int]
+    delay: float
+    at: int = 0
+
+    def next(self) -> int:
+        time.sleep(self.delay)
+        if self.at >= len(self.reply):
+            return EOS
+        self.at += 1
+        return self.reply[self.at - 1]
+
+
 class FakeInstance(ModelInstance):
     engine_name = "fake"
+    n_batch = 16  # small, so that prompts take several steps as long ones do on llama.cpp
 
     def __init__(self, spec: ModelSpec, options: LoadOptions, reply: str) -> None:
         super().__init__(spec, options)
         self.reply = reply
-        self._cache: list[str] = []
+        self._ids: dict[str, int] = {}
+        self._words: list[str] = [""]  # token 0 is the end of a reply
+        # the sequence ids of recent steps, so that tests can see what was decoded together
+        self.decoded_batches: deque[list[int]] = deque(maxlen=1000)
 
     def _load(self, on_progress: ProgressFn | None) -> None:
         with open(self.spec.path, "rb") as f:
@@ -46,76 +76,48 @@ class FakeInstance(ModelInstance):
             if on_progress and on_progress(step) is False:
                 raise RuntimeError("load cancelled")
 
-    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
-        return [hash(w) & 0xFFFF for w in _words(text)]
+    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
+        return [self._id(w) for w in _words(text)]
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def _id(self, word: str) -> int:
+        if word not in self._ids:
+            self._ids[word] = len(self._words)
+            self._words.append(word)
+        return self._ids[word]
+
+    def _embed_texts(self, texts: list[str]) -> list[list[float]]:
         return [[float(len(t)), float(len(_words(t))), 1.0] for t in texts]
 
-    def _predict(self, prediction: Prediction) -> None:
-        req = prediction.request
-        started = time.perf_counter()
-        asked = _last_turn(req.prompt)
+    def check_grammar(self, grammar: str) -> str | None:
+        return "the grammar has '!invalid' in it" if "!invalid" in grammar else None
+
+    def _new_sampler(self, request: PredictionRequest) -> FakeSampler:
+        if request.grammar and (problem := self.check_grammar(request.grammar)):
+            raise GrammarError(problem)
+        asked = _last_turn(request.prompt)
         if "[[fail]]" in asked:
-            prediction.emit(Failed("The fake engine was asked to fail."))
-            return
-        tokens = _words(req.prompt)
-        if len(tokens) >= self.context_length:
-            prediction.emit(Done(PredictionStats("contextLengthReached", len(tokens))))
-            return
-        cached = self._cached_prefix(tokens)
-        self.status = "processingPrompt"
-        for i in range(5):
-            prediction.emit(PromptProgress(i / 4, cached, cached, len(tokens)))
-        self.status = "generating"
-        slow = 0.05 if "[[slow]]" in asked else 0.0
+            raise PredictionFailure("The fake engine was asked to fail.")
         match = re.search(r"\[\[reply: (.*)\]\]", asked, re.S)  # to the last ]]
         count = re.search(r"\[\[count: (\d+)\]\]", asked)
         if count:
             reply = " ".join(f"n{i}" for i in range(1, int(count.group(1)) + 1))
         else:
             reply = match.group(1) if match else self.reply
-        self._stream(prediction, _words(reply), tokens, cached, started, slow)
+        delay = SLOW_S if "[[slow]]" in asked else 0.0
+        return FakeSampler(self._tokenize(reply, False), delay)
 
-    def _cached_prefix(self, tokens: list[str]) -> int:
-        n = 0
-        for a, b in zip(self._cache, tokens[:-1], strict=False):
-            if a != b:
-                break
-            n += 1
-        self._cache = list(tokens)
-        return n
+    def _decode(self, batch: Batch) -> int:
+        self.decoded_batches.append(sorted(set(batch.seq_ids)))
+        return 0
 
-    def _stream(self, prediction: Prediction, words: list[str], prompt: list[str],
-                cached: int, started: float, delay: float) -> None:
-        p = prediction.request.params
-        stops = StopMatcher(p.stop)
-        reason, stop_string, n, first = "eosFound", None, 0, None
-        for word in words:
-            if prediction.cancelled:
-                reason = "userStopped"
-                break
-            if p.max_tokens is not None and 0 <= p.max_tokens <= n:
-                reason = "maxPredictedTokensReached"
-                break
-            time.sleep(delay)
-            n += 1
-            first = first or time.perf_counter()
-            text, stop_string = stops.feed(word)
-            if text:
-                prediction.emit(Fragment(text, 1))
-            if stop_string is not None:
-                reason = "stopStringFound"
-                break
-        if stop_string is None and (tail := stops.flush()):
-            prediction.emit(Fragment(tail, 0))
-        self._cache += words[:n]
-        end = time.perf_counter()
-        prediction.emit(Done(PredictionStats(
-            stop_reason=reason, prompt_tokens=len(prompt), cached_tokens=cached,
-            predicted_tokens=n, time_to_first_token_s=(first - started) if first else None,
-            tokens_per_second=n / (end - started) if n else None, total_time_s=end - started,
-            stop_string=stop_string)))
+    def _sample(self, sampler: FakeSampler, index: int) -> int:
+        return sampler.next()
+
+    def _is_eog(self, token: int) -> bool:
+        return token == EOS
+
+    def _piece(self, token: int) -> bytes:
+        return self._words[token].encode("utf-8")
 
 
 class FakeEngine(Engine):

@@ -1,60 +1,60 @@
-"""The llama.cpp engine, through llama-cpp-python.
+"""The llama.cpp engine, on llama-cpp-python's low-level bindings (``llama_cpp.llama_cpp``).
 
-Imported only by the server process: it loads the native library.
+One model, one context whose unified KV pool holds ``parallel`` sequences, one sampler chain
+per sequence; the scheduling is ``ModelInstance``'s. Imported only by the server process: it
+loads the native library.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import math
 import os
 import threading
-import time
-from contextlib import contextmanager
 from typing import Any
 
 import llama_cpp
+from llama_cpp import llama_cpp as ll
 
-from lmscli.engine.base import Engine, ModelInstance, ModelSpec, Prediction, ProgressFn
-from lmscli.engine.textstream import StopMatcher, Utf8Stream
-from lmscli.engine.types import (
-    Done,
-    Fragment,
-    LoadOptions,
-    PredictionStats,
-    PromptProgress,
-    StopReason,
+from lmscli.engine.base import (
+    Engine,
+    GrammarError,
+    ModelInstance,
+    ModelSpec,
+    PredictionFailure,
+    ProgressFn,
 )
+from lmscli.engine.slots import Batch
+from lmscli.engine.types import LoadOptions, PredictionRequest
 from lmscli.errors import InvalidModelFileError
 
-# Prompt chunks small enough that progress moves on long prompts, large enough to stay fast.
-PROMPT_CHUNK = 256
-_load_lock = threading.Lock()
+log = logging.getLogger("lmscli.llama")
+PENALTY_LAST_N = 64  # as llama-cpp-python's Llama
+EMBED_CONTEXT = 2048
+_errors = threading.local()  # llama.cpp's error lines, per calling thread
 
 
-@contextmanager
-def _load_progress(callback: ProgressFn | None):
-    """Llama() builds its model params internally; this puts our progress callback in them."""
-    if callback is None:
-        yield
-        return
-    low = llama_cpp.llama_cpp  # the module Llama() calls, not the package
-    original = low.llama_model_default_params
+@ll.llama_log_callback
+def _on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp explains a rejected grammar or model only in its log: keep the errors so that
+    # the caller can say why
+    if level == 3:  # GGML_LOG_LEVEL_ERROR
+        line = text.decode("utf-8", "replace").strip()
+        if line:
+            lines = getattr(_errors, "lines", [])
+            _errors.lines = [*lines[-9:], line]
+            log.debug("llama.cpp: %s", line)
 
-    def report(progress: float, _user_data: Any) -> bool:
-        return callback(float(progress)) is not False
 
-    c_callback = llama_cpp.llama_progress_callback(report)
+ll.llama_log_set(_on_log, ctypes.c_void_p(0))
+ll.llama_backend_init()
 
-    def params_with_progress() -> Any:
-        params = original()
-        params.progress_callback = c_callback
-        return params
 
-    with _load_lock:
-        low.llama_model_default_params = params_with_progress
-        try:
-            yield
-        finally:
-            low.llama_model_default_params = original
+def _take_errors() -> str:
+    lines = getattr(_errors, "lines", [])
+    _errors.lines = []
+    return "; ".join(lines)
 
 
 def _gpu_layers(ratio: float | None) -> int:
@@ -66,215 +66,266 @@ def _gpu_layers(ratio: float | None) -> int:
     return max(1, round(ratio * 100))
 
 
+class LlamaModel:
+    """The weights and vocabulary, shared by the generation and the embedding context."""
+
+    def __init__(self, path: str, options: LoadOptions, on_progress: ProgressFn | None) -> None:
+        self.cancelled = False
+        params = ll.llama_model_default_params()
+        params.n_gpu_layers = _gpu_layers(options.gpu_ratio)
+
+        def report(progress: float, _user_data: Any) -> bool:
+            if on_progress is not None and on_progress(float(progress)) is False:
+                self.cancelled = True
+            return not self.cancelled
+
+        # kept on self: llama.cpp calls it while loading, after this frame could be gone
+        self._progress = ll.llama_progress_callback(report)
+        params.progress_callback = self._progress
+        _take_errors()
+        self.ptr = ll.llama_model_load_from_file(path.encode("utf-8"), params)
+        if not self.ptr:
+            if self.cancelled:
+                raise RuntimeError("load cancelled")
+            raise InvalidModelFileError(
+                f"llama.cpp could not read {os.path.basename(path)}"
+                f" ({_take_errors() or 'not a model it supports'})")
+        self.vocab = ll.llama_model_get_vocab(self.ptr)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self._pieces: dict[int, bytes] = {}
+
+    def close(self) -> None:
+        if self.ptr:
+            ll.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        data = text.encode("utf-8", "replace")
+        size = len(data) + 8
+        buf = (ll.llama_token * size)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
+        if n < 0:
+            size = -n
+            buf = (ll.llama_token * size)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, size, add_bos, True)
+        if n < 0:
+            raise PredictionFailure("llama.cpp could not tokenize the prompt.")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            cached = self._pieces[token] = buf.raw[:max(0, n)]
+        return cached
+
+    def text_of(self, token: int) -> str:
+        if token < 0:
+            return ""
+        raw = ll.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw or "")
+
+
+def _context(model: LlamaModel, *, n_ctx: int, n_seq: int, embeddings: bool) -> Any:
+    p = ll.llama_context_default_params()
+    threads = os.cpu_count() or 1
+    p.n_ctx = n_ctx
+    p.n_batch = p.n_ubatch = ModelInstance.n_batch if not embeddings else n_ctx
+    p.n_seq_max = n_seq
+    p.n_threads = p.n_threads_batch = threads
+    p.kv_unified = True  # one pool: any sequence may use the whole context
+    p.swa_full = True  # sliding-window models keep every position, so prefixes stay reusable
+    p.embeddings = embeddings
+    if embeddings:
+        p.pooling_type = ll.LLAMA_POOLING_TYPE_MEAN
+    _take_errors()
+    ctx = ll.llama_init_from_model(model.ptr, p)
+    if not ctx:
+        raise InvalidModelFileError(
+            f"llama.cpp could not create a context of {n_ctx} tokens"
+            f" ({_take_errors() or 'not enough memory?'})")
+    return ctx
+
+
 class LlamaInstance(ModelInstance):
     engine_name = "llama.cpp"
 
     def __init__(self, spec: ModelSpec, options: LoadOptions) -> None:
         super().__init__(spec, options)
-        self.llama: llama_cpp.Llama | None = None
-        self._embedder: llama_cpp.Llama | None = None
+        self.model: LlamaModel | None = None
+        self.ctx: Any = None
+        self.memory: Any = None
+        self._batch: Any = None
+        self._embed_ctx: Any = None
 
     # -- loading ---------------------------------------------------------------------------
 
     def _load(self, on_progress: ProgressFn | None) -> None:
         if on_progress:
             on_progress(0.0)
-        n_ctx = self.context_length
         try:
-            with _load_progress(on_progress):
-                self.llama = llama_cpp.Llama(
-                    model_path=self.spec.path,
-                    n_ctx=n_ctx,
-                    n_batch=512,
-                    n_gpu_layers=_gpu_layers(self.options.gpu_ratio),
-                    seed=self.options.seed if self.options.seed is not None else -1,
-                    embedding=self.spec.is_embedding,
-                    n_threads=os.cpu_count() or 1,
-                    verbose=False,
-                )
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise InvalidModelFileError(
-                f"Failed to load {self.spec.model_key}: llama.cpp could not read "
-                f"{os.path.basename(self.spec.path)} ({exc})"
-            ) from exc
-        self.context_length = self.llama.n_ctx()
+            self.model = LlamaModel(self.spec.path, self.options, on_progress)
+        except InvalidModelFileError as exc:
+            raise InvalidModelFileError(f"Failed to load {self.spec.model_key}: {exc}") from exc
+        n_seq = 1 if self.spec.is_embedding else self.parallel
+        self.ctx = _context(self.model, n_ctx=self.context_length, n_seq=n_seq,
+                            embeddings=self.spec.is_embedding)
+        self.context_length = ll.llama_n_ctx(self.ctx)
+        self.memory = ll.llama_get_memory(self.ctx)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
         if on_progress:
             on_progress(1.0)
 
     def _unload(self) -> None:
-        for model in (self.llama, self._embedder):
-            if model is not None:
-                model.close()
-        self.llama = self._embedder = None
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        for ctx in (self._embed_ctx, self.ctx):
+            if ctx:
+                ll.llama_free(ctx)
+        self._embed_ctx = self.ctx = None
+        if self.model is not None:
+            self.model.close()
 
     # -- tokens ----------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
-        return self.call(lambda: self._tokenize(text, add_bos))
-
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
-        assert self.llama is not None
-        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        assert self.model is not None
+        return self.model.tokenize(text, add_bos)
 
     def _wants_bos(self, prompt: str) -> bool:
-        assert self.llama is not None
+        assert self.model is not None
         bos = self.bos_token
-        return self.llama._model.add_bos_token() and not (bos and prompt.startswith(bos))
+        return ll.llama_vocab_get_add_bos(self.model.vocab) and not (bos and
+                                                                      prompt.startswith(bos))
 
     @property
     def bos_token(self) -> str:
-        return self._token_text(self.llama.token_bos() if self.llama else -1)
+        return self.model.text_of(ll.llama_vocab_bos(self.model.vocab)) if self.model else ""
 
     @property
     def eos_token(self) -> str:
-        return self._token_text(self.llama.token_eos() if self.llama else -1)
+        return self.model.text_of(ll.llama_vocab_eos(self.model.vocab)) if self.model else ""
 
-    def _token_text(self, token: int) -> str:
-        if self.llama is None or token < 0:
-            return ""
-        piece = self.llama._model.token_get_text(token)
-        return piece if isinstance(piece, str) else piece.decode("utf-8", "replace")
+    def _piece(self, token: int) -> bytes:
+        assert self.model is not None
+        return self.model.piece(token)
 
-    # -- prediction ------------------------------------------------------------------------
+    def _is_eog(self, token: int) -> bool:
+        assert self.model is not None
+        return bool(ll.llama_vocab_is_eog(self.model.vocab, token))
 
-    def _predict(self, prediction: Prediction) -> None:
-        assert self.llama is not None
-        req = prediction.request
-        started = time.perf_counter()
-        add_bos = req.add_bos if req.add_bos is not None else self._wants_bos(req.prompt)
-        tokens = self._tokenize(req.prompt, add_bos)
-        if len(tokens) >= self.context_length:
-            prediction.emit(Done(PredictionStats(
-                stop_reason="contextLengthReached", prompt_tokens=len(tokens),
-                total_time_s=time.perf_counter() - started)))
-            return
-        self.status = "processingPrompt"
-        cached = self._process_prompt(tokens, prediction)
-        if prediction.cancelled:
-            prediction.emit(Done(PredictionStats(
-                stop_reason="userStopped", prompt_tokens=len(tokens), cached_tokens=cached,
-                total_time_s=time.perf_counter() - started)))
-            return
-        self.status = "generating"
-        self._generate(tokens, cached, started, prediction)
+    # -- sampling --------------------------------------------------------------------------
 
-    def _process_prompt(self, tokens: list[int], prediction: Prediction) -> int:
-        """Evaluate the prompt in chunks, reusing the cached prefix; returns the cached count.
+    def check_grammar(self, grammar: str) -> str | None:
+        """Parse the grammar as sampling would; uses only the vocabulary, so any thread."""
+        if self.model is None:
+            return None
+        _take_errors()
+        sampler = ll.llama_sampler_init_grammar(self.model.vocab, grammar.encode("utf-8"),
+                                                b"root")
+        if not sampler:
+            return _take_errors() or "llama.cpp could not parse the grammar"
+        ll.llama_sampler_free(sampler)
+        return None
 
-        The last prompt token is always evaluated so that its logits are fresh; then
-        ``Llama.generate`` finds the whole prompt in its cache and samples at once.
-        """
-        llama = self.llama
-        assert llama is not None
-        cached = 0
-        for a, b in zip(llama._input_ids.tolist(), tokens[:-1], strict=False):
-            if a != b:
-                break
-            cached += 1
-        if cached < llama.n_tokens:
-            llama._ctx.kv_cache_seq_rm(-1, cached, -1)
-            llama.n_tokens = cached
-        todo = tokens[cached:]
-        total = len(tokens)
-        prediction.emit(PromptProgress(0.0, cached, cached, total))
-        for start in range(0, len(todo), PROMPT_CHUNK):
-            if prediction.cancelled:
-                return cached
-            llama.eval(todo[start:start + PROMPT_CHUNK])
-            done = cached + min(start + PROMPT_CHUNK, len(todo))
-            if done < total:
-                prediction.emit(PromptProgress(done / total, cached, done, total))
-        return cached
+    def _new_sampler(self, request: PredictionRequest) -> Any:
+        assert self.model is not None
+        p = request.params
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        add = ll.llama_sampler_chain_add
+        add(chain, ll.llama_sampler_init_penalties(self.model.n_vocab, PENALTY_LAST_N,
+                                                   p.repeat_penalty, 0.0, 0.0))
+        if request.grammar:
+            _take_errors()
+            grammar = ll.llama_sampler_init_grammar(
+                self.model.vocab, request.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                ll.llama_sampler_free(chain)
+                raise GrammarError(_take_errors() or "llama.cpp could not parse the grammar")
+            add(chain, grammar)
+        if p.temperature == 0:
+            add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        add(chain, ll.llama_sampler_init_top_k(p.top_k))
+        add(chain, ll.llama_sampler_init_top_p(p.top_p, 1))
+        add(chain, ll.llama_sampler_init_min_p(p.min_p, 1))
+        add(chain, ll.llama_sampler_init_temp(p.temperature))
+        seed = p.seed if p.seed is not None else ll.LLAMA_DEFAULT_SEED
+        add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
 
-    def _generate(self, tokens: list[int], cached: int, started: float,
-                  prediction: Prediction) -> None:
-        llama = self.llama
-        assert llama is not None
-        p = prediction.request.params
-        if p.seed is not None:
-            llama.set_seed(p.seed)
-        grammar = (llama_cpp.LlamaGrammar.from_string(prediction.request.grammar, verbose=False)
-                   if prediction.request.grammar else None)
-        stops, utf8 = StopMatcher(p.stop), Utf8Stream()
-        vocab = llama._model.vocab
-        limit = p.max_tokens if p.max_tokens is not None and p.max_tokens >= 0 else None
-        first_at: float | None = None
-        predicted = 0
-        reason: StopReason = "eosFound"
-        stop_string: str | None = None
-        prompt_done = False
-        for token in llama.generate(
-            tokens, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, temp=p.temperature,
-            repeat_penalty=p.repeat_penalty, grammar=grammar,
-        ):
-            if not prompt_done:
-                prediction.emit(PromptProgress(1.0, cached, len(tokens), len(tokens)))
-                prompt_done = True
-            if prediction.cancelled:
-                reason = "userStopped"
-                break
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                reason = "eosFound"
-                break
-            predicted += 1
-            if first_at is None:
-                first_at = time.perf_counter()
-            text, stop_string = stops.feed(utf8.feed(llama.detokenize([token])))
-            if text:
-                prediction.emit(Fragment(text, 1))
-            if stop_string is not None:
-                reason = "stopStringFound"
-                break
-            if limit is not None and predicted >= limit:
-                reason = "maxPredictedTokensReached"
-                break
-            if llama.n_tokens + 1 >= self.context_length:
-                reason = "contextLengthReached"
-                break
-        if stop_string is None:
-            tail = stops.feed(utf8.flush())[0] + stops.flush()
-            if tail:
-                prediction.emit(Fragment(tail, 0))
-        prediction.emit(Done(self._stats(reason, tokens, cached, predicted, started, first_at,
-                                         stop_string)))
+    def _free_sampler(self, sampler: Any) -> None:
+        ll.llama_sampler_free(sampler)
 
-    @staticmethod
-    def _stats(reason: StopReason, tokens: list[int], cached: int, predicted: int,
-               started: float, first_at: float | None, stop_string: str | None
-               ) -> PredictionStats:
-        ended = time.perf_counter()
-        decode_time = ended - first_at if first_at is not None else 0.0
-        tps = (predicted - 1) / decode_time if predicted > 1 and decode_time > 0 else None
-        return PredictionStats(
-            stop_reason=reason, prompt_tokens=len(tokens), cached_tokens=cached,
-            predicted_tokens=predicted,
-            time_to_first_token_s=(first_at - started) if first_at is not None else None,
-            tokens_per_second=tps, total_time_s=ended - started, stop_string=stop_string,
-        )
+    def _sample(self, sampler: Any, index: int) -> int:
+        return int(ll.llama_sampler_sample(sampler, self.ctx, index))
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def _decode(self, batch: Batch) -> int:
+        b = self._batch
+        for i, (tok, pos, seq, keep) in enumerate(zip(batch.tokens, batch.positions,
+                                                      batch.seq_ids, batch.logits, strict=True)):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = keep
+        b.n_tokens = len(batch)
+        return int(ll.llama_decode(self.ctx, b))
+
+    def _seq_rm(self, seq_id: int, start: int) -> bool:
+        return bool(ll.llama_memory_seq_rm(self.memory, seq_id, start, -1))
+
+    def _seq_cp(self, src: int, dst: int, count: int) -> None:
+        ll.llama_memory_seq_cp(self.memory, src, dst, 0, count)
 
     # -- embeddings ------------------------------------------------------------------------
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        self.status = "computingEmbedding"
-        try:
-            return self.call(lambda: self._embed(texts))
-        finally:
-            self.status = "idle"
-
-    def _embed(self, texts: list[str]) -> list[list[float]]:
+    def _embed_texts(self, texts: list[str]) -> list[list[float]]:
+        assert self.model is not None
         if self.spec.is_embedding:
-            assert self.llama is not None
-            model = self.llama
+            ctx = self.ctx
         else:
-            # A chat model embeds through a second, pooled context on the same weights file.
-            if self._embedder is None:
-                self._embedder = llama_cpp.Llama(
-                    model_path=self.spec.path, n_ctx=min(self.context_length, 2048),
-                    embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                    n_gpu_layers=_gpu_layers(self.options.gpu_ratio), verbose=False,
-                )
-            model = self._embedder
-        return [list(map(float, model.embed(t, normalize=True))) for t in texts]
+            # a chat model embeds through a second, pooled context on the same weights
+            if self._embed_ctx is None:
+                self._embed_ctx = _context(self.model, n_ctx=min(self.context_length,
+                                                                 EMBED_CONTEXT),
+                                           n_seq=1, embeddings=True)
+            ctx = self._embed_ctx
+        return [self._embed_one(ctx, text, i) for i, text in enumerate(texts)]
+
+    def _embed_one(self, ctx: Any, text: str, index: int) -> list[float]:
+        assert self.model is not None
+        tokens = self.model.tokenize(text, ll.llama_vocab_get_add_bos(self.model.vocab))
+        n_ctx = ll.llama_n_ctx(ctx)
+        if not tokens:
+            raise ValueError(f"Input {index} is empty.")
+        if len(tokens) > n_ctx:
+            raise ValueError(f"Input {index} is {len(tokens)} tokens long, more than the "
+                             f"embedding context of {n_ctx} tokens.")
+        ll.llama_memory_clear(ll.llama_get_memory(ctx), True)
+        batch = ll.llama_batch_init(len(tokens), 0, 1)
+        try:
+            for i, tok in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = True
+            batch.n_tokens = len(tokens)
+            if ll.llama_decode(ctx, batch) != 0:
+                raise PredictionFailure("llama.cpp could not compute the embedding.")
+        finally:
+            ll.llama_batch_free(batch)
+        n_embd = ll.llama_model_n_embd(self.model.ptr)
+        vector = ll.llama_get_embeddings_seq(ctx, 0)
+        values = [float(vector[i]) for i in range(n_embd)]
+        norm = math.sqrt(sum(v * v for v in values)) or 1.0
+        return [v / norm for v in values]
 
 
 class LlamaEngine(Engine):

@@ -40,14 +40,14 @@ class PromptProgress:
     cached_tokens: int
     processed_tokens: int
     total_tokens: int
-    type: str = "promptProgress"
+    type: Literal["promptProgress"] = "promptProgress"
 
 
 @dataclass
 class Fragment:
     text: str
     tokens: int
-    type: str = "fragment"
+    type: Literal["fragment"] = "fragment"
 
 
 @dataclass
@@ -85,13 +85,16 @@ class PredictionStats:
 @dataclass
 class Done:
     stats: PredictionStats
-    type: str = "done"
+    type: Literal["done"] = "done"
 
 
 @dataclass
 class Failed:
+    """``code`` names a failure the caller caused (``"grammar"``: the grammar was rejected)."""
+
     message: str
-    type: str = "failed"
+    code: str | None = None
+    type: Literal["failed"] = "failed"
 
 
 Event = PromptProgress | Fragment | Done | Failed
@@ -102,3 +105,9 @@ class LoadOptions:
     context_length: int | None = None
     gpu_ratio: float | None = None  # None: the engine decides
     seed: int | None = None
+    parallel: int = 4  # predictions decoded together (LM Studio's max concurrent predictions)
+    max_queue: int = 64  # predictions waiting for a slot before submit refuses more
+
+
+class QueueFull(Exception):
+    """``submit`` refused a prediction: every slot is busy and the waiting queue is full."""

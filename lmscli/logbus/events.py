@@ -6,12 +6,11 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from lmscli.engine import Done, Event, Failed, Fragment, PredictionRequest
+from lmscli.engine import Done, Event, Failed, Fragment
 from lmscli.logbus.bus import LogBus
 
 if TYPE_CHECKING:
     from lmscli.engine import Engine
-    from lmscli.server.models import Loaded
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "error": logging.ERROR}
@@ -56,12 +55,12 @@ class PredictionLog:
         self._parts: list[str] = []
 
     @classmethod
-    def begin(cls, entry: Loaded, request: PredictionRequest) -> PredictionLog | None:
-        bus: LogBus | None = entry.bus
+    def begin(cls, bus: LogBus | None, identifier: str, model_path: str, prompt: str
+              ) -> PredictionLog | None:
         if bus is None or not bus.active:
             return None
-        bus.publish(prediction_input(entry.identifier, entry.model.path, request.prompt))
-        return cls(bus, entry.identifier)
+        bus.publish(prediction_input(identifier, model_path, prompt))
+        return cls(bus, identifier)
 
     def record(self, event: Event) -> None:
         """Called on the engine thread with every event, before the consumer sees it.

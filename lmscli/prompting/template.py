@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 # Used when a GGUF carries no template: ChatML is what most small instruct models expect.
 CHATML = (
@@ -19,8 +23,17 @@ CHATML = (
 )
 
 
+# No operator in a template may build a value larger than this (a prompt is far smaller).
+MAX_VALUE_CHARS = 16_000_000
+MAX_EXPONENT = 1000
+
+
 class TemplateRenderError(ValueError):
     """The model's chat template could not render these messages."""
+
+
+class TemplateTimeout(TemplateRenderError):
+    """The template ran past its time budget (it loops, or nearly)."""
 
 
 def _raise_exception(message: str) -> None:
@@ -37,9 +50,34 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, plus bounds on the operators that can build huge values in one step."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"exponent {right} is too large")
+        if _size(left, right, operator) > MAX_VALUE_CHARS:
+            raise SecurityError(f"the result of {operator!r} would be too large")
+        return super().call_binop(context, operator, left, right)
+
+
+def _size(left: Any, right: Any, operator: str) -> int:
+    """The length of the string or list ``left <operator> right`` would give, else 0."""
+    sized = (str, list, tuple)
+    if operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+        return len(left) + len(right)
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, sized) and isinstance(n, int):
+                return len(seq) * n
+    return 0
+
+
 @lru_cache(maxsize=16)
 def _compile(source: str) -> Any:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -48,17 +86,52 @@ def _compile(source: str) -> Any:
 
 def render_chat(template: str | None, messages: list[dict[str, Any]], *,
                 bos_token: str = "", eos_token: str = "", add_generation_prompt: bool = True,
-                tools: list[dict[str, Any]] | None = None, **extra: Any) -> str:
-    """Messages (OpenAI shape, content already text) → the exact prompt text."""
+                tools: list[dict[str, Any]] | None = None, time_budget_s: float | None = None,
+                **extra: Any) -> str:
+    """Messages (OpenAI shape, content already text) → the exact prompt text.
+
+    With ``time_budget_s`` the template stops with TemplateTimeout once that has passed.
+    """
     try:
         compiled = _compile(template or CHATML)
-        return compiled.render(
-            messages=messages, bos_token=bos_token, eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt, tools=tools, **extra,
-        )
+        with _deadline(time_budget_s):
+            return compiled.render(
+                messages=messages, bos_token=bos_token, eos_token=eos_token,
+                add_generation_prompt=add_generation_prompt, tools=tools, **extra,
+            )
     except TemplateRenderError:
         raise
     except TemplateError as exc:
         raise TemplateRenderError(f"The model's chat template failed: {exc}") from exc
     except Exception as exc:  # a template is foreign code: any failure is the template's
         raise TemplateRenderError(f"The model's chat template failed: {exc}") from exc
+
+
+@contextmanager
+def _deadline(seconds: float | None) -> Iterator[None]:
+    """Interrupt template code running past ``seconds``, in this thread only.
+
+    A trace function sees every line of the Python a template compiles to (its frames come
+    from "<template>"), so a loop that never calls out can still be stopped; other code runs
+    untraced.
+    """
+    if seconds is None:
+        yield
+        return
+    deadline = time.monotonic() + seconds
+
+    def on_line(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise TemplateTimeout(f"The model's chat template ran for more than {seconds:g} s "
+                                  "and was stopped.")
+        return on_line
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)

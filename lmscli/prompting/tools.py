@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lmscli.prompting.gbnf import literal as gbnf_literal
 from lmscli.prompting.grammar import json_schema_grammar
 
 ToolFormat = Literal["default", "hermes", "llama3", "mistral"]
@@ -173,12 +174,19 @@ _GBNF_RULE = re.compile(r"^([A-Za-z0-9_-]+)\s*::=", re.MULTILINE)
 
 
 def call_grammar(tools: list[dict[str, Any]], fmt: ToolFormat, name: str | None = None) -> str:
-    """GBNF for exactly one well-formed call of one of ``tools`` (or of ``name``)."""
-    functions = [_function(t) for t in tools]
-    if name is not None:
-        functions = [f for f in functions if f.get("name") == name]
-        if not functions:
-            raise ValueError(f"No tool named {name!r}.")
+    """GBNF for exactly one well-formed call of one of ``tools`` (or of ``name``).
+
+    Raises SchemaError naming the tool whose parameters can't become a grammar.
+    """
+    functions = []
+    for i, tool in enumerate(tools):
+        function = _function(tool)
+        if name is None or function.get("name") == name:
+            # each on its own first, so that an error names the tool it is in
+            json_schema_grammar(_parameters(function), f"tools[{i}].function.parameters")
+            functions.append(function)
+    if name is not None and not functions:
+        raise ValueError(f"No tool named {name!r}.")
     if not functions:
         raise ValueError("A call grammar needs at least one tool.")
     key = "parameters" if fmt == "llama3" else "arguments"
@@ -193,11 +201,15 @@ def _function(tool: dict[str, Any]) -> dict[str, Any]:
     return function if isinstance(function, dict) else tool
 
 
+def _parameters(function: dict[str, Any]) -> Any:
+    parameters = function.get("parameters")
+    return {"type": "object"} if parameters is None or parameters == {} else parameters
+
+
 def _call_schema(function: dict[str, Any], key: str) -> dict[str, Any]:
-    parameters = function.get("parameters") or {"type": "object"}
     return {
         "type": "object",
-        "properties": {"name": {"const": function.get("name")}, key: parameters},
+        "properties": {"name": {"const": function.get("name")}, key: _parameters(function)},
         "required": ["name", key],
         "additionalProperties": False,
     }
@@ -207,7 +219,7 @@ def _wrap_grammar(body: str, prefix: str, suffix: str) -> str:
     """Our own root around the converter's: its `root` is renamed to a name it doesn't use."""
     call = _free_rule_name("tool-call", set(_GBNF_RULE.findall(body)))
     renamed = _GBNF_TOKEN.sub(lambda m: call if m.group(0) == "root" else m.group(0), body)
-    parts = [_gbnf_literal(prefix) if prefix else "", call, _gbnf_literal(suffix) if suffix else ""]
+    parts = [gbnf_literal(prefix) if prefix else "", call, gbnf_literal(suffix) if suffix else ""]
     return f"root ::= {' '.join(p for p in parts if p)}\n{renamed}"
 
 
@@ -217,11 +229,6 @@ def _free_rule_name(base: str, taken: set[str]) -> str:
         n += 1
         name = f"{base}-{n}"
     return name
-
-
-def _gbnf_literal(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
 
 
 # -- parsing calls out of generated text -----------------------------------------------------

@@ -20,11 +20,17 @@ from starlette.routing import Route
 
 from lmscli.engine import Engine
 from lmscli.logbus import LogBus
-from lmscli.logbus import http as logs_http
 from lmscli.logbus.events import RuntimeLog
-from lmscli.server import native, openai_api
+from lmscli.server import logs_http, native, openai_api
 from lmscli.server.errors import APIError
 from lmscli.server.models import ModelManager
+from lmscli.server.security import (
+    DEFAULT_MAX_BODY_MB,
+    Guard,
+    GuardMiddleware,
+    HostPolicy,
+    max_body_bytes,
+)
 
 log = logging.getLogger("lmscli.server")
 
@@ -35,11 +41,20 @@ class Settings:
     port: int = 1234
     cors: bool = False
     reap_every_s: float = 1.0
+    api_key: str | None = None  # None: no key needed (start-up refuses that off loopback)
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides the built-in ones
+    max_body_mb: float = DEFAULT_MAX_BODY_MB
+    parallel: int = 4  # slots per model for loads that don't say (JIT loads included)
+    max_queue: int = 64  # requests that may wait for a slot, per model, before 503s
+
+    def guard(self) -> Guard:
+        hosts = HostPolicy.for_bind(self.host, self.allowed_hosts, keyed=bool(self.api_key))
+        return Guard(hosts, self.api_key or None, max_body_bytes(self.max_body_mb))
 
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -89,7 +104,8 @@ def create_app(engine: Engine, settings: Settings | None = None,
                uvicorn_server: Any = None) -> Starlette:
     settings = settings or Settings()
     logs = LogBus()
-    models = ModelManager(engine, on_event=RuntimeLog(logs, engine, log), bus=logs)
+    models = ModelManager(engine, on_event=RuntimeLog(logs, engine, log), bus=logs,
+                          parallel=settings.parallel, max_queue=settings.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -105,6 +121,8 @@ def create_app(engine: Engine, settings: Settings | None = None,
     if settings.cors:
         middleware.append(Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
                                      allow_headers=["*"]))
+    # inside CORS, so that preflights pass and a page can read why it was refused
+    middleware.append(Middleware(GuardMiddleware, guard=settings.guard()))
     app = Starlette(
         routes=routes(), middleware=middleware, lifespan=lifespan,
         exception_handlers={APIError: api_error, HTTPException: http_error,

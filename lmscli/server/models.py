@@ -6,17 +6,24 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmscli import catalog
 from lmscli.engine import Engine, LoadOptions, ModelInstance, ModelSpec
 from lmscli.errors import InvalidModelFileError
-from lmscli.server.errors import APIError, model_not_found
+from lmscli.server.errors import APIError, model_not_found, shorten
 
 if TYPE_CHECKING:
     from lmscli.logbus import LogBus
 
 JIT_TTL_S = 3600  # LM Studio unloads JIT-loaded models after 60 idle minutes
+MAX_IDENTIFIER_CHARS = 256
+MAX_NAME_CHARS = 1000  # longer names can't be a model key or path: not looked up
+DEFAULT_CONTEXT = 4096  # what the engine uses for a model that doesn't say
+MAX_UNKNOWN_CONTEXT = 131072  # the bound for a model whose trained context is unknown
+KV_BYTES = 2  # llama.cpp's default cache holds f16 keys and values
+MAX_PARALLEL = 64  # sequences one context decodes together (llama.cpp allows up to 256)
 
 
 @dataclass
@@ -52,7 +59,7 @@ class Loaded:
             "contextLength": self.instance.context_length,
             "status": self.instance.status,
             "queued": self.instance.queued,
-            "parallel": 1,
+            "parallel": None if self.instance.spec.is_embedding else self.instance.parallel,
             "jit": self.jit,
         })
         return info
@@ -64,8 +71,10 @@ EventCb = Callable[[str, str, str | None], None]  # level, message, model identi
 
 class ModelManager:
     def __init__(self, engine: Engine, *, on_event: EventCb | None = None,
-                 bus: LogBus | None = None) -> None:
+                 bus: LogBus | None = None, parallel: int = 4, max_queue: int = 64) -> None:
         self.engine = engine
+        self.parallel = parallel  # for loads that don't say, JIT loads included
+        self.max_queue = max_queue
         self.loaded: dict[str, Loaded] = {}
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
         self._on_event: EventCb = on_event or (lambda level, msg, identifier: None)
@@ -87,7 +96,8 @@ class ModelManager:
         return None
 
     def _resolve_downloaded(self, name: str) -> Any:
-        model = catalog.find_model(name)
+        plausible = name.isprintable() and len(name) <= MAX_NAME_CHARS
+        model = catalog.find_model(name) if plausible else None
         if model is None:
             available = [m.model_key for m in self.downloaded()]
             raise model_not_found(name, available)
@@ -111,9 +121,11 @@ class ModelManager:
 
     async def load(self, name: str, *, identifier: str | None = None,
                    context_length: int | None = None, gpu_ratio: float | None = None,
-                   ttl_s: float | None = None, jit: bool = False,
+                   ttl_s: float | None = None, jit: bool = False, parallel: int | None = None,
                    on_progress: ProgressCb | None = None) -> Loaded:
         model = self._resolve_downloaded(name)
+        if identifier is not None:
+            check_identifier(identifier)
         identifier = identifier or self._free_identifier(model.model_key)
         if identifier in self.loaded:
             raise APIError(409, f'A model with identifier "{identifier}" is already loaded.',
@@ -124,8 +136,9 @@ class ModelManager:
         try:
             if jit:
                 await self._evict_jit()
-            entry = await self._load_now(model, identifier, context_length, gpu_ratio, ttl_s,
-                                         jit, on_progress)
+            options = LoadOptions(context_length=context_length, gpu_ratio=gpu_ratio,
+                                  parallel=parallel or self.parallel, max_queue=self.max_queue)
+            entry = await self._load_now(model, identifier, options, ttl_s, jit, on_progress)
             future.set_result(entry)
             return entry
         except BaseException as exc:
@@ -135,9 +148,10 @@ class ModelManager:
         finally:
             self._loading.pop(model.model_key, None)
 
-    async def _load_now(self, model: Any, identifier: str, context_length: int | None,
-                        gpu_ratio: float | None, ttl_s: float | None, jit: bool,
+    async def _load_now(self, model: Any, identifier: str, options: LoadOptions,
+                        ttl_s: float | None, jit: bool,
                         on_progress: ProgressCb | None) -> Loaded:
+        context_length = options.context_length
         if context_length is not None and context_length < 1:
             raise APIError(400, "context_length must be at least 1.", param="context_length")
         spec = ModelSpec(path=str(model.abs_path), model_key=model.model_key,
@@ -145,7 +159,7 @@ class ModelManager:
                          max_context_length=model.max_context_length,
                          chat_template=model.chat_template,
                          is_embedding=model.type == "embedding")
-        options = LoadOptions(context_length=context_length, gpu_ratio=gpu_ratio)
+        await self.check_fits(model, options.context_length)
         self._on_event("info", f"Loading {model.model_key} as {identifier}", identifier)
         started = time.perf_counter()
         try:
@@ -162,6 +176,25 @@ class ModelManager:
                        identifier)
         return entry
 
+    async def check_fits(self, model: Any, context_length: int | None) -> None:
+        """A 400 before loading what would not fit: a context past what the model was trained
+        for, or more memory than is free (llama.cpp would allocate it, then be killed)."""
+        trained = model.max_context_length
+        n_ctx = context_length or trained or DEFAULT_CONTEXT
+        bound = trained or MAX_UNKNOWN_CONTEXT
+        if n_ctx > bound:
+            what = f"{model.model_key} was trained for" if trained else "is supported"
+            raise APIError(400, f"context_length {n_ctx} is more than {what} ({bound} tokens).",
+                           param="context_length", code="context_length_too_large")
+        needed = await asyncio.to_thread(load_bytes, model.abs_path, model.size_bytes, n_ctx)
+        free = mem_available()
+        if free is not None and needed > free:
+            raise APIError(400, f"Loading {model.model_key} with a context of {n_ctx} tokens "
+                           f"needs about {needed / 2**30:.1f} GiB of memory, and "
+                           f"{free / 2**30:.1f} GiB is free. Load it with a smaller "
+                           "context_length, or unload another model.",
+                           param="context_length", code="insufficient_memory")
+
     def _free_identifier(self, key: str) -> str:
         if key not in self.loaded:
             return key
@@ -175,7 +208,7 @@ class ModelManager:
     async def unload(self, identifier: str) -> Loaded:
         entry = self.loaded.pop(identifier, None)
         if entry is None:
-            raise APIError(404, f'No model with identifier "{identifier}" is loaded.',
+            raise APIError(404, f'No model with identifier "{shorten(identifier)}" is loaded.',
                            param="identifier", code="model_not_loaded")
         await asyncio.to_thread(entry.instance.close)
         self._on_event("info", f"Unloaded {identifier}", identifier)
@@ -205,3 +238,55 @@ class ModelManager:
         while True:
             await asyncio.sleep(every_s)
             await self.reap_idle()
+
+
+def check_identifier(identifier: str) -> None:
+    """Identifiers show in every listing and log line: printable text of bounded length."""
+    if not identifier.strip() or len(identifier) > MAX_IDENTIFIER_CHARS \
+            or not identifier.isprintable():
+        raise APIError(400, f"'identifier' must be 1 to {MAX_IDENTIFIER_CHARS} printable "
+                       "characters, not only spaces.", param="identifier",
+                       code="invalid_identifier")
+
+
+def load_bytes(path: Path, file_bytes: int, n_ctx: int) -> int:
+    """Memory a load takes: the weights plus the KV cache, K and V for every layer and
+    position (unified: the context is shared by parallel sequences, not multiplied)."""
+    from lmscli.catalog.gguf import read_gguf_metadata
+
+    try:
+        kv = read_gguf_metadata(path).kv
+    except Exception:  # the engine reports a bad file better; count the weights only
+        return file_bytes
+    return file_bytes + n_ctx * kv_bytes_per_token(kv)
+
+
+def kv_bytes_per_token(kv: dict[str, Any]) -> int:
+    """From GGUF metadata; 0 when the model doesn't say enough to tell."""
+    arch = kv.get("general.architecture")
+
+    def count(key: str, default: int | None = None) -> int | None:
+        value = kv.get(f"{arch}.{key}", default)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        return value if ok else None
+
+    layers, width, heads = count("block_count"), count("embedding_length"), \
+        count("attention.head_count")
+    if not (layers and width and heads):
+        return 0
+    kv_heads = count("attention.head_count_kv") or heads  # per-layer arrays aren't read
+    key = count("attention.key_length") or width // heads
+    value = count("attention.value_length") or width // heads
+    return layers * kv_heads * (key + value) * KV_BYTES
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes; None where there is no such file."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

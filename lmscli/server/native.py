@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 import lmscli
 from lmscli.server.errors import APIError, Body, bad_request
-from lmscli.server.models import Loaded, ModelManager
+from lmscli.server.models import MAX_PARALLEL, Loaded, ModelManager, check_identifier
 from lmscli.server.openai_api import read_json
 
 
@@ -73,6 +73,7 @@ async def load(request: Request) -> Any:
     identifier = body.get("identifier", str)
     context_length = body.integer("context_length", low=1)
     ttl = body.integer("ttl", low=1)
+    parallel = body.integer("parallel", low=1, high=MAX_PARALLEL)
     ratio = gpu_ratio(body)
     models = manager(request)
     if body.get("get_or_load", bool, False) and (entry := models.find_loaded(name)):
@@ -80,10 +81,14 @@ async def load(request: Request) -> Any:
         line = {"type": "success", "info": entry.info(), "alreadyLoaded": True}
         return StreamingResponse(iter([ndjson(line)]),
                                  media_type="application/x-ndjson")
-    models._resolve_downloaded(name)  # unknown model: a plain 404 before any streaming
+    # what can be refused before loading is a plain 4xx, not a line in the stream
+    model = models._resolve_downloaded(name)
+    if identifier is not None:
+        check_identifier(identifier)
     if identifier and identifier in models.loaded:
         raise APIError(409, f'A model with identifier "{identifier}" is already loaded.',
                        param="identifier", code="identifier_in_use")
+    await models.check_fits(model, context_length)
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     stop = threading.Event()
@@ -102,7 +107,7 @@ async def load(request: Request) -> Any:
         try:
             entry = await models.load(name, identifier=identifier, context_length=context_length,
                                       gpu_ratio=ratio, ttl_s=float(ttl) if ttl else None,
-                                      on_progress=on_progress)
+                                      parallel=parallel, on_progress=on_progress)
             await queue.put({"type": "success", "info": entry.info(),
                              "loadTimeSec": time.perf_counter() - started})
         except APIError as exc:
@@ -155,18 +160,23 @@ async def predict(request: Request) -> Any:
     or ``error``."""
     from lmscli.engine import PredictionRequest
     from lmscli.server import openai_api as o
-    from lmscli.server.predict import Running
+    from lmscli.server.predict import Running, check_grammar
     from lmscli.server.tooluse import chat_prompt, tool_use
 
     body = await read_json(request)
+    params = o.sampling(body)  # before a load: a bad number shouldn't cost one
     entry = await predict_model(request, body)
     use = None
     if "prompt" in body.data:
         prompt = body.get("prompt", str, required=True)
+        if not prompt:
+            raise bad_request("Field 'prompt' must not be empty: there is nothing to complete.",
+                              "prompt")
     else:
         use = tool_use(body, entry)
-        prompt = chat_prompt(entry, o.parse_messages(body), use)
-    params, grammar = o.sampling(body), o.request_grammar(body, use)
+        prompt = await chat_prompt(entry, o.parse_messages(body), use)
+    grammar = o.request_grammar(body, use)
+    await check_grammar(entry, grammar, "tools" if use and use.grammar else "response_format")
     running = Running(entry, PredictionRequest(prompt, params, grammar))
     await running.first()
     prediction_id = secrets.token_hex(8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import secrets
@@ -15,9 +16,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from lmscli.engine import Done, PredictionRequest, PredictionStats, SamplingParams
 from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
 from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta, ParseEvent
-from lmscli.server.errors import APIError, Body, bad_request
+from lmscli.server.errors import APIError, Body, bad_request, parse_json, shorten
 from lmscli.server.models import Loaded, ModelManager
-from lmscli.server.predict import Running, collect, sse
+from lmscli.server.predict import Running, check_grammar, collect, sse
 from lmscli.server.tooluse import ToolUse, chat_prompt, check_message_tool_fields, tool_use
 
 # Tokens that arrive within this long of the previous chunk share the next one: on a small
@@ -29,15 +30,17 @@ FINISH = {"eosFound": "stop", "stopStringFound": "stop", "userStopped": "stop",
           "toolCalls": "tool_calls", "modelUnloaded": "stop", "failed": "stop"}
 
 
+MAX_STOPS = 32
+MAX_STOP_CHARS = 1000
+INT32_MAX = 2**31 - 1  # counts that reach llama.cpp as C ints
+# OpenAI fields we don't implement, with the value that asks for nothing: any other value is a
+# 400, so that a client never believes it got what it asked for.
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},),
+               "echo": (False,), "best_of": (1,), "suffix": ("",)}
+
+
 async def read_json(request: Request) -> Body:
-    raw = await request.body()
-    try:
-        data = json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"The request body is not valid JSON: {exc}") from exc
-    if data is None:
-        raise bad_request("The request body is empty: send a JSON object.")
-    return Body(data)
+    return Body(parse_json(await request.body()))
 
 
 def manager(request: Request) -> ModelManager:
@@ -47,26 +50,51 @@ def manager(request: Request) -> ModelManager:
 # -- request parsing ------------------------------------------------------------------------
 
 def sampling(body: Body) -> SamplingParams:
+    reject_unsupported(body)
     p = SamplingParams()
     p.temperature = body.number("temperature", p.temperature, low=0, high=2)  # type: ignore
     p.top_p = body.number("top_p", p.top_p, low=0, high=1)  # type: ignore[assignment]
-    p.top_k = body.integer("top_k", p.top_k, low=0)  # type: ignore[assignment]
+    p.top_k = body.integer("top_k", p.top_k, low=0, high=INT32_MAX)  # type: ignore[assignment]
     p.min_p = body.number("min_p", p.min_p, low=0, high=1)  # type: ignore[assignment]
-    p.repeat_penalty = body.number("repeat_penalty", p.repeat_penalty, low=0)  # type: ignore
-    p.seed = body.integer("seed")
-    max_tokens = body.integer("max_completion_tokens", body.integer("max_tokens"))
-    p.max_tokens = None if max_tokens is None or max_tokens < 0 else max_tokens
-    stop = body.get("stop", (str, list))
-    if isinstance(stop, str):
-        p.stop = [stop]
-    elif isinstance(stop, list):
-        if not all(isinstance(s, str) for s in stop):
-            raise bad_request("Field 'stop' must be a string or an array of strings.", "stop")
-        p.stop = stop
-    n = body.integer("n", 1)
-    if n != 1:
-        raise bad_request("Only n=1 is supported.", "n")
+    p.repeat_penalty = body.number("repeat_penalty", p.repeat_penalty, low=0,  # type: ignore
+                                   high=100)
+    seed = body.integer("seed")
+    # llama.cpp seeds are 32-bit; -1 becomes 0xFFFFFFFF, which llama.cpp reads as "random"
+    p.seed = None if seed is None else seed % 2**32
+    p.max_tokens = max_tokens(body)
+    p.stop = stop_strings(body)
+    if body.integer("n", 1) != 1:
+        raise bad_request("Only n=1 is supported: this server returns one choice.", "n")
     return p
+
+
+def reject_unsupported(body: Body) -> None:
+    for key, harmless in UNSUPPORTED.items():
+        value = body.data.get(key)
+        if value is None or any(value == h and type(value) is type(h) for h in harmless):
+            continue
+        raise bad_request(f"'{key}' is not supported by this server; leave it out.", key,
+                          "unsupported_parameter")
+
+
+def max_tokens(body: Body) -> int | None:
+    """The token limit: None for none (a negative value, as LM Studio's -1)."""
+    key = "max_completion_tokens" if "max_completion_tokens" in body.data else "max_tokens"
+    value = body.integer(key, high=INT32_MAX)
+    if value == 0:
+        raise bad_request(f"'{key}' must be at least 1 (or -1 for no limit).", key)
+    return None if value is None or value < 0 else value
+
+
+def stop_strings(body: Body) -> list[str]:
+    stop = body.get("stop", (str, list))
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not all(isinstance(s, str) for s in stops):
+        raise bad_request("Field 'stop' must be a string or an array of strings.", "stop")
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(f"Field 'stop' takes at most {MAX_STOPS} strings of at most "
+                          f"{MAX_STOP_CHARS} characters.", "stop")
+    return stops
 
 
 def message_text(content: Any, where: str) -> str:
@@ -120,11 +148,12 @@ def response_grammar(body: Body) -> str | None:
         raise bad_request("'response_format.type' must be text, json_object or json_schema.",
                           "response_format.type")
     inner = Body(spec.get("json_schema", dict, required=True), "response_format.json_schema")
+    where = "response_format.json_schema.schema"
     schema = inner.get("schema", dict, required=True)
     try:
-        return json_schema_grammar(schema)
+        return json_schema_grammar(schema, where)
     except SchemaError as exc:
-        raise bad_request(str(exc), "response_format.json_schema.schema") from exc
+        raise bad_request(f"Unsupported JSON schema: {exc}", where, "invalid_schema") from None
 
 
 def ttl_of(body: Body) -> float | None:
@@ -170,6 +199,7 @@ class Completion:
             request, entry, prompt, chat, rest)
         self.params = sampling(body)
         self.grammar = request_grammar(body, use)
+        self.grammar_param = "tools" if use and use.grammar else "response_format"
         self.parser = use.parser() if use else None
         self.stream = bool(body.get("stream", bool, False))
         opts = body.get("stream_options", dict, {})
@@ -179,12 +209,13 @@ class Completion:
         self.object = "chat.completion" if chat else "text_completion"
 
     async def respond(self) -> Any:
+        await check_grammar(self.entry, self.grammar, self.grammar_param)
         running = Running(self.entry, PredictionRequest(self.prompt, self.params, self.grammar))
         await running.first()  # errors before the first event become proper HTTP errors
         if self.stream:
             return StreamingResponse(self._stream(running), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        text, done = await collect(running)
+        text, done = await collect(running, self.request)
         return JSONResponse(self._whole(text, done))
 
     def _base(self) -> dict[str, Any]:
@@ -270,7 +301,7 @@ async def chat_completions(request: Request, rest: bool = False) -> Any:
     messages = parse_messages(body)
     entry = await model_for(request, body)
     use = tool_use(body, entry)
-    prompt = chat_prompt(entry, messages, use)
+    prompt = await chat_prompt(entry, messages, use)
     return await Completion(request, entry, prompt, body, chat=True, rest=rest,
                             use=use).respond()
 
@@ -309,23 +340,22 @@ async def completions(request: Request, rest: bool = False) -> Any:
             raise bad_request("Field 'prompt' must be a string (or an array of one string).",
                               "prompt")
         prompt = prompt[0]
+    if not prompt:
+        raise bad_request("Field 'prompt' must not be empty: there is nothing to complete.",
+                          "prompt")
     entry = await model_for(request, body)
     return await Completion(request, entry, prompt, body, chat=False, rest=rest).respond()
 
 
 async def embeddings(request: Request) -> Any:
     body = await read_json(request)
-    texts = body.get("input", (str, list), required=True)
-    texts = [texts] if isinstance(texts, str) else texts
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise bad_request("Field 'input' must be a string or a non-empty array of strings.",
-                          "input")
+    texts = embedding_inputs(body)
     entry = await model_for(request, body)
-    import asyncio
-
     entry.active += 1
     try:
         vectors = await asyncio.to_thread(entry.instance.embed, texts)
+    except ValueError as exc:  # llama-cpp-python: an input longer than the context
+        raise bad_request(f"Cannot embed this input: {exc}", "input") from None
     finally:
         entry.active -= 1
         entry.touch()
@@ -336,6 +366,22 @@ async def embeddings(request: Request) -> Any:
                  for i, v in enumerate(vectors)],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     })
+
+
+def embedding_inputs(body: Body) -> list[str]:
+    """Non-empty strings only: llama.cpp corrupts its memory on an empty input."""
+    texts = body.get("input", (str, list), required=True)
+    texts = [texts] if isinstance(texts, str) else texts
+    if not texts:
+        raise bad_request("Field 'input' must not be an empty array.", "input")
+    for i, text in enumerate(texts):
+        where = "input" if isinstance(body.data["input"], str) else f"input[{i}]"
+        if not isinstance(text, str):
+            raise bad_request(f"'{where}' must be a string (token arrays are not supported).",
+                              where)
+        if not text:
+            raise bad_request(f"'{where}' must not be empty: there is nothing to embed.", where)
+    return texts
 
 
 async def v1_models(request: Request) -> Any:
@@ -383,6 +429,6 @@ async def v0_model_one(request: Request) -> Any:
 
     model = catalog.find_model(name)
     if model is None:
-        raise APIError(404, f'Model "{name}" not found.', param="model",
+        raise APIError(404, f'Model "{shorten(name)}" not found.', param="model",
                        code="model_not_found")
     return JSONResponse(v0_model(model, None))

@@ -9,10 +9,22 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from lmscli.engine import Done, Event, Failed, Fragment, Prediction, PredictionRequest
+from starlette.requests import Request
+
+from lmscli.engine import (
+    Done,
+    Event,
+    Failed,
+    Fragment,
+    Prediction,
+    PredictionRequest,
+    QueueFull,
+)
 from lmscli.logbus.events import PredictionLog
 from lmscli.server.errors import APIError
 from lmscli.server.models import Loaded
+
+RETRY_AFTER_S = 1  # a queue slot frees when any prediction ends: usually within seconds
 
 
 class Running:
@@ -31,8 +43,15 @@ class Running:
         entry.active += 1
         entry.touch()
         # before submit: the engine may answer at once (an unloaded model ends it on the spot)
-        self._log = PredictionLog.begin(entry, request)
-        self.prediction: Prediction = entry.instance.submit(request, self._put)
+        self._log = PredictionLog.begin(entry.bus, entry.identifier, entry.model.path,
+                                        request.prompt)
+        try:
+            self.prediction: Prediction = entry.instance.submit(request, self._put)
+        except QueueFull as exc:
+            entry.active -= 1
+            raise APIError(503, f"The server is busy: {exc} Try again in a moment.",
+                           type_="server_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
         self._first: Event | None = None
         self._closed = False
 
@@ -81,8 +100,7 @@ class Running:
                            param="messages", code="context_length_exceeded")
         if isinstance(event, Failed):
             self.close()
-            raise APIError(500, f"Prediction failed: {event.message}", type_="server_error",
-                           code="prediction_failed")
+            raise failure(event)
         self._first = event
         return event
 
@@ -125,18 +143,53 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-async def collect(running: Running) -> tuple[str, Done]:
+def failure(event: Failed) -> APIError:
+    """A failed prediction as an HTTP error: the caller's fault (a grammar llama.cpp
+    rejected) is a 400, anything else the server's."""
+    if event.code == "grammar":
+        return APIError(400, f"The grammar for this request was rejected: {event.message}",
+                        param="response_format", code="invalid_grammar")
+    return APIError(500, f"Prediction failed: {event.message}", type_="server_error",
+                    code="prediction_failed")
+
+
+async def collect(running: Running, request: Request | None = None) -> tuple[str, Done]:
+    """The whole text and the final event. With ``request``, a client that disconnects
+    meanwhile cancels the prediction: nobody is left to read the answer."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, running)) if request else None
     parts: list[str] = []
     done: Done | None = None
-    async for event in running.events():
-        if isinstance(event, Fragment):
-            parts.append(event.text)
-        elif isinstance(event, Done):
-            done = event
-        elif isinstance(event, Failed):
-            raise APIError(500, f"Prediction failed: {event.message}", type_="server_error")
+    try:
+        async for event in running.events():
+            if isinstance(event, Fragment):
+                parts.append(event.text)
+            elif isinstance(event, Done):
+                done = event
+            elif isinstance(event, Failed):
+                raise failure(event)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
     assert done is not None
     return "".join(parts), done
+
+
+async def _cancel_on_disconnect(request: Request, running: Running) -> None:
+    # The body has been read, so the server's next ASGI message is the disconnect; the pause
+    # only guards against a receive that would answer at once, again and again.
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)
+    running.prediction.cancel()
+
+
+async def check_grammar(entry: Loaded, grammar: str | None, param: str) -> None:
+    """A 400 for a grammar the engine would reject: sampling with it could crash it."""
+    if grammar is None:
+        return
+    reason = await asyncio.to_thread(entry.instance.check_grammar, grammar)
+    if reason is not None:
+        raise APIError(400, f"The grammar for this request was rejected: {reason}",
+                       param=param, code="invalid_grammar")
 
 
 def sse(data: Any) -> bytes:

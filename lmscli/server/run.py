@@ -9,11 +9,11 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable, Sequence
 
 from lmscli import serverstate
-
-EXIT_PORT_IN_USE = 3
-EXIT_BIND_FAILED = 4
+from lmscli.errors import ExitCode
+from lmscli.server.security import DEFAULT_MAX_BODY_MB, bind_refusal, env_allowed_hosts
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -27,29 +27,42 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(host: str, port: int, cors: bool = False, engine_name: str | None = None,
-          announce: bool = False) -> int:
-    """Serve until stopped; returns the process exit code."""
+          announce: bool = False, *, api_key: str | None = None,
+          allowed_hosts: Sequence[str] = (), max_body_mb: float = DEFAULT_MAX_BODY_MB,
+          allow_unauthenticated: bool = False, parallel: int = 4, max_queue: int = 64) -> int:
+    """Serve until stopped; returns the process exit code. ``api_key`` None reads it from
+    LMS_API_KEY (or LM_API_TOKEN); LMS_ALLOWED_HOSTS adds to ``allowed_hosts``."""
     import uvicorn
 
     from lmscli.engine import get_engine
     from lmscli.server.app import Settings, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    api_key = api_key or serverstate.env_api_key()
+    refusal = bind_refusal(host, api_key, allow_unauthenticated)
+    if refusal:
+        print(refusal, file=sys.stderr, flush=True)
+        return ExitCode.UNSAFE_BIND
     try:
         sock = bind(host, port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             print(f"Port {port} is already in use.", file=sys.stderr, flush=True)
-            return EXIT_PORT_IN_USE
+            return ExitCode.PORT_IN_USE
         print(f"Could not bind {host}:{port}: {exc.strerror}", file=sys.stderr, flush=True)
-        return EXIT_BIND_FAILED
+        return ExitCode.BIND_FAILED
     port = sock.getsockname()[1]
     engine = get_engine(engine_name)
     config = uvicorn.Config(None, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    config.app = create_app(engine, Settings(host=host, port=port, cors=cors), server)
-    serverstate.write_state(serverstate.ServerState(os.getpid(), host, port, time.time()))
+    settings = Settings(host=host, port=port, cors=cors, api_key=api_key,
+                        allowed_hosts=(*allowed_hosts, *env_allowed_hosts()),
+                        max_body_mb=max_body_mb, parallel=parallel, max_queue=max_queue)
+    config.app = create_app(engine, settings, server)
+    pid = os.getpid()
+    serverstate.write_state(serverstate.ServerState(pid, host, port, time.time(),
+                                                    serverstate.process_start(pid)))
     if announce:
         print(f"Success! Server is now running on port {port}", file=sys.stderr, flush=True)
     else:
@@ -57,8 +70,25 @@ def serve(host: str, port: int, cors: bool = False, engine_name: str | None = No
     try:
         server.run(sockets=[sock])
     finally:
-        serverstate.clear_state(os.getpid())
+        serverstate.clear_state(pid)
     return 0
+
+
+def positive_mb(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a number of megabytes above 0")
+    return value
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,5 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=serverstate.DEFAULT_PORT)
     parser.add_argument("--cors", action="store_true")
     parser.add_argument("--engine", default=None)
+    # prefer LMS_API_KEY: a command line is visible to every user of the machine
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--allow-unauthenticated", action="store_true")
+    parser.add_argument("--allowed-host", action="append", default=[], dest="allowed_hosts")
+    parser.add_argument("--max-body-mb", type=positive_mb, default=DEFAULT_MAX_BODY_MB)
+    parser.add_argument("--parallel", type=bounded_int(1, 64), default=4)
+    parser.add_argument("--max-queue", type=bounded_int(0, 100_000), default=64)
     args = parser.parse_args(argv)
-    return serve(args.host, args.port, args.cors, args.engine)
+    return serve(args.host, args.port, args.cors, args.engine, api_key=args.api_key,
+                 allowed_hosts=args.allowed_hosts, max_body_mb=args.max_body_mb,
+                 allow_unauthenticated=args.allow_unauthenticated, parallel=args.parallel,
+                 max_queue=args.max_queue)

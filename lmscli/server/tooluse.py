@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from lmscli.prompting import TemplateRenderError, render_chat
+from lmscli.prompting.grammar import SchemaError
 from lmscli.prompting.tools import ToolCallParser, ToolFormat, call_grammar, detect_format
 from lmscli.prompting.tools import prepare_chat as prepare_tool_chat
-from lmscli.server.errors import Body, bad_request
+from lmscli.server.errors import Body, bad_request, shorten
 from lmscli.server.models import Loaded
+
+# A chat template gets this long to render; it runs in a worker thread meanwhile, so that a
+# template that loops holds up only its own request.
+TEMPLATE_BUDGET_S = 5.0
+MAX_TOOL_NAME_CHARS = 256
 
 
 @dataclass
@@ -32,7 +40,10 @@ def parse_tools(body: Body) -> list[dict[str, Any]] | None:
         if tool.get("type", str, "function") != "function":
             raise bad_request(f"'tools[{i}].type' must be \"function\".", f"tools[{i}].type")
         fn = Body(tool.get("function", dict, required=True), f"tools[{i}].function")
-        fn.get("name", str, required=True)
+        name = fn.get("name", str, required=True)
+        if not name or len(name) > MAX_TOOL_NAME_CHARS or not name.isprintable():
+            raise bad_request(f"'tools[{i}].function.name' must be 1 to {MAX_TOOL_NAME_CHARS} "
+                              "printable characters.", f"tools[{i}].function.name")
         fn.get("description", str)
         fn.get("parameters", dict)
     return tools
@@ -53,7 +64,7 @@ def parse_tool_choice(body: Body, tools: list[dict[str, Any]] | None) -> str | N
     name = Body(Body(choice, "tool_choice").get("function", dict, required=True),
                 "tool_choice.function").get("name", str, required=True)
     if name not in {t["function"]["name"] for t in tools or []}:
-        raise bad_request(f"tool_choice names {name!r}, which is not in 'tools'.",
+        raise bad_request(f"tool_choice names {shorten(name)!r}, which is not in 'tools'.",
                           "tool_choice.function.name")
     return name
 
@@ -67,7 +78,11 @@ def tool_use(body: Body, entry: Loaded) -> ToolUse:
     if choice == "auto":
         return ToolUse(tools, fmt, None)
     name = None if choice == "required" else choice
-    return ToolUse(tools, fmt, call_grammar(tools, fmt, name))
+    try:
+        return ToolUse(tools, fmt, call_grammar(tools, fmt, name))
+    except SchemaError as exc:  # only a forced call turns the parameters into a grammar
+        raise bad_request(f"Unsupported JSON schema: {exc}", "tools", "invalid_schema") \
+            from None
 
 
 def check_message_tool_fields(raw: dict[str, Any], i: int, out: dict[str, Any]) -> None:
@@ -103,12 +118,21 @@ def _tool_call(raw: Any, where: str) -> dict[str, Any]:
             "function": {"name": name, "arguments": arguments or "{}"}}
 
 
-def chat_prompt(entry: Loaded, messages: list[dict[str, Any]], use: ToolUse) -> str:
-    """The exact prompt text: tool conversions for the format, then the chat template."""
+async def chat_prompt(entry: Loaded, messages: list[dict[str, Any]], use: ToolUse) -> str:
+    """The exact prompt text: tool conversions for the format, then the chat template,
+    rendered off the event loop within TEMPLATE_BUDGET_S."""
     prepared, template_tools = prepare_tool_chat(messages, use.tools, use.fmt)
     instance = entry.instance
+    render = partial(render_chat, entry.model.chat_template, prepared, tools=template_tools,
+                     bos_token=instance.bos_token, eos_token=instance.eos_token,
+                     time_budget_s=TEMPLATE_BUDGET_S)
     try:
-        return render_chat(entry.model.chat_template, prepared, tools=template_tools,
-                           bos_token=instance.bos_token, eos_token=instance.eos_token)
+        # the template stops itself at the budget; the wait's own limit covers a single
+        # operation that can't be interrupted
+        return await asyncio.wait_for(asyncio.to_thread(render), TEMPLATE_BUDGET_S + 1)
     except TemplateRenderError as exc:
-        raise bad_request(str(exc), "messages", "template_error") from exc
+        raise bad_request(str(exc), "messages", "template_error") from None
+    except asyncio.TimeoutError:
+        raise bad_request(f"The model's chat template ran for more than "
+                          f"{TEMPLATE_BUDGET_S:g} s and was stopped.", "messages",
+                          "template_error") from None

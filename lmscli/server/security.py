@@ -1,0 +1,253 @@
+"""Who may talk to the server: the Host check, the API key, JSON-only writes, the body limit.
+
+Loopback is no trust boundary against a browser: any web page can send a "simple" POST
+(``text/plain``, or no body at all) to ``127.0.0.1``, and DNS rebinding points a page's own
+name at the server, so that its requests carry that name in ``Host``. Hence, in this order:
+
+1. ``Host`` must be a name the server is reached by (``HostPolicy``), else 403;
+2. with an API key, every request but the greeting carries it, else 401;
+3. requests that may change state (every method but GET, HEAD, OPTIONS) are
+   ``application/json``, which a page can only send after a CORS preflight, else 415;
+4. a body over the limit is 413 before the application reads it.
+
+Pure ASGI and the standard library, so that ``lms server start`` can check its flags with
+``bind_refusal`` without importing Starlette.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lmscli.server.errors import APIError
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+GREETING_PATH = "/lmstudio-greeting"  # clients probe it to find the server: always open
+DEFAULT_MAX_BODY_MB = 32
+ALLOWED_HOSTS_ENV = "LMS_ALLOWED_HOSTS"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+# -- start-up policy -----------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_refusal(host: str, api_key: str | None, allow_unauthenticated: bool) -> str | None:
+    """Why the server must not listen on ``host`` as configured, or None when it may."""
+    if api_key or allow_unauthenticated or is_loopback(host):
+        return None
+    return (f"Refusing to listen on {host} without an API key: anyone on the network could "
+            "use the server. Pass --api-key (or set LMS_API_KEY), or --allow-unauthenticated.")
+
+
+def env_allowed_hosts() -> list[str]:
+    raw = os.environ.get(ALLOWED_HOSTS_ENV, "")
+    return [h.strip() for h in raw.split(",") if h.strip()]
+
+
+def max_body_bytes(mb: float) -> int:
+    return int(mb * 1024 * 1024)
+
+
+# -- the Host rule -------------------------------------------------------------------------
+
+def host_name(header: str) -> str:
+    """``Host`` without its port, lower-cased; an IPv6 literal keeps no brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """The ``Host`` values a request may carry.
+
+    An IP literal is always fine: DNS rebinding needs a name the attacker controls. So are
+    ``localhost``, the bound name, ``--allowed-host`` names (``*``: any) and, on a network
+    bind, this machine's name. A network bind with an API key takes any name: the key, which a
+    rebinding page does not have, already guards it.
+    """
+
+    names: frozenset[str]
+    any_name: bool = False
+
+    @classmethod
+    def for_bind(cls, bind: str, allowed: Iterable[str] = (), keyed: bool = False
+                 ) -> HostPolicy:
+        names = {"localhost", host_name(bind)} | {host_name(a) for a in allowed}
+        network = not is_loopback(bind)
+        if network:
+            machine = socket.gethostname().lower()
+            names |= {machine, machine.partition(".")[0]}
+        return cls(frozenset(names), any_name="*" in names or (network and keyed))
+
+    def allows(self, header: str | None) -> bool:
+        if header is None:
+            return True  # browsers always send Host; a client without one is not a web page
+        name = host_name(header)
+        return self.any_name or name in self.names or is_ip_literal(name)
+
+
+# -- the middleware ------------------------------------------------------------------------
+
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than the server's limit of "
+                         f"{limit / 1024 / 1024:g} MB (lms server start --max-body-mb).",
+                         code="request_too_large")
+
+
+@dataclass(frozen=True)
+class Guard:
+    hosts: HostPolicy
+    api_key: str | None = None
+    max_body: int = max_body_bytes(DEFAULT_MAX_BODY_MB)
+
+
+class GuardMiddleware:
+    """Applies ``Guard`` to every HTTP request and websocket; refusals use the API's error
+    body (OpenAI's, or Anthropic's under ``/v1/messages``)."""
+
+    def __init__(self, app: ASGIApp, guard: Guard) -> None:
+        self.app = app
+        self.guard = guard
+        self._key = guard.api_key.encode() if guard.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _refuse(scope, receive, send, refusal)
+            return
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+        await self._limited(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> APIError | None:
+        headers = _headers(scope)
+        host = headers.get(b"host")
+        if not self.guard.hosts.allows(None if host is None else host.decode("latin-1")):
+            name = host_name(host.decode("latin-1")) if host else ""
+            return APIError(403, f"Host {name!r} is not allowed (DNS rebinding protection). "
+                            f"Start the server with --allowed-host {name} to allow it.",
+                            code="host_not_allowed")
+        if self._key is not None and scope["path"] != GREETING_PATH:
+            refusal = _key_refusal(headers, self._key)
+            if refusal is not None:
+                return refusal
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS \
+                and not _is_json(headers.get(b"content-type")):
+            return APIError(415, "Send the request body as JSON, with the header "
+                            "'Content-Type: application/json'.", code="unsupported_media_type")
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.guard.max_body:
+            return BodyTooLarge(self.guard.max_body)
+        return None
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Count the body as it streams in: a chunked request has no Content-Length."""
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.guard.max_body:
+                    raise BodyTooLarge(self.guard.max_body)
+            return message
+
+        async def noting_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, noting_send)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await _refuse(scope, receive, send, exc)
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name.lower(), value)  # the first of repeated headers counts
+    return headers
+
+
+def _key_refusal(headers: dict[bytes, bytes], key: bytes) -> APIError | None:
+    offered = []
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    if scheme.lower() == b"bearer":
+        offered.append(token.strip())
+    if b"x-api-key" in headers:  # what Anthropic clients send
+        offered.append(headers[b"x-api-key"].strip())
+    if not offered:
+        return APIError(401, "This server needs an API key: send 'Authorization: Bearer "
+                        "<key>' (lms and lmscli read it from LMS_API_KEY).",
+                        code="missing_api_key")
+    # compare every offer, in constant time, so that timing tells nothing about the key
+    if not any([hmac.compare_digest(o, key) for o in offered]):
+        return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return None
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    if content_type is None:
+        return False
+    return content_type.partition(b";")[0].strip().lower() == b"application/json"
+
+
+ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error",
+                   413: "request_too_large"}
+
+
+def _error_body(path: str, error: APIError) -> dict[str, Any]:
+    if path.startswith("/v1/messages"):  # Anthropic's clients parse their own shape
+        kind = ANTHROPIC_TYPES.get(error.status, "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": error.message}}
+    return error.body()
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
+    if scope["type"] == "websocket":
+        await receive()  # websocket.connect; closing before accepting answers 403
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = json.dumps(_error_body(scope["path"], error)).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if error.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="lmscli"'))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
