@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 MAX_CODE_POINT = 0x10FFFF
 MAX_REPEAT = 1000  # llama.cpp refuses repetitions past 2000; nobody needs 1000 list items
+# Planes 4 to 13 hold no characters at all. A vocabulary learned from text may have no token
+# for their first UTF-8 byte, and a grammar that requires one leaves the sampler no token to
+# pick: llama.cpp then aborts the process.
+UNASSIGNED_PLANES: list[tuple[int, int]] = [(0x40000, 0xDFFFF)]
 Ranges = list[tuple[int, int]]
 
 _LITERAL_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -11,7 +17,8 @@ _LITERAL_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\
 
 def literal(text: str) -> str:
     """``text`` as a GBNF string literal. Raises ValueError for a lone surrogate, which has
-    no UTF-8 form and so cannot reach llama.cpp."""
+    no UTF-8 form, and for a code point no character is assigned to, which a model's
+    vocabulary may have no way to write (see UNASSIGNED_PLANES)."""
     out = []
     for ch in text:
         code = ord(ch)
@@ -21,6 +28,8 @@ def literal(text: str) -> str:
             out.append(f"\\x{code:02X}")
         elif 0xD800 <= code <= 0xDFFF:
             raise ValueError(f"a lone surrogate (\\u{code:04x}) is not a character")
+        elif unicodedata.category(ch) == "Cn":
+            raise ValueError(f"U+{code:04X} is not an assigned character")
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'

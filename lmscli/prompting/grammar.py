@@ -67,12 +67,12 @@ def any_json_grammar() -> str:
     return json_schema_grammar({"type": "object"})
 
 
-def gbnf_literal(text: str) -> str:
-    """``text`` as a GBNF string literal; a lone surrogate in it is a SchemaError."""
+def gbnf_literal(text: str, where: str) -> str:
+    """``text`` as a GBNF string literal; what can't be one is a SchemaError about ``where``."""
     try:
         return literal(text)
     except ValueError as exc:
-        raise SchemaError(f"A string in the schema is not text: {exc}.") from None
+        raise SchemaError(f"{where} holds text a model can't write: {exc}.") from None
 
 
 class _Converter:
@@ -204,7 +204,7 @@ class _Converter:
             text = json.dumps(value, ensure_ascii=False, allow_nan=False)
         except ValueError as exc:  # infinity from a literal like 1e400
             raise SchemaError(f"{path} is not valid JSON: {exc}.") from None
-        return f"{gbnf_literal(text)} {self.use('space')}"
+        return f"{gbnf_literal(text, path)} {self.use('space')}"
 
     def enum(self, values: Any, path: str) -> str:
         if not isinstance(values, list) or not values:
@@ -265,8 +265,8 @@ class _Converter:
         members: list[tuple[str, str]] = []  # (kind: one | maybe | many, GBNF)
         for name, sub in properties.items():
             value = self.visit(sub, f"{path}.properties.{name}", frozenset())
-            pair = f"{gbnf_literal(json.dumps(name, ensure_ascii=False))} space \":\" space " \
-                   f"{value}"
+            key = gbnf_literal(json.dumps(name, ensure_ascii=False), f"{path}.properties")
+            pair = f'{key} space ":" space {value}'
             members.append(("one" if name in required else "maybe", pair))
         if extra not in (None, False):
             value = self.visit(extra, f"{path}.additionalProperties", frozenset())

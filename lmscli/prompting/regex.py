@@ -21,6 +21,7 @@ from collections.abc import Callable
 from lmscli.prompting.gbnf import (
     MAX_CODE_POINT,
     MAX_REPEAT,
+    UNASSIGNED_PLANES,
     Ranges,
     char_class,
     contains,
@@ -288,9 +289,10 @@ def _checked(code: int, parser: _Parser) -> int:
 
 def _char_gbnf(c: str) -> str:
     """One character as the JSON text that writes it."""
-    if 0xD800 <= ord(c) <= 0xDFFF:
-        raise RegexError("a lone surrogate is not a character")
-    return literal(json.dumps(c, ensure_ascii=False)[1:-1])
+    try:
+        return literal(json.dumps(c, ensure_ascii=False)[1:-1])
+    except ValueError as exc:
+        raise RegexError(str(exc)) from None
 
 
 def _set_gbnf(ranges: Ranges, negated: bool = False) -> str:
@@ -303,7 +305,8 @@ def _set_gbnf(ranges: Ranges, negated: bool = False) -> str:
             raw = ""
         escaped = [e for c, e in JSON_ESCAPES.items() if not contains(ranges, ord(c))]
     else:
-        safe = subtract_ranges(ranges, NOT_RAW)
+        # no class may require what a vocabulary can't write (see UNASSIGNED_PLANES)
+        safe = subtract_ranges(ranges, NOT_RAW + UNASSIGNED_PLANES)
         raw = char_class(safe) if safe else ""
         escaped = [e for c, e in JSON_ESCAPES.items() if contains(ranges, ord(c))]
     options = ([raw] if raw else []) + [literal(e) for e in escaped]

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 import lmscli
+from lmscli.engine import Done, Event, Fragment, PromptProgress
 from lmscli.server.errors import APIError, Body, bad_request
 from lmscli.server.models import MAX_PARALLEL, Loaded, ModelManager, check_identifier
 from lmscli.server.openai_api import read_json
@@ -219,14 +220,14 @@ class SdkEvents:
         self.entry = entry
         self.parser = parser
 
-    def convert(self, event: Any) -> list[dict[str, Any]]:
-        if event.type == "promptProgress":
+    def convert(self, event: Event) -> list[dict[str, Any]]:
+        if isinstance(event, PromptProgress):
             return [progress_event(event)]
-        if event.type == "fragment":
+        if isinstance(event, Fragment):
             if self.parser is None:
                 return [fragment_event(event.text, event.tokens)]
             return [e for p in self.parser.feed(event.text) for e in self._parsed(p)]
-        if event.type == "done":
+        if isinstance(event, Done):
             tail = [e for p in self.parser.finish() for e in self._parsed(p)] \
                 if self.parser else []
             stats = event.stats.to_lms()

@@ -13,7 +13,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from lmscli.engine import Done, PredictionRequest, PredictionStats, SamplingParams
+from lmscli.engine import (
+    Done,
+    Failed,
+    Fragment,
+    PredictionRequest,
+    PredictionStats,
+    SamplingParams,
+)
 from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
 from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta, ParseEvent
 from lmscli.server.errors import APIError, Body, bad_request, parse_json, shorten
@@ -153,7 +160,8 @@ def response_grammar(body: Body) -> str | None:
     try:
         return json_schema_grammar(schema, where)
     except SchemaError as exc:
-        raise bad_request(f"Unsupported JSON schema: {exc}", where, "invalid_schema") from None
+        raise bad_request(f"Unsupported JSON schema: {shorten(str(exc), 500)}", where,
+                          "invalid_schema") from None
 
 
 def ttl_of(body: Body) -> float | None:
@@ -256,8 +264,8 @@ class Completion:
         if self.chat:
             yield sse(self._chunk({"role": "assistant", "content": ""}))
         async for event in running.events(coalesce_s=STREAM_COALESCE_S):
-            if event.type == "fragment":
-                text = event.text  # type: ignore[union-attr]
+            if isinstance(event, Fragment):
+                text = event.text
                 if self.parser:
                     for chunk in self._tool_chunks(self.parser.feed(text)):
                         yield chunk
@@ -273,8 +281,8 @@ class Completion:
                     yield sse(self._base() | {"object": "chat.completion.chunk" if self.chat
                                               else "text_completion", "choices": [],
                                               "usage": usage(event.stats)})
-            elif event.type == "failed":
-                yield sse({"error": {"message": event.message,  # type: ignore[union-attr]
+            elif isinstance(event, Failed):
+                yield sse({"error": {"message": event.message,
                                      "type": "server_error"}})
         yield sse("[DONE]")
 

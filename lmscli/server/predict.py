@@ -79,10 +79,10 @@ class Running:
         """``first`` joined with the fragments already waiting right behind it."""
         texts, tokens = [first.text], first.tokens
         with self._lock:
-            while self._inbox and isinstance(self._inbox[0], Fragment):
-                nxt = self._inbox.popleft()
-                texts.append(nxt.text)  # type: ignore[union-attr]
-                tokens += nxt.tokens  # type: ignore[union-attr]
+            while self._inbox and isinstance(nxt := self._inbox[0], Fragment):
+                self._inbox.popleft()
+                texts.append(nxt.text)
+                tokens += nxt.tokens
         return first if len(texts) == 1 else Fragment("".join(texts), tokens)
 
     # -- consuming --------------------------------------------------------------------------

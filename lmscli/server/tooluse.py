@@ -81,8 +81,8 @@ def tool_use(body: Body, entry: Loaded) -> ToolUse:
     try:
         return ToolUse(tools, fmt, call_grammar(tools, fmt, name))
     except SchemaError as exc:  # only a forced call turns the parameters into a grammar
-        raise bad_request(f"Unsupported JSON schema: {exc}", "tools", "invalid_schema") \
-            from None
+        raise bad_request(f"Unsupported JSON schema: {shorten(str(exc), 500)}", "tools",
+                          "invalid_schema") from None
 
 
 def check_message_tool_fields(raw: dict[str, Any], i: int, out: dict[str, Any]) -> None:
