@@ -4,7 +4,9 @@ First a corpus: every request that once crashed the server, froze it or got a 50
 the answer it must get now. Then generated requests (hypothesis) for every route: malformed
 bodies, wrong types, extreme numbers, lone surrogates, adversarial JSON schemas, regexes and
 tools. No answer may be a 5xx (streams included), and the server must answer its greeting
-after every batch. ``LMSCLI_FUZZ_EXAMPLES`` scales the generated part (default 300).
+after every batch. ``LMSCLI_FUZZ_EXAMPLES`` scales the generated part (default 400, about
+30 s on two cores), ``LMSCLI_FUZZ_BUDGET_S`` bounds its time; ``FUZZ_LOG=path`` appends every
+generated request to a file, to replay one that killed the server.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tests.conftest import ProcessServer
 pytestmark = pytest.mark.real
 MODEL = "smollm2-135m-instruct"
 EXAMPLES = int(os.environ.get("LMSCLI_FUZZ_EXAMPLES", "400"))
+BUDGET_S = float(os.environ.get("LMSCLI_FUZZ_BUDGET_S", "200"))  # a slow machine runs fewer
 USER = [{"role": "user", "content": "Say hi."}]
 CHAT_PATHS = ["/v1/chat/completions", "/api/v0/chat/completions"]
 TEXT_PATHS = ["/v1/completions", "/api/v0/completions"]
@@ -272,6 +275,8 @@ BAD_REQUESTS: list[Any] = [
                  id="load ttl 1e400"),
     pytest.param("/lmscli/models/load", {"model": MODEL, "gpu": Raw("1e400")},
                  id="load gpu 1e400"),
+    pytest.param("/v1/embeddings", {"model": MODEL, "input": "word " * 20_000},
+                 id="embedding past its context"),
 ]
 
 
@@ -542,6 +547,7 @@ def unload_what_loaded(server: ProcessServer, stream: str) -> None:
                 send(server, "POST", "/lmscli/models/unload", {"identifier": identifier})
 
 
+@pytest.mark.timeout(BUDGET_S + 200)
 def test_generated_requests_never_get_a_5xx(server: ProcessServer,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     tally = Tally()
@@ -554,6 +560,8 @@ def test_generated_requests_never_get_a_5xx(server: ProcessServer,
               suppress_health_check=list(HealthCheck))
     @given(case=REQUESTS)
     def fuzz(case: tuple[Any, ...]) -> None:
+        if time.monotonic() - started > BUDGET_S:
+            return
         run_case(server, tally, case)
         if tally.cases % check_every == 0:
             assert_alive(server)
@@ -571,6 +579,6 @@ def test_generated_requests_never_get_a_5xx(server: ProcessServer,
         print("\n" + report)
     assert not tally.failures, "\n".join(tally.failures[:20])
     assert not tally.refused, "\n".join(tally.refused[:20])
-    assert tally.cases >= EXAMPLES * 0.9
+    assert tally.cases >= min(EXAMPLES * 0.9, 100)
     assert rss_after < rss_before + 512 * 2**20, report
 
