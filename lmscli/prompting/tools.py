@@ -364,7 +364,15 @@ class ToolCallParser:
 
     def _closed_call_step(self, out: list[ParseEvent], final: bool) -> bool:
         opener = self._opener or ""
-        end = self._buf.find(_CLOSERS[opener])
+        start = len(self._buf) - len(self._buf.lstrip())
+        after = 0
+        if start < len(self._buf) and self._buf[start] == "{":
+            # a closer inside the call's own JSON strings is not the end of the call
+            json_end = _json_end(self._buf, start)
+            if json_end is None and not final:
+                return False
+            after = json_end or 0
+        end = self._buf.find(_CLOSERS[opener], after)
         if end < 0:
             if final:
                 self._give_up(out, opener + self._buf, "")
