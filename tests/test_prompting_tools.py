@@ -837,3 +837,13 @@ def test_raw_newlines_inside_strings_still_parse() -> None:
     events = parser.feed(text) + parser.finish()
     ends = [e for e in events if isinstance(e, CallEnd)]
     assert [e.arguments for e in ends] == [{"code": "a\nb"}]
+
+
+def test_a_closer_inside_a_json_string_does_not_end_the_call() -> None:
+    parser = ToolCallParser("default")
+    text = ('[TOOL_REQUEST]{"name": "f", "arguments": {"s": "a [END_TOOL_REQUEST] b"}}'
+            "[END_TOOL_REQUEST]")
+    parser.feed(text[:40])
+    parser.feed(text[40:])
+    parser.finish()
+    assert [c.arguments for c in parser.calls] == [{"s": "a [END_TOOL_REQUEST] b"}]
