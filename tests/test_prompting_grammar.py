@@ -240,3 +240,13 @@ def test_a_long_chain_of_refs_is_a_schema_error_not_a_stack_overflow() -> None:
     defs["a3000"] = {"type": "string"}
     with pytest.raises(SchemaError, match="nested too deeply"):
         json_schema_grammar({"$defs": defs, "$ref": "#/$defs/a0"})
+
+
+def test_strings_are_strict_json_except_in_tool_calls(grammar: GrammarChecker) -> None:  # noqa: F811
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    raw_newline = '{"q": "two\nlines"}'
+    assert not grammar.accepts(json_schema_grammar(schema), raw_newline)  # json.loads refuses
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    # the call parser reads leniently, and small models write calls better when allowed to
+    call = '<tool_call>\n{"name": "f", "arguments": ' + raw_newline + '}\n</tool_call>'
+    assert grammar.accepts(call_grammar(tools, "hermes"), call)

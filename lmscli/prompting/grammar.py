@@ -46,6 +46,9 @@ BASE_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "date-time": ('date "T" time', ("date", "time")),
     "uuid": (' "-" '.join(f"[0-9a-fA-F]{{{n}}}" for n in (8, 4, 4, 4, 12)), ()),
 }
+# Tool calls are read back leniently (json.loads(strict=False)), and small models keep to a
+# call better when a string may hold a raw newline, as llama-cpp-python's grammars allowed.
+LENIENT_CHAR = r'[^"\\] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )'
 FORMATS = ("date", "time", "date-time", "uuid")
 _MARKS = {"one": "", "maybe": "?", "many": "*"}
 PRIMITIVES = ("string", "number", "integer", "boolean", "null", "object", "array")
@@ -56,10 +59,14 @@ class SchemaError(ValueError):
     """A JSON schema that cannot become a grammar."""
 
 
-def json_schema_grammar(schema: Any, where: str = "schema") -> str:
+def json_schema_grammar(schema: Any, where: str = "schema", *, lenient: bool = False) -> str:
     """GBNF (start rule ``root``) accepting the JSON documents of ``schema``. Errors name the
-    place in the schema, starting with ``where``."""
-    return _Converter(schema, where).grammar()
+    place in the schema, starting with ``where``. ``lenient``: strings may hold raw control
+    characters, which strict JSON forbids."""
+    converter = _Converter(schema, where)
+    if lenient:
+        converter.rules["char"] = LENIENT_CHAR
+    return converter.grammar()
 
 
 def any_json_grammar() -> str:
@@ -204,7 +211,7 @@ class _Converter:
             text = json.dumps(value, ensure_ascii=False, allow_nan=False)
         except ValueError as exc:  # infinity from a literal like 1e400
             raise SchemaError(f"{path} is not valid JSON: {exc}.") from None
-        return f"{gbnf_literal(text, path)} {self.use('space')}"
+        return gbnf_literal(text, path)
 
     def enum(self, values: Any, path: str) -> str:
         if not isinstance(values, list) or not values:

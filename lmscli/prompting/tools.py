@@ -191,7 +191,8 @@ def call_grammar(tools: list[dict[str, Any]], fmt: ToolFormat, name: str | None 
         raise ValueError("A call grammar needs at least one tool.")
     key = "parameters" if fmt == "llama3" else "arguments"
     schemas = [_call_schema(f, key) for f in functions]
-    body = json_schema_grammar(schemas[0] if len(schemas) == 1 else {"oneOf": schemas})
+    body = json_schema_grammar(schemas[0] if len(schemas) == 1 else {"oneOf": schemas},
+                               lenient=True)
     return _wrap_grammar(body, *_WRAPPERS[fmt])
 
 
