@@ -847,3 +847,131 @@ def test_a_closer_inside_a_json_string_does_not_end_the_call() -> None:
     parser.feed(text[40:])
     parser.finish()
     assert [c.arguments for c in parser.calls] == [{"s": "a [END_TOOL_REQUEST] b"}]
+
+
+# -- calls written loosely (bare JSON, a ```json fence, a list), recovered when tools were offered
+
+OFFERED = ("get_delivery_date", "multiply", "analyze_directory")
+# Qwen2.5-Coder 0.5B's own reply to the docs' delivery example
+QWEN_FENCE = ('```json\n{\n  "name": "get_delivery_date",\n  "arguments": {\n    "order_id": '
+              '"123"\n  }\n}\n```')
+LOOSE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
+    (QWEN_FENCE, "", [DELIVERY]),
+    ('{"name": "get_delivery_date", "arguments": {"order_id": "123"}}', "", [DELIVERY]),
+    ('\n```\n{"name": "multiply", "parameters": {"a": 2, "b": 3}}\n```\n', "",
+     [("multiply", {"a": 2, "b": 3})]),
+    ("I'll look that up for you.\n\n" + QWEN_FENCE, "I'll look that up for you.\n\n",
+     [DELIVERY]),
+    ('Sure: {"name": "analyze_directory", "arguments": {}}', "Sure: ",
+     [("analyze_directory", {})]),
+    ('```json\n[{"name": "multiply", "arguments": {"a": 1, "b": 2}}, {"name": '
+     '"get_delivery_date", "arguments": {"order_id": "123"}}]\n```', "",
+     [("multiply", {"a": 1, "b": 2}), DELIVERY]),
+    (QWEN_FENCE + "\n\n" + QWEN_FENCE.replace("123", "456"), "",
+     [DELIVERY, ("get_delivery_date", {"order_id": "456"})]),
+    ('```json\n{"name": "multiply", "arguments": {"a": 2, "b": 3}}', "",  # no closing fence
+     [("multiply", {"a": 2, "b": 3})]),
+]
+NOT_CALLS = [
+    '{"name": "delete_everything", "arguments": {}}',  # no offered tool of that name
+    '```json\n{"name": "Bob", "arguments": {"age": 3}}\n```',
+    '{"answer": 42}',
+    '{"name": "multiply", "arguments": "{\\"a\\": 1}"}',  # arguments must be an object
+    '{"name": "multiply"}',
+    '[{"name": "multiply", "arguments": {}}, {"name": "nope", "arguments": {}}]',
+    '```json\n{"name": "multiply", "arguments": {"a": 1}}\n```\nThat call gives the product.',
+    '{"name": "multiply", "arguments": {"a": 1}} is how you would call it',
+    "```python\nprint({\"name\": 1})\n```",
+    "```json\nnot json\n```",
+    '{"name": "multiply", "arguments": {"a": 1}',  # never closed
+    "function f() { return 1; } and [1, 2] and {}",
+]
+
+
+def run_offered(fmt: ToolFormat, pieces: list[str]) -> tuple[list[ParseEvent], ToolCallParser]:
+    parser = ToolCallParser(fmt, offered=OFFERED)
+    events: list[ParseEvent] = []
+    for piece in pieces:
+        events += parser.feed(piece)
+    return events + parser.finish(), parser
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("reply", "text", "expected"), LOOSE)
+def test_loose_calls_naming_offered_tools_are_recovered(fmt: ToolFormat, reply: str, text: str,
+                                                         expected: list[Any]) -> None:
+    for pieces in ([reply], list(reply), split_randomly(reply, 3), split_every(reply, 4)):
+        events, parser = run_offered(fmt, pieces)
+        assert content(events) == text, pieces
+        assert calls(events) == expected
+        native = fmt == "llama3" and reply.startswith("{")  # Llama 3's own bare JSON call
+        assert all(c.recovered != native for c in parser.calls)
+        _check_call_events(events)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("reply", NOT_CALLS)
+def test_json_that_is_not_an_offered_call_stays_text(fmt: ToolFormat, reply: str) -> None:
+    if fmt == "llama3" and reply.startswith("{"):
+        return  # Llama 3's own format: a reply that starts with `{` is read as its call
+    for pieces in ([reply], list(reply), split_randomly(reply, 5)):
+        events, _ = run_offered(fmt, pieces)
+        assert content(events) == reply and calls(events) == [], pieces
+
+
+def test_without_offered_names_loose_json_stays_text() -> None:
+    events, parser = run_parser("hermes", [QWEN_FENCE])
+    assert content(events) == QWEN_FENCE and parser.calls == []
+
+
+def test_native_calls_are_not_marked_recovered() -> None:
+    reply = '<tool_call>\n{"name": "multiply", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    _, parser = run_offered("hermes", [reply])
+    assert [(c.name, c.recovered) for c in parser.calls] == [("multiply", False)]
+
+
+def test_a_native_call_and_a_loose_one_in_one_reply() -> None:
+    reply = ('<tool_call>\n{"name": "multiply", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+             + QWEN_FENCE)
+    events, parser = run_offered("hermes", [reply])
+    assert calls(events) == [("multiply", {"a": 1, "b": 2}), DELIVERY]
+    assert [c.recovered for c in parser.calls] == [False, True] and content(events) == ""
+
+
+def test_a_possible_loose_call_is_held_back_until_decided() -> None:
+    parser = ToolCallParser("hermes", offered=OFFERED)
+    assert parser.feed("Checking.\n``") == [ContentDelta("Checking.\n")]
+    assert parser.feed('`json\n{\n  "name": "get_delivery_date",') == []
+    assert parser.feed(' "arguments": {"order_id": "123"}}\n```') == []
+    events = parser.finish()  # only the end of the reply makes it the reply's tail
+    assert calls(events) == [DELIVERY] and content(events) == ""
+
+
+def test_other_json_is_released_as_soon_as_its_first_key_rules_a_call_out() -> None:
+    parser = ToolCallParser("hermes", offered=OFFERED)
+    assert parser.feed('```json\n{"answer') == []
+    assert content(parser.feed('": ')) == '```json\n{"answer": '
+    parser = ToolCallParser("default", offered=OFFERED)
+    assert parser.feed('{"name": "Bob') == []
+    assert content(parser.feed('", "age": 3')) == '{"name": "Bob", "age": 3'
+    parser = ToolCallParser("default", offered=OFFERED)
+    assert content(parser.feed("```python\nx = {")) == "```python\nx = "
+
+
+def test_a_recovered_call_then_more_text_becomes_text_again() -> None:
+    parser = ToolCallParser("hermes", offered=OFFERED)
+    held = parser.feed(QWEN_FENCE + "\n")
+    assert held == []
+    assert content(parser.feed("This fetches it.")) == QWEN_FENCE + "\nThis fetches it."
+    assert parser.finish() == [] and parser.calls == []
+
+
+def test_a_long_loose_call_fed_in_small_pieces_is_parsed_quickly() -> None:
+    import time
+
+    body = "line of a file with some words in it\n" * 1500  # about 55 kB of arguments
+    reply = "```json\n" + json.dumps({"name": "multiply", "arguments": {"text": body}}) + "\n```"
+    started = time.perf_counter()
+    events, _ = run_offered("hermes", split_every(reply, 4))
+    assert time.perf_counter() - started < 2.0
+    assert calls(events) == [("multiply", {"text": body})]

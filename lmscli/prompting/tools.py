@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lmscli.prompting import loose
 from lmscli.prompting.gbnf import literal as gbnf_literal
 from lmscli.prompting.grammar import json_schema_grammar
+from lmscli.prompting.loose import json_end
 
 ToolFormat = Literal["default", "hermes", "llama3", "mistral"]
 
@@ -260,6 +263,7 @@ class CallEnd:
     name: str
     arguments: dict[str, Any]
     raw: str
+    recovered: bool = False  # written loosely (bare JSON, a fence), not in the model's format
 
 
 ParseEvent = ContentDelta | CallStart | CallArgs | CallEnd
@@ -272,6 +276,11 @@ _OPENERS: dict[str, tuple[str, ...]] = {
     "llama3": (PYTHON_TAG,),
 }
 _CLOSERS = {REQUEST_OPEN: REQUEST_CLOSE, HERMES_OPEN: HERMES_CLOSE}
+_LOOSE = "loose"  # the opener of a call written loosely (see loose.py)
+# A loose call is scanned again only when the text grows past one of these (or is short):
+# only they can end a JSON value or a fence, or decide the first key.
+_LOOSE_TRIGGERS = frozenset('}]`":')
+_LOOSE_SHORT = 256
 _Call = tuple[str, dict[str, Any]]
 
 
@@ -280,10 +289,17 @@ class ToolCallParser:
 
     Whitespace that only separates calls (at the start of the reply, between calls, after the
     last one) is dropped, so that a reply made of calls has no content.
+
+    With ``offered`` (the names of the tools offered), calls written loosely at the end of
+    the reply are recovered too (see loose.py); text that could start one is held back until
+    that is decided.
     """
 
-    def __init__(self, fmt: ToolFormat, id_prefix: str = "call_") -> None:
+    def __init__(self, fmt: ToolFormat, id_prefix: str = "call_",
+                 offered: Iterable[str] = ()) -> None:
         self.fmt: ToolFormat = fmt
+        self.offered = frozenset(offered)
+        self._scanned = 0  # how much of a loose candidate the last scan saw
         self.calls: list[CallEnd] = []
         self._id_prefix = id_prefix
         self._buf = ""  # text not yet turned into events
@@ -316,6 +332,8 @@ class ToolCallParser:
             return self._decide_llama3(out, final)
         if self._opener is None:
             return self._text_step(out, final)
+        if self._opener == _LOOSE:
+            return self._loose_step(out, final)
         if self._opener in _CLOSERS:
             return self._closed_call_step(out, final)
         if self._opener == MISTRAL_OPEN:
@@ -327,12 +345,18 @@ class ToolCallParser:
     def _text_step(self, out: list[ParseEvent], final: bool) -> bool:
         openers = _OPENERS[self.fmt]
         found = [(i, m) for m in openers if (i := self._buf.find(m)) >= 0]
+        if self.offered and (i := loose.find_start(self._buf)) >= 0:
+            found.append((i, _LOOSE))
         if found:
-            start, marker = min(found)
+            start, marker = min(found, key=lambda f: f[0])
             self._content(out, self._buf[:start])
-            self._buf, self._opener = self._buf[start + len(marker):], marker
+            skip = 0 if marker == _LOOSE else len(marker)
+            self._buf, self._opener = self._buf[start + skip:], marker
+            self._scanned = 0
             return True
         keep = 0 if final else _partial_marker_length(self._buf, openers)
+        if self.offered and not final:
+            keep = max(keep, loose.partial_start_length(self._buf))
         cut = len(self._buf) - keep
         self._content(out, self._buf[:cut])
         self._buf = self._buf[cut:]
@@ -369,10 +393,10 @@ class ToolCallParser:
         after = 0
         if start < len(self._buf) and self._buf[start] == "{":
             # a closer inside the call's own JSON strings is not the end of the call
-            json_end = _json_end(self._buf, start)
-            if json_end is None and not final:
+            value_end = json_end(self._buf, start)
+            if value_end is None and not final:
                 return False
-            after = json_end or 0
+            after = value_end or 0
         end = self._buf.find(_CLOSERS[opener], after)
         if end < 0:
             if final:
@@ -387,7 +411,7 @@ class ToolCallParser:
         body = self._buf
         start = len(body) - len(body.lstrip())
         if start < len(body) and body[start] in "[{":
-            end = _json_end(body, start)
+            end = json_end(body, start)
             if end is not None:
                 raw = MISTRAL_OPEN + body[:end]
                 self._complete(out, _call_list(body[start:end]), raw, body[end:])
@@ -406,7 +430,7 @@ class ToolCallParser:
             # Not `{json}` after [ARGS]: the marker part is plain text, the rest reads on.
             self._give_up(out, MISTRAL_OPEN + body[:cut], body[cut:])
             return True
-        end = _json_end(body, start) if start < len(body) else None
+        end = json_end(body, start) if start < len(body) else None
         if end is None:
             if final:
                 self._give_up(out, MISTRAL_OPEN + body, "")
@@ -424,15 +448,32 @@ class ToolCallParser:
         self._complete(out, _json_calls(self._buf), raw, "")
         return True
 
+    def _loose_step(self, out: list[ParseEvent], final: bool) -> bool:
+        """A call written loosely: held back until it is decided, then calls or content."""
+        grown = self._buf[self._scanned:]
+        if not final and len(self._buf) > _LOOSE_SHORT and _LOOSE_TRIGGERS.isdisjoint(grown):
+            self._scanned = len(self._buf)
+            return False  # nothing that could decide it has arrived: don't scan it again
+        self._scanned = len(self._buf)
+        found = loose.scan(self._buf, self.offered, final)
+        if found.verdict == "wait":
+            return False
+        if found.verdict == "text":
+            self._give_up(out, self._buf[:found.length], self._buf[found.length:])
+            return True
+        raw, rest = self._buf[:found.length], self._buf[found.length:]
+        self._complete(out, found.calls, raw, rest, recovered=True)
+        return True
+
     def _complete(self, out: list[ParseEvent], calls: list[_Call] | None, raw: str,
-                  rest: str) -> None:
+                  rest: str, recovered: bool = False) -> None:
         """End the current call: events for its calls, or its raw text as content."""
         if not calls:
             self._give_up(out, raw, rest)
             return
         self._blank = ""  # whitespace before a call only separated it
         for name, arguments in calls:
-            self._emit_call(out, name, arguments, raw)
+            self._emit_call(out, name, arguments, raw, recovered)
         self._separating, self._opener, self._buf = True, None, rest
 
     def _give_up(self, out: list[ParseEvent], raw: str, rest: str) -> None:
@@ -441,13 +482,13 @@ class ToolCallParser:
         self._content(out, raw)
 
     def _emit_call(self, out: list[ParseEvent], name: str, arguments: dict[str, Any],
-                   raw: str) -> None:
+                   raw: str, recovered: bool = False) -> None:
         index, call_id = len(self.calls), self._new_id()
         out.append(CallStart(index, call_id, name))
         text = json.dumps(arguments, ensure_ascii=False)
         out.extend(CallArgs(index, text[i:i + _ARGS_FRAGMENT])
                    for i in range(0, len(text), _ARGS_FRAGMENT))
-        end = CallEnd(index, call_id, name, arguments, raw)
+        end = CallEnd(index, call_id, name, arguments, raw, recovered)
         self.calls.append(end)
         out.append(end)
 
@@ -464,24 +505,6 @@ def _partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
         if any(m.startswith(text[-size:]) for m in markers):
             return size
     return 0
-
-
-def _json_end(text: str, start: int) -> int | None:
-    """Index just past the JSON array/object opening at ``start``, or None if it's open."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        char = text[i]
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
 
 
 def _call_fields(obj: Any, require_arguments: bool = False) -> _Call | None:
