@@ -124,6 +124,10 @@ def format_event(event: dict[str, Any], *, stats: bool = False, paint: Paint = s
                   paint(js_string(data.get("input")))]
     elif kind == OUTPUT:
         lines += ["output:", paint(js_string(data.get("output")))]
+        if data.get("recoveredToolCalls"):
+            names = ", ".join(map(js_string, data["recoveredToolCalls"]))
+            lines.append(f"recoveredToolCalls: {paint(names)} (written as plain JSON, returned "
+                         "as tool calls)")
         if stats:
             lines += stats_lines(data.get("stats"), paint)
     return "\n".join(lines) + "\n\n\n"  # the last line's end, then two blank lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lmscli.engine import Done, Event, Failed, Fragment
@@ -11,6 +12,9 @@ from lmscli.logbus.bus import LogBus
 
 if TYPE_CHECKING:
     from lmscli.engine import Engine
+
+# The names of the tool calls that were recovered from loosely written JSON in an output.
+RecoveredCalls = Callable[[str], list[str]]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "error": logging.ERROR}
@@ -21,12 +25,17 @@ def prediction_input(identifier: str, model_path: str, prompt: str) -> dict[str,
             "modelIdentifier": identifier}
 
 
-def prediction_output(identifier: str, output: str, stats: dict[str, Any] | None
-                      ) -> dict[str, Any]:
+def prediction_output(identifier: str, output: str, stats: dict[str, Any] | None,
+                      recovered: list[str] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {"type": "llm.prediction.output", "output": output,
                             "modelIdentifier": identifier}
     if stats is not None:
         data["stats"] = stats
+    if recovered:
+        # calls the model wrote as plain JSON, which the API returned as tool calls
+        data["recoveredToolCalls"] = recovered
+        if stats is not None:
+            data["stats"] = {**stats, "recoveredToolCalls": len(recovered)}
     return data
 
 
@@ -49,18 +58,20 @@ class PredictionLog:
     """One prediction as the bus sees it: the prompt when it is submitted, the raw text and
     stats when the engine ends it. Exists only while somebody listens."""
 
-    def __init__(self, bus: LogBus, identifier: str) -> None:
+    def __init__(self, bus: LogBus, identifier: str,
+                 recovered_calls: RecoveredCalls | None = None) -> None:
         self._bus = bus
         self._identifier = identifier
         self._parts: list[str] = []
+        self._recovered_calls = recovered_calls
 
     @classmethod
-    def begin(cls, bus: LogBus | None, identifier: str, model_path: str, prompt: str
-              ) -> PredictionLog | None:
+    def begin(cls, bus: LogBus | None, identifier: str, model_path: str, prompt: str,
+              recovered_calls: RecoveredCalls | None = None) -> PredictionLog | None:
         if bus is None or not bus.active:
             return None
         bus.publish(prediction_input(identifier, model_path, prompt))
-        return cls(bus, identifier)
+        return cls(bus, identifier, recovered_calls)
 
     def record(self, event: Event) -> None:
         """Called on the engine thread with every event, before the consumer sees it.
@@ -71,8 +82,10 @@ class PredictionLog:
             self._parts.append(event.text)
         elif isinstance(event, Done | Failed):
             stats = event.stats.to_lms() if isinstance(event, Done) else None
+            output = "".join(self._parts)
+            recovered = self._recovered_calls(output) if self._recovered_calls else None
             self._bus.publish_threadsafe(
-                prediction_output(self._identifier, "".join(self._parts), stats))
+                prediction_output(self._identifier, output, stats, recovered))
 
 
 class RuntimeLog:

@@ -178,7 +178,8 @@ async def predict(request: Request) -> Any:
         prompt = await chat_prompt(entry, o.parse_messages(body), use)
     grammar = o.request_grammar(body, use)
     await check_grammar(entry, grammar, "tools" if use and use.grammar else "response_format")
-    running = Running(entry, PredictionRequest(prompt, params, grammar))
+    running = Running(entry, PredictionRequest(prompt, params, grammar),
+                      use.recovered_calls if use and use.tools else None)
     await running.first()
     prediction_id = secrets.token_hex(8)
     predictions: dict[str, Running] = request.app.state.predictions
@@ -251,9 +252,11 @@ class SdkEvents:
         if isinstance(p, CallArgs):
             return [{"type": "toolCallGenerationArgumentFragmentGenerated", "content": p.text}]
         if isinstance(p, CallEnd):
-            return [{"type": "toolCallGenerationEnd", "toolCallRequest": {
+            end = {"type": "toolCallGenerationEnd", "toolCallRequest": {
                 "type": "function", "id": p.id, "name": p.name, "arguments": p.arguments},
-                "rawContent": p.raw}]
+                "rawContent": p.raw}
+            # lmscli's own mark: the model wrote this call as plain JSON, not in its format
+            return [end | {"recovered": True}] if p.recovered else [end]
         return []
 
 

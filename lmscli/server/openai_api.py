@@ -208,6 +208,7 @@ class Completion:
         self.params = sampling(body)
         self.grammar = request_grammar(body, use)
         self.grammar_param = "tools" if use and use.grammar else "response_format"
+        self.use = use
         self.parser = use.parser() if use else None
         self.stream = bool(body.get("stream", bool, False))
         opts = body.get("stream_options", dict, {})
@@ -218,7 +219,8 @@ class Completion:
 
     async def respond(self) -> Any:
         await check_grammar(self.entry, self.grammar, self.grammar_param)
-        running = Running(self.entry, PredictionRequest(self.prompt, self.params, self.grammar))
+        running = Running(self.entry, PredictionRequest(self.prompt, self.params, self.grammar),
+                          self.use.recovered_calls if self.parser and self.use else None)
         await running.first()  # errors before the first event become proper HTTP errors
         if self.stream:
             return StreamingResponse(self._stream(running), media_type="text/event-stream",

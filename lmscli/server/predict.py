@@ -20,7 +20,7 @@ from lmscli.engine import (
     PredictionRequest,
     QueueFull,
 )
-from lmscli.logbus.events import PredictionLog
+from lmscli.logbus.events import PredictionLog, RecoveredCalls
 from lmscli.server.errors import APIError
 from lmscli.server.models import Loaded
 
@@ -34,7 +34,8 @@ class Running:
     blocked on an empty inbox, so a stream that batches tokens costs no wake-up per token.
     """
 
-    def __init__(self, entry: Loaded, request: PredictionRequest) -> None:
+    def __init__(self, entry: Loaded, request: PredictionRequest,
+                 recovered_calls: RecoveredCalls | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._inbox: deque[Event] = deque()
         self._lock = threading.Lock()
@@ -44,7 +45,7 @@ class Running:
         entry.touch()
         # before submit: the engine may answer at once (an unloaded model ends it on the spot)
         self._log = PredictionLog.begin(entry.bus, entry.identifier, entry.model.path,
-                                        request.prompt)
+                                        request.prompt, recovered_calls)
         try:
             self.prediction: Prediction = entry.instance.submit(request, self._put)
         except QueueFull as exc:

@@ -28,7 +28,19 @@ class ToolUse:
     grammar: str | None  # forces a call: tool_choice "required" or a named function
 
     def parser(self) -> ToolCallParser | None:
-        return ToolCallParser(self.fmt) if self.tools else None
+        if not self.tools:
+            return None
+        # the offered names let the parser recover calls written as plain JSON
+        return ToolCallParser(self.fmt, offered=[t["function"]["name"] for t in self.tools])
+
+    def recovered_calls(self, text: str) -> list[str]:
+        """The names of the calls in ``text`` that were written loosely (for the log)."""
+        parser = self.parser()
+        if parser is None:
+            return []
+        parser.feed(text)
+        parser.finish()
+        return [call.name for call in parser.calls if call.recovered]
 
 
 def parse_tools(body: Body) -> list[dict[str, Any]] | None:
