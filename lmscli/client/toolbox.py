@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_READ_CHARS = 20_000
+MAX_ENTRIES = 100  # names listed by analyze_directory; a huge folder is summed, not listed
 
 
 def _inside(root: Path, path: str) -> Path:
@@ -33,8 +34,8 @@ def make_toolbox(root: str | os.PathLike[str] | None = None) -> list[Callable[..
         return datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
     def analyze_directory(path: str = ".") -> dict[str, Any]:
-        """Count the files (by extension) and folders under a directory of the working
-        directory, and their total size in bytes."""
+        """List the files and folders in a directory of the working directory, and count
+        everything under it (files by extension, folders, total size in bytes)."""
         folder = _inside(base, path)
         if not folder.is_dir():
             return {"error": f"{path} is not a directory."}
@@ -46,7 +47,12 @@ def make_toolbox(root: str | os.PathLike[str] | None = None) -> list[Callable[..
             elif entry.is_file():
                 kinds[entry.suffix or "(no extension)"] += 1
                 size += entry.stat().st_size
-        return {"path": str(folder), "files_by_extension": dict(kinds.most_common()),
+        # the names answer "what is in here?"; folders end with "/"
+        names = sorted(e.name + "/" if e.is_dir() else e.name for e in folder.iterdir())
+        if len(names) > MAX_ENTRIES:
+            names = names[:MAX_ENTRIES] + [f"... and {len(names) - MAX_ENTRIES} more"]
+        return {"path": str(folder), "entries": names,
+                "files_by_extension": dict(kinds.most_common()),
                 "total_files": sum(kinds.values()), "total_directories": dirs,
                 "total_size_bytes": size}
 
