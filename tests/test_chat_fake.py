@@ -172,3 +172,21 @@ def test_completion_of_commands_and_models(fake_models) -> None:
     assert complete("/model tiny") == ["tiny-chat", "tiny-chat-large"]
     assert complete("/set te") == ["temperature"]
     assert complete("hello") == []
+
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_replies_keep_their_line_breaks_while_markdown_renders(pieces: int) -> None:
+    from lmscli.cli.chat_view import ReplyView
+
+    haiku = ("An old silent pond\nA frog jumps into the pond\n**Splash!** Silence again\n\n"
+             "- one\n- two")
+    out = io.StringIO()
+    view = ReplyView(Console(file=out, width=100, force_terminal=False, color_system=None))
+    step = -(-len(haiku) // pieces)
+    for i in range(0, len(haiku), step):  # streamed: finished blocks print as they complete
+        view.add(haiku[i:i + step])
+    view.finish()
+    lines = [line.strip() for line in out.getvalue().splitlines() if line.strip()]
+    assert lines == ["An old silent pond", "A frog jumps into the pond",
+                     "Splash! Silence again", "• one", "• two"]  # still markdown

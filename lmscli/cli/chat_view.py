@@ -31,6 +31,19 @@ def stable_prefix(markdown: str) -> int:
     return cut
 
 
+def chat_markdown(text: str) -> Any:
+    """Markdown that keeps the model's single line breaks, as chat UIs do: a poem or an
+    address stays on its lines, where plain markdown would join them into one paragraph."""
+    from rich.markdown import Markdown
+
+    markdown = Markdown(text)
+    for token in markdown.parsed:
+        for child in token.children or ():  # inline children are never nested further
+            if child.type == "softbreak":
+                child.type = "hardbreak"
+    return markdown
+
+
 class ReplyView:
     """One streamed reply: progress bar, then a spinner, then markdown that grows in place.
 
@@ -81,15 +94,13 @@ class ReplyView:
         self._show(answer)
 
     def _show(self, answer: str) -> None:
-        from rich.markdown import Markdown
-
         pending = answer[self._printed:]
         cut = stable_prefix(pending)
         if cut:
-            self._live.console.print(Markdown(pending[:cut]))
+            self._live.console.print(chat_markdown(pending[:cut]))
             self._printed += cut
             pending = pending[cut:]
-        self._live.update(Markdown(pending) if pending.strip() else self._status())
+        self._live.update(chat_markdown(pending) if pending.strip() else self._status())
 
     @staticmethod
     def _reasoning(text: str) -> Any:
@@ -98,12 +109,10 @@ class ReplyView:
         return Text(text.strip(), style="dim italic")
 
     def finish(self) -> None:
-        from rich.markdown import Markdown
-
         _, answer, thinking = split_reasoning(self.text)
         rest = answer[self._printed:] if not thinking else ""
         self._live.stop()
         if thinking:
             self.console.print(self._reasoning(split_reasoning(self.text)[0]))
         if rest.strip():
-            self.console.print(Markdown(rest))
+            self.console.print(chat_markdown(rest))
