@@ -1,41 +1,105 @@
-"""The ``lms`` command: the root app and the one place where errors become exit codes."""
+"""The ``lms`` command: the root app and the one place where errors become exit codes.
+
+A command's module is imported only when that command runs: ``lms --help`` lists the
+commands from the table below, and ``lms ps`` never imports what ``lms chat`` needs.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 import lmscli
-from lmscli.cli import act, chat, console, models, server
-from lmscli.cli import log as log_cli
 from lmscli.errors import ExitCode, LMSError
 
 HELP = "lmscli: local LLMs from your terminal. Chat, serve and manage GGUF models with llama.cpp."
 EPILOG = "Learn more: README.md of lmscli · Docs of the API: http://127.0.0.1:1234/v1"
 
-app = typer.Typer(name="lms", help=HELP, epilog=EPILOG, add_completion=True,
+# name: (module with a ``register(app)``, help panel, the one-line help --help shows). The
+# line must be the command's own; tests/test_startup.py checks that they agree.
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "get": ("lmscli.cli.models", "Local models", "Download a model"),
+    "load": ("lmscli.cli.models", "Local models", "Load a model"),
+    "unload": ("lmscli.cli.models", "Local models", "Unload a model"),
+    "ls": ("lmscli.cli.models", "Local models", "List the models available on disk"),
+    "ps": ("lmscli.cli.models", "Local models", "List the models currently loaded in memory"),
+    "import": ("lmscli.cli.models", "Local models", "Import a model file into lmscli"),
+    "chat": ("lmscli.cli.chat", "Local models", "Start an interactive chat with a model"),
+    "act": ("lmscli.cli.act", "Local models", "Run a multi-round tool-calling agent on a task"),
+    "server": ("lmscli.cli.server", "Serve", "Commands for managing the local server"),
+    "log": ("lmscli.cli.log", "Serve", "Log incoming and outgoing messages"),
+}
+
+
+class LazyGroup(TyperGroup):
+    """Lists every command at once, but builds one only when it is resolved to run (or to
+    complete its arguments): until then it is a stub that carries its name and help."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        stubs = {name: TyperCommand(name, help=summary, rich_help_panel=panel)
+                 for name, (_, panel, summary) in LAZY_COMMANDS.items()}
+        eager = dict(self.commands)
+        # lms's order: the local-model commands, then the server ones (status among them)
+        self.commands.clear()
+        self.commands.update({n: c for n, c in stubs.items() if n not in ("server", "log")})
+        self.commands.update(eager)
+        self.commands.update({n: stubs[n] for n in ("server", "log")})
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from lmscli.cli.root_help import print_root_help
+
+        print_root_help(self, ctx)  # lighter than Typer's renderer, which imports markdown
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        false_flag_defaults(self, ctx)
+        return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] in LAZY_COMMANDS:
+            self.load(args[0])
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            false_flag_defaults(command, ctx)
+        return name, command, rest
+
+    def load(self, name: str) -> Any:
+        """The real command ``name``, built from its module's registration."""
+        module = importlib.import_module(LAZY_COMMANDS[name][0])
+        sub = typer.Typer()
+        module.register(sub)
+        # only this one: building a command's parameters is the slow part of starting
+        sub.registered_commands = [c for c in sub.registered_commands if c.name == name]
+        sub.registered_groups = [g for g in sub.registered_groups if g.name == name]
+        self.commands[name] = typer.main.get_group(sub).commands[name]  # the stub's place
+        return self.commands[name]
+
+
+def false_flag_defaults(command: Any, ctx: Any) -> None:
+    """Flags whose default is None (--help, the completion ones) default to False instead.
+
+    Typer coerces a None through pydantic, whose import is the largest part of a command's
+    start; for a flag, False means the same."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if getattr(param, "is_flag", False) and param.default is None:
+            param.default = False
+
+
+app = typer.Typer(name="lms", help=HELP, epilog=EPILOG, add_completion=True, cls=LazyGroup,
                   no_args_is_help=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
-app.add_typer(server.app, name="server", rich_help_panel="Serve")
-app.add_typer(log_cli.app, name="log", rich_help_panel="Serve")
-models.register(app)
-app.command(name="chat", rich_help_panel="Local models")(chat.chat)
-act.register(app)
-
-
-@app.command(rich_help_panel="Serve")
-def status() -> None:
-    """Prints the status of the server and the loaded models."""
-    models.print_status()
 
 
 @app.command(hidden=False)
 def version(json_: bool = typer.Option(False, "--json", help="Output as JSON.")) -> None:
     """Prints the version of the CLI."""
-    from lmscli.cli import render
+    from lmscli.cli import console, render
 
     if json_:
         render.print_json({"version": lmscli.__version__})
@@ -43,12 +107,19 @@ def version(json_: bool = typer.Option(False, "--json", help="Output as JSON."))
         console.out.print(f"lmscli {lmscli.__version__}", markup=False)
 
 
+@app.command(rich_help_panel="Serve")
+def status() -> None:
+    """Prints the status of the server and the loaded models."""
+    from lmscli.cli import models
+
+    models.print_status()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv and "_LMS_COMPLETE" not in os.environ:
-        console.out.print("lms is lmscli's command line for your models, server and "
-                          "inference runtime.", markup=False)
-        console.out.print(f"Version: {lmscli.__version__}", markup=False)
+        print("lms is lmscli's command line for your models, server and inference runtime.")
+        print(f"Version: {lmscli.__version__}", flush=True)
         with contextlib.redirect_stdout(sys.stderr):
             run(["--help"])
         sys.exit(ExitCode.ERROR)  # lms shows help on stderr and exits 1 given nothing to do
@@ -60,12 +131,14 @@ def run(argv: list[str]) -> int:
         # without standalone mode, Click returns a typer.Exit's code instead of raising it
         code = app(args=argv, prog_name="lms", standalone_mode=False)
     except LMSError as exc:
+        from lmscli.cli import console
+
         console.error(exc.message, exc.hint)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        console.err.print()
+        print(file=sys.stderr)
         return ExitCode.INTERRUPTED
     except typer.TyperException as exc:  # Click's usage errors, which Typer re-bases here
         show = getattr(exc, "show", None)

@@ -76,3 +76,7 @@ def one_shot(handle: Any, system_prompt: str, text: str, show_stats: bool) -> No
     if not last.endswith("\n"):
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="chat", rich_help_panel="Local models")(chat)

@@ -215,3 +215,7 @@ def _silence_stdout() -> None:
     # Python would complain about the broken pipe again when it flushes stdout at exit
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="log", rich_help_panel="Serve")

@@ -114,3 +114,7 @@ def status(json_: bool = typer.Option(False, "--json", help="Output as JSON.")) 
         console.info(f"The server is running on port {state.port}.")
     else:
         console.info("The server is not running.")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="server", rich_help_panel="Serve")
