@@ -19,11 +19,21 @@ START_TIMEOUT_S = 30.0
 
 
 def greeting_ok(host: str, port: int, timeout: float = 0.5) -> bool:
+    # the standard library's client: every command asks this first, and an httpx client
+    # would first build a TLS context that a plain-HTTP local server never uses
+    import http.client
+    import json
+
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        r = httpx.get(f"http://{host}:{port}/lmstudio-greeting", timeout=timeout)
-        return r.status_code == 200 and r.json().get("lmstudio") is True
-    except (httpx.HTTPError, ValueError):
+        connection.request("GET", "/lmstudio-greeting")
+        response = connection.getresponse()
+        body = json.loads(response.read(4096) or b"null")
+        return response.status == 200 and isinstance(body, dict) and body.get("lmstudio") is True
+    except (OSError, http.client.HTTPException, ValueError):
         return False
+    finally:
+        connection.close()
 
 
 def running_server() -> serverstate.ServerState | None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmscli import serverstate
-from lmscli.client.handles import LLM, DownloadedModel, LlmNamespace
 from lmscli.client.transport import Transport, error_from_body, parse_api_host
 from lmscli.errors import ServerError, ServerNotRunningError
+
+if TYPE_CHECKING:
+    from lmscli.client.handles import LLM, DownloadedModel, LlmNamespace
 
 
 class Client:
@@ -26,7 +29,13 @@ class Client:
             host, port = state.client_host, state.port
         self.transport = Transport(host, port, api_key=api_key, timeout=timeout)
         self.host, self.port, self.base_url = host, port, self.transport.base_url
-        self.llm = LlmNamespace(self)
+
+    @functools.cached_property
+    def llm(self) -> LlmNamespace:
+        # the handles bring prediction and act(): commands such as `lms ps` never need them
+        from lmscli.client.handles import LlmNamespace
+
+        return LlmNamespace(self)
 
     def __enter__(self) -> Client:
         return self
@@ -56,10 +65,14 @@ class Client:
         return self.transport.request("GET", "/lmscli/models/loaded")
 
     def list_downloaded_models(self, namespace: str | None = None) -> list[DownloadedModel]:
+        from lmscli.client.handles import DownloadedModel
+
         return [DownloadedModel(self, i) for i in self.downloaded_models_info()
                 if namespace in (None, i["type"])]
 
     def list_loaded_models(self, namespace: str | None = None) -> list[LLM]:
+        from lmscli.client.handles import LLM
+
         return [LLM(self, i["identifier"]) for i in self.loaded_models_info()
                 if namespace in (None, i.get("type", "llm"))]
 

@@ -132,8 +132,10 @@ class Transport:
         self.where = f"{host}:{port}"
         self.base_url = f"http://{self.where}"
         read = timeout if timeout is not None else get_sync_api_timeout()
+        # verify=False: the server speaks plain HTTP, so no TLS context (and no CA bundle to
+        # load, a noticeable part of a command's start) is needed
         self._http = httpx.Client(base_url=self.base_url, headers=auth_headers(api_key),
-                                  timeout=httpx.Timeout(read, connect=5.0))
+                                  timeout=httpx.Timeout(read, connect=5.0), verify=False)
 
     def close(self) -> None:
         self._http.close()
