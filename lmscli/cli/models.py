@@ -17,16 +17,17 @@ PANEL = "Local models"
 # -- get / import ---------------------------------------------------------------------------
 
 def get(name: str = typer.Argument(..., help="A built-in name (e.g. smollm2-135m-instruct), "
-                                   "owner/repo[@quant] or a https://huggingface.co URL.")
-        ) -> None:
+                                   r"owner/repo\[@quant] or a https://huggingface.co URL."),
+        yes: bool = typer.Option(False, "-y", "--yes", help="Answer yes to any question "
+                                 "(for scripts).")) -> None:
     """Download a model"""
+    # lms's -y picks the first search result; here every choice is already automatic (the
+    # built-in name, the repository's Q4_K_M file), so scripts written for lms just work
     result = steps.fetch(name)
-    key = result.model.model_key
-    if result.already_present:
-        console.info("Model already downloaded. To use, run:")
-    else:
-        console.info("Download completed. To use, run:")
-    console.info(f"    lms load {key}")
+    # after a download steps.fetch said "Download completed."; only the next step is left
+    console.info("Model already downloaded. To use, run:" if result.already_present
+                 else "To use, run:")
+    console.info(f"    lms load {result.model.model_key}")
 
 
 def import_(

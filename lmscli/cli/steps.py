@@ -113,12 +113,16 @@ class DownloadBar:
 
 
 def fetch(name: str) -> Any:
-    """Download a model (a rich bar on a terminal); returns the catalog's GetResult."""
+    """Download a model (a rich bar on a terminal); returns the catalog's GetResult. Says what
+    happens, and no more: a caller that loads the model next says so itself."""
     bar = DownloadBar()
     try:
-        return catalog.get_model(name, on_status=console.info, on_progress=bar.update)
+        result = catalog.get_model(name, on_status=console.info, on_progress=bar.update)
     finally:
         bar.close()
+    if not result.already_present:
+        console.info("Download completed.")
+    return result
 
 
 def open_model(name: str | None, ttl: int, yes: bool) -> Any:
