@@ -135,3 +135,25 @@ def test_output_event_marks_recovered_calls_in_text_and_stats() -> None:
     assert "\nrecoveredToolCalls: get_delivery_date (written as plain JSON" in text
     assert text.endswith("stopReason: eosFound\nrecoveredToolCalls: 1\n\n\n")
     assert "recoveredToolCalls: 1" not in log_cli.format_event(event, stats=False)
+
+
+def test_streams_keep_alive_while_a_call_is_held_back(fake_server: ThreadServer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long call written as plain JSON sends nothing until it is decided: the streams send
+    lines that clients skip meanwhile, so that a read timeout does not end them."""
+    from lmscli.server import tooluse
+
+    monkeypatch.setattr(tooluse, "KEEPALIVE_S", 0.0)
+    body = {"model": "tiny-chat", "tools": [DELIVERY],
+            "messages": [{"role": "user", "content": f"[[slow]] [[reply: {FENCED}]]"}]}
+    with httpx.stream("POST", fake_server.base_url + "/lmscli/predict", json=body,
+                      timeout=30) as r:
+        lines = list(r.iter_lines())
+    end = next(i for i, line in enumerate(lines) if "toolCallGenerationEnd" in line)
+    assert "" in lines[:end]  # blank lines: the SDK client skips them
+    assert '"recovered": true' in lines[end]
+    with httpx.stream("POST", fake_server.base_url + "/v1/chat/completions",
+                      json=body | {"stream": True}, timeout=30) as r:
+        lines = list(r.iter_lines())
+    assert ": keep-alive" in lines  # an SSE comment, which clients ignore
+    assert not any('"content": "```' in line for line in lines)

@@ -162,7 +162,7 @@ async def predict(request: Request) -> Any:
     from lmscli.engine import PredictionRequest
     from lmscli.server import openai_api as o
     from lmscli.server.predict import Running, check_grammar
-    from lmscli.server.tooluse import chat_prompt, tool_use
+    from lmscli.server.tooluse import Quiet, chat_prompt, tool_use
 
     body = await read_json(request)
     params = o.sampling(body)  # before a load: a bad number shouldn't cost one
@@ -190,9 +190,15 @@ async def predict(request: Request) -> Any:
         try:
             yield ndjson({"type": "started", "predictionId": prediction_id,
                           "modelInfo": entry.info()})
+            quiet = Quiet()
             async for event in running.events():
-                for out in events.convert(event):
+                converted = events.convert(event)
+                for out in converted:
                     yield ndjson(out)
+                if converted:
+                    quiet.sent()
+                elif quiet.due():
+                    yield b"\n"  # a call is being read: clients skip blank lines
         finally:
             predictions.pop(prediction_id, None)
 

@@ -26,7 +26,13 @@ from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta, P
 from lmscli.server.errors import APIError, Body, bad_request, parse_json, shorten
 from lmscli.server.models import Loaded, ModelManager
 from lmscli.server.predict import Running, check_grammar, collect, sse
-from lmscli.server.tooluse import ToolUse, chat_prompt, check_message_tool_fields, tool_use
+from lmscli.server.tooluse import (
+    Quiet,
+    ToolUse,
+    chat_prompt,
+    check_message_tool_fields,
+    tool_use,
+)
 
 # Tokens that arrive within this long of the previous chunk share the next one: on a small
 # machine a write and a client-side parse per token slow decoding down (see bench/).
@@ -265,12 +271,18 @@ class Completion:
     async def _stream(self, running: Running) -> AsyncIterator[bytes]:
         if self.chat:
             yield sse(self._chunk({"role": "assistant", "content": ""}))
+        quiet = Quiet()
         async for event in running.events(coalesce_s=STREAM_COALESCE_S):
             if isinstance(event, Fragment):
                 text = event.text
                 if self.parser:
-                    for chunk in self._tool_chunks(self.parser.feed(text)):
+                    chunks = self._tool_chunks(self.parser.feed(text))
+                    for chunk in chunks:
                         yield chunk
+                    if chunks:
+                        quiet.sent()
+                    elif quiet.due():
+                        yield b": keep-alive\n\n"  # an SSE comment while a call is read
                 else:
                     yield sse(self._chunk({"content": text} if self.chat else text))
             elif isinstance(event, Done):

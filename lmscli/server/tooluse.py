@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -19,6 +20,9 @@ from lmscli.server.models import Loaded
 # template that loops holds up only its own request.
 TEMPLATE_BUDGET_S = 5.0
 MAX_TOOL_NAME_CHARS = 256
+# While the parser holds text back (a call being read), a stream sends nothing; past this
+# long it sends a line that clients skip, so that their read timeouts don't fire.
+KEEPALIVE_S = 5.0
 
 
 @dataclass
@@ -41,6 +45,22 @@ class ToolUse:
         parser.feed(text)
         parser.finish()
         return [call.name for call in parser.calls if call.recovered]
+
+
+class Quiet:
+    """How long a stream has sent nothing; ``due()`` says when to send a keep-alive."""
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+
+    def sent(self) -> None:
+        self.since = time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self.since < KEEPALIVE_S:
+            return False
+        self.sent()
+        return True
 
 
 def parse_tools(body: Body) -> list[dict[str, Any]] | None:
