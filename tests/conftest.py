@@ -17,6 +17,9 @@ import pytest
 from tests.gguf_factory import make_gguf
 
 DEFAULT_MODEL_REL = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
+QWEN_MODEL_REL = ("Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF/"
+                  "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 # Real tests share one download per machine; CI fetches it on its first run.
 MODEL_CACHE = Path(os.environ.get("LMSCLI_TEST_MODELS",
                                   Path.home() / ".cache" / "lmscli-test" / "models"))
@@ -111,14 +114,14 @@ def fake_server(fake_models: Path) -> Iterator[ThreadServer]:
 
 # -- the real default model -----------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def default_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cached_builtin(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A built-in model from the shared test cache, fetched there the first time."""
     from lmscli import catalog
 
     saved = os.environ.get("LMSCLI_HOME")
     os.environ["LMSCLI_HOME"] = str(tmp_path_factory.mktemp("fetch-home"))
     try:
-        result = catalog.get_model(catalog.DEFAULT_MODEL, models_dir=MODEL_CACHE)
+        result = catalog.get_model(name, models_dir=MODEL_CACHE)
     finally:
         if saved is None:
             os.environ.pop("LMSCLI_HOME", None)
@@ -127,11 +130,28 @@ def default_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.model.abs_path
 
 
-def link_default_model(home: Path, model_file: Path) -> None:
-    target = home / "models" / DEFAULT_MODEL_REL
+@pytest.fixture(scope="session")
+def default_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lmscli import catalog
+
+    return cached_builtin(catalog.DEFAULT_MODEL, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qwen_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2.5-Coder 0.5B Instruct: a small model trained for tool calls (491 MB)."""
+    return cached_builtin(QWEN_MODEL, tmp_path_factory)
+
+
+def link_model(home: Path, model_file: Path, rel_path: str) -> None:
+    target = home / "models" / rel_path
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         target.symlink_to(model_file)
+
+
+def link_default_model(home: Path, model_file: Path) -> None:
+    link_model(home, model_file, DEFAULT_MODEL_REL)
 
 
 class ProcessServer:
