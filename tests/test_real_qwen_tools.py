@@ -33,6 +33,10 @@ def qwen_server(tmp_path_factory: pytest.TempPathFactory,
     home = tmp_path_factory.mktemp("qwen-tools-home")
     link_model(home, qwen_model_file, QWEN_MODEL_REL)
     server = ProcessServer(home)
+    # a 4k context instead of the trained 32k: the tests' prompts are short, and the KV cache
+    # is then 50 MB, not 400
+    loaded = server.lms("load", QWEN_MODEL, "-c", "4096", "-y", timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
     yield server
     server.stop()
 
