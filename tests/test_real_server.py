@@ -97,6 +97,23 @@ def test_cli_load_ps_unload(real_server: ProcessServer) -> None:
     assert "my-smol" not in real_server.lms("ps").stdout
 
 
+def test_cli_chat_with_a_server_of_another_home(real_server: ProcessServer,
+                                                tmp_path: Path) -> None:
+    """--host/--port: a home with no models and no server chats with the remote model."""
+    here = tmp_path / "client-home"
+    here.mkdir()
+    where = ["--host", "127.0.0.1", "--port", str(real_server.port)]
+    env = os.environ | {"LMSCLI_HOME": str(here)}
+    r = subprocess.run([sys.executable, "-m", "lmscli", "chat", MODEL, "-p",
+                        "What is the capital of France?", "--stats", *where],
+                       env=env, capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "Tokens/Second" in r.stderr
+    # nothing was started or fetched here
+    assert not (here / "models").exists() and not list(here.rglob("server.json"))
+
+
 def test_corrupt_gguf_load_fails_cleanly(real_server: ProcessServer,
                                          default_model_file: Path) -> None:
     broken = real_server.home / "models/test/broken-GGUF/broken.Q4_1.gguf"

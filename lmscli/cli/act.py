@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from lmscli.cli import act_view, steps
+from lmscli.cli import act_view, connect, steps
 from lmscli.errors import ExitCode, UserInputError
 
 ACT_SYSTEM_PROMPT = ("You are a task-focused AI agent running in the user's terminal. Use the "
@@ -145,4 +145,4 @@ class Approval:
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="act", rich_help_panel="Local models")(act)
+    app.command(name="act", rich_help_panel="Local models")(connect.with_connection(act))

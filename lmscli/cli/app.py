@@ -9,7 +9,7 @@ import sys
 import typer
 
 import lmscli
-from lmscli.cli import act, chat, console, models, server
+from lmscli.cli import act, chat, connect, console, models, server
 from lmscli.cli import log as log_cli
 from lmscli.errors import ExitCode, LMSError
 
@@ -22,11 +22,12 @@ app = typer.Typer(name="lms", help=HELP, epilog=EPILOG, add_completion=True,
 app.add_typer(server.app, name="server", rich_help_panel="Serve")
 app.add_typer(log_cli.app, name="log", rich_help_panel="Serve")
 models.register(app)
-app.command(name="chat", rich_help_panel="Local models")(chat.chat)
+app.command(name="chat", rich_help_panel="Local models")(connect.with_connection(chat.chat))
 act.register(app)
 
 
 @app.command(rich_help_panel="Serve")
+@connect.with_connection
 def status() -> None:
     """Prints the status of the server and the loaded models."""
     models.print_status()
