@@ -79,6 +79,22 @@ def test_embeddings_from_the_chat_model(real_server: ProcessServer) -> None:
     assert len(a) == 576 and a != b
 
 
+def test_frequency_and_presence_penalties_change_greedy_output(
+        real_server: ProcessServer) -> None:
+    """They were accepted and ignored once: a client asking for less repetition got none."""
+    ask = [{"role": "user", "content": "List ten fruits, one per line."}]
+
+    def reply(**penalties: float) -> str:
+        chat = sdk(real_server).chat.completions.create(
+            model=MODEL, messages=ask, max_tokens=40, temperature=0, **penalties)
+        return chat.choices[0].message.content or ""
+
+    plain = reply()
+    assert reply(frequency_penalty=2.0) != plain
+    assert reply(presence_penalty=2.0) != plain
+    assert reply() == plain  # greedy: the difference is the penalty's, not chance
+
+
 def test_cli_load_ps_unload(real_server: ProcessServer) -> None:
     real_server.lms("unload", "--all")
     r = real_server.lms("load", "smol", "--identifier", "my-smol", "-c", "2048")

@@ -40,6 +40,8 @@ def sampling(body: Body) -> SamplingParams:
     p.min_p = body.number("min_p", p.min_p, low=0, high=1)  # type: ignore[assignment]
     p.repeat_penalty = body.number("repeat_penalty", p.repeat_penalty, low=0,  # type: ignore
                                    high=100)
+    for key in ("presence_penalty", "frequency_penalty"):
+        setattr(p, key, body.number(key, 0.0, low=-2, high=2))
     seed = body.integer("seed")
     # llama.cpp seeds are 32-bit; -1 becomes 0xFFFFFFFF, which llama.cpp reads as "random"
     p.seed = None if seed is None else seed % 2**32
