@@ -10,11 +10,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from tests.gguf_factory import make_gguf
+
+if TYPE_CHECKING:
+    from lmscli.engine.base import ModelInstance
 
 DEFAULT_MODEL_REL = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -128,6 +132,24 @@ def cached_builtin(name: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             os.environ["LMSCLI_HOME"] = saved
     return result.model.abs_path
+
+
+def load_default_model(model_file: Path, parallel: int) -> ModelInstance:
+    """The real engine with the default model, for tests that drive the engine directly."""
+    from lmscli.engine import LoadOptions, ModelSpec, get_engine
+
+    spec = ModelSpec(path=str(model_file), model_key="smollm2-135m-instruct",
+                     max_context_length=8192)
+    return get_engine("llama.cpp").load(spec, LoadOptions(context_length=4096,
+                                                          parallel=parallel))
+
+
+def user_prompt(inst: ModelInstance, text: str) -> str:
+    """One user message through the model's own chat template."""
+    from lmscli.prompting import render_chat
+
+    return render_chat(None, [{"role": "user", "content": text}], bos_token=inst.bos_token,
+                       eos_token=inst.eos_token)
 
 
 @pytest.fixture(scope="session")

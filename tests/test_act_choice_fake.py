@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,8 +14,8 @@ from tests.conftest import ThreadServer
 from tests.gguf_factory import TOOLS_TEMPLATE, make_gguf
 
 
-def downloaded(key: str, tools: bool, size: int = 100, kind: str = "llm") -> Any:
-    return SimpleNamespace(model_key=key, trained_for_tool_use=tools, size_bytes=size, type=kind)
+def downloaded(key: str, tools: bool, size: int = 100, kind: str = "llm") -> dict[str, Any]:
+    return {"modelKey": key, "trainedForToolUse": tools, "sizeBytes": size, "type": kind}
 
 
 def loaded(identifier: str, tools: bool) -> dict[str, Any]:

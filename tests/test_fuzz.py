@@ -406,6 +406,7 @@ VALID_SCHEMA = st.recursive(VALID_LEAF, lambda inner: st.one_of(
 PLAUSIBLE = {
     "temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "top_k": st.integers(0, 100),
     "min_p": st.floats(0, 1), "repeat_penalty": st.floats(0.5, 2),
+    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
     "seed": st.integers(-1, 2**63 - 1), "max_tokens": st.integers(1, 8),
     "stop": st.lists(st.text(min_size=1, max_size=3), max_size=3), "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),

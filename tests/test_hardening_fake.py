@@ -209,7 +209,8 @@ def test_a_byte_order_mark_and_surrogate_pairs_are_fine(fake_server: ThreadServe
 @pytest.mark.parametrize("extra", [{"temperature": 1e308 * 10}, {"top_p": -1e400},
                                    {"ttl": 10**400}, {"repeat_penalty": 10**400},
                                    {"max_tokens": 0}, {"seed": 2**64}, {"logprobs": True},
-                                   {"logit_bias": {"1": 1}}, {"stop": ["s"] * 33}])
+                                   {"logit_bias": {"1": 1}}, {"stop": ["s"] * 33},
+                                   {"presence_penalty": 2.5}, {"frequency_penalty": "1"}])
 def test_extreme_or_unsupported_values_are_400s(fake_server: ThreadServer,
                                                 extra: dict[str, Any]) -> None:
     text = json.dumps({"model": "tiny-chat", "messages": USER} | extra)

@@ -199,6 +199,20 @@ def test_server_and_runtime_sources(fake_server: ThreadServer,
     assert server.stop() == 0 and runtime.stop() == 0
 
 
+def test_a_lone_surrogate_model_name_does_not_break_the_stream(
+        fake_server: ThreadServer, streams: list[LogProcess]) -> None:
+    server = start(streams, "-s", "server", "--json")
+    r = httpx.post(fake_server.base_url + "/v1/completions",
+                   content=b'{"model": "x\\ud800", "prompt": "hi"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    complete(fake_server)
+    first, second = (event_of(line)["data"]["content"] for line in server.out_lines(2))
+    assert first.startswith("POST /v1/completions 400") and first.endswith("model=x?")
+    assert second.startswith("POST /v1/completions 200")
+    assert server.stop() == 0
+
+
 def test_values_are_green_on_a_terminal_and_ctrl_c_exits_0(fake_server: ThreadServer) -> None:
     import pexpect
 

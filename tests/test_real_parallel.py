@@ -17,32 +17,21 @@ from lmscli.engine import (
     Done,
     Failed,
     Fragment,
-    LoadOptions,
-    ModelSpec,
     PredictionRequest,
     PromptProgress,
     SamplingParams,
-    get_engine,
 )
 from lmscli.engine.base import ModelInstance
-from lmscli.prompting import render_chat
-from tests.conftest import ProcessServer
+from tests.conftest import ProcessServer, load_default_model, user_prompt
 
 pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
 def instance(default_model_file: Path) -> Iterator[ModelInstance]:
-    spec = ModelSpec(path=str(default_model_file), model_key="smollm2-135m-instruct",
-                     max_context_length=8192)
-    inst = get_engine("llama.cpp").load(spec, LoadOptions(context_length=4096, parallel=4))
+    inst = load_default_model(default_model_file, parallel=4)
     yield inst
     inst.close()
-
-
-def prompt(inst: ModelInstance, text: str) -> str:
-    return render_chat(None, [{"role": "user", "content": text}], bos_token=inst.bos_token,
-                       eos_token=inst.eos_token)
 
 
 class Stream:
@@ -52,7 +41,7 @@ class Stream:
         self.texts: list[str] = []
         self.end: queue.Queue = queue.Queue()
         self.admitted: float | None = None  # when it got a slot (its first progress event)
-        request = PredictionRequest(prompt(inst, text), SamplingParams(**params), grammar)
+        request = PredictionRequest(user_prompt(inst, text), SamplingParams(**params), grammar)
         self.prediction = inst.submit(request, self._put)
 
     def _put(self, event: object) -> None:

@@ -79,6 +79,22 @@ def test_embeddings_from_the_chat_model(real_server: ProcessServer) -> None:
     assert len(a) == 576 and a != b
 
 
+def test_frequency_and_presence_penalties_change_greedy_output(
+        real_server: ProcessServer) -> None:
+    """They were accepted and ignored once: a client asking for less repetition got none."""
+    ask = [{"role": "user", "content": "List ten fruits, one per line."}]
+
+    def reply(**penalties: float) -> str:
+        chat = sdk(real_server).chat.completions.create(
+            model=MODEL, messages=ask, max_tokens=40, temperature=0, **penalties)
+        return chat.choices[0].message.content or ""
+
+    plain = reply()
+    assert reply(frequency_penalty=2.0) != plain
+    assert reply(presence_penalty=2.0) != plain
+    assert reply() == plain  # greedy: the difference is the penalty's, not chance
+
+
 def test_cli_load_ps_unload(real_server: ProcessServer) -> None:
     real_server.lms("unload", "--all")
     r = real_server.lms("load", "smol", "--identifier", "my-smol", "-c", "2048")
@@ -95,6 +111,23 @@ def test_cli_load_ps_unload(real_server: ProcessServer) -> None:
     r = real_server.lms("unload", "my-smol")
     assert r.returncode == 0 and 'Model "my-smol" unloaded.' in r.stderr
     assert "my-smol" not in real_server.lms("ps").stdout
+
+
+def test_cli_chat_with_a_server_of_another_home(real_server: ProcessServer,
+                                                tmp_path: Path) -> None:
+    """--host/--port: a home with no models and no server chats with the remote model."""
+    here = tmp_path / "client-home"
+    here.mkdir()
+    where = ["--host", "127.0.0.1", "--port", str(real_server.port)]
+    env = os.environ | {"LMSCLI_HOME": str(here)}
+    r = subprocess.run([sys.executable, "-m", "lmscli", "chat", MODEL, "-p",
+                        "What is the capital of France?", "--stats", *where],
+                       env=env, capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "Tokens/Second" in r.stderr
+    # nothing was started or fetched here
+    assert not (here / "models").exists() and not list(here.rglob("server.json"))
 
 
 def test_corrupt_gguf_load_fails_cleanly(real_server: ProcessServer,

@@ -96,3 +96,24 @@ def test_lower_layers_never_import_higher_ones() -> None:
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def private_uses(path: Path) -> list[str]:
+    """``x._name`` where ``_name`` is not an attribute this module's own classes set: a
+    module reaching into another's insides."""
+    tree = ast.parse(path.read_text())
+    private = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+               and n.attr.startswith("_") and not n.attr.startswith("__")]
+    own = {n.attr for n in private
+           if isinstance(n.value, ast.Name) and n.value.id in ("self", "cls")}
+    found = []
+    for node in private:
+        if node.attr in own:
+            continue
+        found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_no_private_attribute_used_from_outside() -> None:
+    wrong = [use for path in sorted(ROOT.rglob("*.py")) for use in private_uses(path)]
+    assert not wrong, wrong

@@ -73,23 +73,24 @@ class AgentModel:
     reason: str
 
 
-def choose_agent_model(loaded: list[dict[str, Any]], downloaded: list[catalog.LocalModel],
+def choose_agent_model(loaded: list[dict[str, Any]], downloaded: list[dict[str, Any]],
                        recent: list[str]) -> AgentModel | None:
     """A model whose chat template supports tools: a loaded one, else a downloaded one (the
-    most recently loaded, else the smallest); None when there is none."""
+    most recently loaded, else the smallest); None when there is none. Both lists hold the
+    server's model info."""
     for info in loaded:
         if info.get("type", "llm") == "llm" and info.get("trainedForToolUse"):
             return AgentModel(info["identifier"], True,
                               "it is loaded and its chat template supports tool calls")
-    tool_models = [m for m in downloaded if m.type == "llm" and m.trained_for_tool_use]
+    tool_models = [m for m in downloaded if m.get("type") == "llm" and m.get("trainedForToolUse")]
     if not tool_models:
         return None
-    best = min(tool_models, key=lambda m: (recent.index(m.model_key) if m.model_key in recent
-                                           else len(recent), m.size_bytes))
+    best = min(tool_models, key=lambda m: (recent.index(m["modelKey"]) if m["modelKey"] in recent
+                                           else len(recent), m.get("sizeBytes") or 0))
     why = "its chat template supports tool calls"
     if loaded:
         why += " (the loaded model's does not)"
-    return AgentModel(best.model_key, False, why)
+    return AgentModel(best["modelKey"], False, why)
 
 
 def open_agent_model(name: str | None, ttl: int, yes: bool) -> Any:
@@ -99,7 +100,8 @@ def open_agent_model(name: str | None, ttl: int, yes: bool) -> Any:
         return steps.open_model(name, ttl, yes)
     client = connect.client(start=True)
     assert client is not None
-    choice = choose_agent_model(client.loaded_models_info(), catalog.list_models(),
+    # the server's lists: a remote server's models are not on this disk
+    choice = choose_agent_model(client.loaded_models_info(), client.downloaded_models_info(),
                                 prefs.last_loaded())
     if choice is None:
         handle = steps.open_model(None, ttl, yes)
@@ -194,4 +196,4 @@ class Approval:
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="act", rich_help_panel="Local models")(act)
+    app.command(name="act", rich_help_panel="Local models")(connect.with_connection(act))

@@ -32,6 +32,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "import": ("lmscli.cli.models", "Local models", "Import a model file into lmscli"),
     "chat": ("lmscli.cli.chat", "Local models", "Start an interactive chat with a model"),
     "act": ("lmscli.cli.act", "Local models", "Run a multi-round tool-calling agent on a task"),
+    "status": ("lmscli.cli.models", "Serve", "Prints the status of the server and the loaded "
+               "models."),
     "server": ("lmscli.cli.server", "Serve", "Commands for managing the local server"),
     "log": ("lmscli.cli.log", "Serve", "Log incoming and outgoing messages"),
 }
@@ -43,14 +45,11 @@ class LazyGroup(TyperGroup):
 
     def __init__(self, **attrs: Any) -> None:
         super().__init__(**attrs)
-        stubs = {name: TyperCommand(name, help=summary, rich_help_panel=panel)
-                 for name, (_, panel, summary) in LAZY_COMMANDS.items()}
-        eager = dict(self.commands)
-        # lms's order: the local-model commands, then the server ones (status among them)
+        eager = dict(self.commands)  # version: the root help lists its panel last
         self.commands.clear()
-        self.commands.update({n: c for n, c in stubs.items() if n not in ("server", "log")})
+        self.commands.update({name: TyperCommand(name, help=summary, rich_help_panel=panel)
+                              for name, (_, panel, summary) in LAZY_COMMANDS.items()})
         self.commands.update(eager)
-        self.commands.update({n: stubs[n] for n in ("server", "log")})
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         from lmscli.cli.root_help import print_root_help
@@ -58,7 +57,7 @@ class LazyGroup(TyperGroup):
         print_root_help(self, ctx)  # lighter than Typer's renderer, which imports markdown
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        false_flag_defaults(self, ctx)
+        skip_none_coercion(self, ctx)
         return super().parse_args(ctx, args)
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
@@ -66,7 +65,7 @@ class LazyGroup(TyperGroup):
             self.load(args[0])
         name, command, rest = super().resolve_command(ctx, args)
         if command is not None:
-            false_flag_defaults(command, ctx)
+            skip_none_coercion(command, ctx)
         return name, command, rest
 
     def load(self, name: str) -> Any:
@@ -81,19 +80,43 @@ class LazyGroup(TyperGroup):
         return self.commands[name]
 
 
-def false_flag_defaults(command: Any, ctx: Any) -> None:
-    """Flags whose default is None (--help, the completion ones) default to False instead.
-
-    Typer coerces a None through pydantic, whose import is the largest part of a command's
-    start; for a flag, False means the same."""
-    for param in [*command.params, command.get_help_option(ctx)]:
+def skip_none_coercion(command: Any, ctx: Any) -> None:
+    """Options left out (None) skip Typer's coercion, which imports pydantic: the largest part
+    of a command's start. Typer skips it itself only for a bool it already has, so flags
+    that default to None (--help, the completion ones) default to False, which means the same
+    to them, and an optional single value with no callback keeps its None as it is."""
+    params = [*command.params, command.get_help_option(ctx)]
+    for param in params:
         if getattr(param, "is_flag", False) and param.default is None:
             param.default = False
+        elif param is not None and _none_is_final(param):
+            param.process_value = _none_passes(param.process_value)
+    for sub in getattr(command, "commands", {}).values():  # a group's commands, e.g. server
+        skip_none_coercion(sub, ctx)
+
+
+def _none_is_final(param: Any) -> bool:
+    """Whether None, once Click found no value, can only stay None."""
+    return (param.default is None and not param.required and not param.multiple
+            and param.nargs == 1 and param.callback is None)
+
+
+def _none_passes(process_value: Any) -> Any:
+    def process(ctx: Any, value: Any) -> Any:
+        return None if value is None else process_value(ctx, value)
+
+    return process
 
 
 app = typer.Typer(name="lms", help=HELP, epilog=EPILOG, add_completion=True, cls=LazyGroup,
                   no_args_is_help=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.callback()
+def root() -> None:
+    # a callback keeps the root a group: Typer would make a one-command app that command
+    pass
 
 
 @app.command(hidden=False)
@@ -105,14 +128,6 @@ def version(json_: bool = typer.Option(False, "--json", help="Output as JSON."))
         render.print_json({"version": lmscli.__version__})
     else:
         console.out.print(f"lmscli {lmscli.__version__}", markup=False)
-
-
-@app.command(rich_help_panel="Serve")
-def status() -> None:
-    """Prints the status of the server and the loaded models."""
-    from lmscli.cli import models
-
-    models.print_status()
 
 
 def main(argv: list[str] | None = None) -> None:

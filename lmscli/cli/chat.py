@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from lmscli import catalog
-from lmscli.cli import console, render, steps
+from lmscli.cli import connect, console, render, steps
 from lmscli.errors import LMSError
 
 DEFAULT_SYSTEM_PROMPT = ("You are an AI assistant running in the user's terminal. Provide "
@@ -79,4 +79,4 @@ def one_shot(handle: Any, system_prompt: str, text: str, show_stats: bool) -> No
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="chat", rich_help_panel="Local models")(chat)
+    app.command(name="chat", rich_help_panel="Local models")(connect.with_connection(chat))

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from lmscli.cli import console, render
+from lmscli.cli import connect, console, render
 from lmscli.errors import UserInputError
 
 app = typer.Typer(help="Log incoming and outgoing messages", no_args_is_help=True)
@@ -32,6 +32,7 @@ class Source(str, Enum):
 
 
 @app.command()
+@connect.with_connection
 def stream(
     json_: bool = typer.Option(False, "--json",
                                help="Outputs in JSON format, separated by newline"),
@@ -47,9 +48,11 @@ def stream(
 
     show: Callable[[dict[str, Any]], None] = (
         render.print_json if json_ else _text_printer(stats, green_painter()))
+    connect.check_remote()
     with _sigterm_as_interrupt():
         try:
-            _pump(follow_logs(), wanted, show)
+            _pump(follow_logs(connect.base_url, api_key=connect.target().api_key), wanted,
+                  show)
         except KeyboardInterrupt:
             raise typer.Exit(0) from None  # Ctrl+C is how this command is meant to end
         except BrokenPipeError:

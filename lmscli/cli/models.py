@@ -78,7 +78,7 @@ def ls(
     json_: bool = typer.Option(False, "--json", help="Output as JSON."),
 ) -> None:
     """List the models available on disk"""
-    models = [m.model_info() for m in catalog.list_models()]
+    models = models_on_disk()
     wanted = {t for t, on in (("llm", llm), ("embedding", embedding)) if on}
     shown = [m for m in models if not wanted or m["type"] in wanted]
     if json_:
@@ -96,6 +96,14 @@ def ls(
     for entry in loaded_models() or []:
         counts[entry["modelKey"]] = counts.get(entry["modelKey"], 0) + 1
     render.models_table(shown, counts)
+
+
+def models_on_disk() -> list[dict[str, Any]]:
+    """ModelInfo of the downloaded models: this disk's, or the remote server's."""
+    if not connect.target().remote:
+        return [m.model_info() for m in catalog.list_models()]
+    with connect.client() as client:  # type: ignore[union-attr]
+        return client.downloaded_models_info()
 
 
 def ps(json_: bool = typer.Option(False, "--json", help="Output as JSON.")) -> None:
@@ -216,14 +224,19 @@ def _unload_all(client: Any, loaded: list[dict[str, Any]]) -> None:
     console.info(f"Unloaded {len(loaded)} model{'s' if len(loaded) != 1 else ''}.")
 
 
+def status() -> None:
+    """Prints the status of the server and the loaded models."""
+    print_status()
+
+
 def print_status() -> None:
     """lms status: the server line, then the loaded models (stdout)."""
-    state = connect.running()
-    if state is None:
+    where = connect.server_port()
+    if where is None:
         console.out.print("Server:  OFF \n\n(i) To start the server, run the following command:"
                           "\n\n    lms server start", markup=False)
         return
-    console.out.print(f"Server: ON (port: {state.port})\n", markup=False)
+    console.out.print(f"Server: ON (port: {where})\n", markup=False)
     loaded = loaded_models() or []
     if not loaded:
         console.out.print("No Models Loaded", markup=False)
@@ -235,6 +248,8 @@ def print_status() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for fn, name in ((get, "get"), (load, "load"), (unload, "unload"), (ls, "ls"), (ps, "ps"),
-                     (import_, "import")):
+    for fn, name in ((get, "get"), (import_, "import")):
         app.command(name=name, rich_help_panel=PANEL)(fn)
+    for fn, name in ((load, "load"), (unload, "unload"), (ls, "ls"), (ps, "ps")):
+        app.command(name=name, rich_help_panel=PANEL)(connect.with_connection(fn))
+    app.command(name="status", rich_help_panel="Serve")(connect.with_connection(status))

@@ -99,19 +99,20 @@ def stop() -> None:
 
 
 @app.command()
+@connect.with_connection
 def status(json_: bool = typer.Option(False, "--json", help="Output as JSON.")) -> None:
     """Displays the status of the local server"""
-    state = connect.running()
+    port = connect.server_port()
     if json_:
-        data: dict = {"running": state is not None}
-        if state is not None:
-            data["port"] = state.port
+        data: dict = {"running": port is not None}
+        if port is not None:
+            data["port"] = port
         elif serverstate.config_exists():
             data["port"] = serverstate.last_port()
         render.print_json(data)
         return
-    if state:
-        console.info(f"The server is running on port {state.port}.")
+    if port is not None:
+        console.info(f"The server is running on port {port}.")
     else:
         console.info("The server is not running.")
 

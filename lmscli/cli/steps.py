@@ -20,7 +20,13 @@ def complete_model_keys(incomplete: str) -> list[str]:
 
 
 def resolve_key(key: str | None, exact: bool, yes: bool) -> str:
-    """lms's resolution: --exact on paths, else fuzzy over keys, recent first."""
+    """lms's resolution: --exact on paths, else fuzzy over keys, recent first. A remote
+    server's models are not on this disk: its key is taken as given."""
+    if connect.target().remote:
+        if not key:
+            raise UserInputError("Name the model to use on the remote server.",
+                                 hint="To see its models, run: lms ls --host HOST")
+        return key
     models = [m for m in catalog.list_models() if "clip" not in (m.architecture or "").lower()]
     if not models:
         raise ModelNotFoundError("You have not downloaded any models yet.",
@@ -136,7 +142,7 @@ def open_model(name: str | None, ttl: int, yes: bool) -> Any:
     loaded_models = client.list_loaded_models("llm")
     if loaded_models:
         return loaded_models[0]
-    if catalog.find_model(catalog.DEFAULT_MODEL) is None:
+    if not connect.target().remote and catalog.find_model(catalog.DEFAULT_MODEL) is None:
         console.info(f"No model is downloaded yet: fetching {catalog.DEFAULT_MODEL}.")
         fetch(catalog.DEFAULT_MODEL)
     return load_with_progress(client, catalog.DEFAULT_MODEL, ttl)

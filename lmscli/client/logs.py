@@ -42,19 +42,20 @@ def state_base_url() -> str | None:
 
 
 def stream_logs(base_url: str, *, read_timeout_s: float = READ_TIMEOUT_S,
-                http: httpx.Client | None = None) -> Iterator[Message]:
+                http: httpx.Client | None = None,
+                api_key: str | None = None) -> Iterator[Message]:
     """The messages of one connection, the first being ``{"type": "subscribed"}``; ends when
     the server closes the stream or the connection breaks. Raises ``ServerNotRunningError``
     when nothing answers at ``base_url``. ``http`` is a client to reuse."""
     with contextlib.ExitStack() as stack:
         if http is None:
-            http = stack.enter_context(_client(read_timeout_s))
+            http = stack.enter_context(_client(read_timeout_s, api_key))
         yield from _stream(http, base_url)
 
 
-def _client(read_timeout_s: float) -> httpx.Client:
+def _client(read_timeout_s: float, api_key: str | None = None) -> httpx.Client:
     # the stream carries every user's prompts: a keyed server wants the key here too
-    return httpx.Client(headers=auth_headers(),
+    return httpx.Client(headers=auth_headers(api_key),
                         timeout=httpx.Timeout(read_timeout_s, connect=5.0))
 
 
@@ -84,7 +85,8 @@ def _messages(response: httpx.Response) -> Iterator[Message]:
 
 
 def follow_logs(locate: Callable[[], str | None] = state_base_url, *, poll_s: float = POLL_S,
-                read_timeout_s: float = READ_TIMEOUT_S) -> Iterator[Message]:
+                read_timeout_s: float = READ_TIMEOUT_S,
+                api_key: str | None = None) -> Iterator[Message]:
     """``stream_logs`` that survives the server going away.
 
     The first connection must succeed (else ``ServerNotRunningError``). After that a lost
@@ -95,7 +97,7 @@ def follow_logs(locate: Callable[[], str | None] = state_base_url, *, poll_s: fl
     if base_url is None:
         raise ServerNotRunningError(NOT_RUNNING, hint=None)
     # one client for every attempt: a new one per poll would rebuild its TLS context each time
-    with _client(read_timeout_s) as http:
+    with _client(read_timeout_s, api_key) as http:
         yield from _follow(http, base_url, locate, poll_s)
 
 

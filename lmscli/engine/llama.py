@@ -239,7 +239,8 @@ class LlamaInstance(ModelInstance):
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = ll.llama_sampler_chain_add
         add(chain, ll.llama_sampler_init_penalties(self.model.n_vocab, PENALTY_LAST_N,
-                                                   p.repeat_penalty, 0.0, 0.0))
+                                                   p.repeat_penalty, p.frequency_penalty,
+                                                   p.presence_penalty))
         if request.grammar:
             _take_errors()
             grammar = ll.llama_sampler_init_grammar(

@@ -19,6 +19,8 @@ class SamplingParams:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.1
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from any token already seen
+    frequency_penalty: float = 0.0  # subtracted per time a token was seen
     seed: int | None = None
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)

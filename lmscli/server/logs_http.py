@@ -114,9 +114,11 @@ class _LoggedRequest:
         match = _MODEL.search(buffer)
         if match:
             try:
-                self.model = json.loads(b'"' + match.group(1) + b'"')
+                model = json.loads(b'"' + match.group(1) + b'"')
             except ValueError:
-                self.model = match.group(1).decode(errors="replace")
+                model = match.group(1).decode(errors="replace")
+            # a lone surrogate ("\ud800") would break every listener's UTF-8 stream
+            self.model = model.encode("utf-8", "replace").decode()
         self._tail = buffer[-_CARRY:]
 
     def _publish(self, seconds: float) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,21 @@ class Loaded:
         return info
 
 
-ProgressCb = Callable[[float], None]
+ProgressCb = Callable[[float], "bool | None"]  # False aborts the load
+
+
+@dataclass
+class LoadProgress:
+    progress: float  # 0..1
+
+
+@dataclass
+class LoadDone:
+    entry: Loaded
+    seconds: float
+
+
+LoadEvent = LoadProgress | LoadDone
 EventCb = Callable[[str, str, str | None], None]  # level, message, model identifier
 
 
@@ -95,7 +110,7 @@ class ModelManager:
                 return entry
         return None
 
-    def _resolve_downloaded(self, name: str) -> Any:
+    def resolve_downloaded(self, name: str) -> Any:
         plausible = name.isprintable() and len(name) <= MAX_NAME_CHARS
         model = catalog.find_model(name) if plausible else None
         if model is None:
@@ -113,17 +128,63 @@ class ModelManager:
                 entry.ttl_s = ttl_s
             entry.touch()
             return entry
-        model = self._resolve_downloaded(name)
+        model = self.resolve_downloaded(name)
         pending = self._loading.get(model.model_key)
         if pending is not None:
             return await asyncio.shield(pending)
         return await self.load(model.model_key, ttl_s=ttl_s or JIT_TTL_S, jit=True)
 
+    async def check_load(self, name: str, identifier: str | None,
+                         context_length: int | None) -> Any:
+        """The downloaded model a load would use; raises the 4xx a load would end in, so a
+        caller can refuse before it starts streaming progress."""
+        model = self.resolve_downloaded(name)
+        if identifier is not None:
+            check_identifier(identifier)
+        if identifier and identifier in self.loaded:
+            raise APIError(409, f'A model with identifier "{identifier}" is already loaded.',
+                           param="identifier", code="identifier_in_use")
+        await self.check_fits(model, context_length)
+        return model
+
+    async def load_events(self, name: str, **options: Any) -> AsyncGenerator[LoadEvent, None]:
+        """``load`` as events: progress (at most one a percent), then the loaded model. An
+        error of the load is raised from the iterator; closing it early aborts the load."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[float] = asyncio.Queue()
+        stop = threading.Event()
+        last = -1.0
+
+        def on_progress(progress: float) -> bool:
+            nonlocal last
+            # llama.cpp reports once per tensor: one event per percent is plenty
+            if progress >= 1.0 or progress - last >= 0.01:
+                last = progress
+                loop.call_soon_threadsafe(queue.put_nowait, progress)
+            return not stop.is_set()
+
+        started = time.perf_counter()
+        task = asyncio.create_task(self.load(name, on_progress=on_progress, **options))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                yield LoadProgress(getter.result())
+            while not queue.empty():
+                yield LoadProgress(queue.get_nowait())
+            yield LoadDone(task.result(), time.perf_counter() - started)
+        finally:
+            stop.set()  # a no-op once loaded; otherwise the load stops between tensors
+
     async def load(self, name: str, *, identifier: str | None = None,
                    context_length: int | None = None, gpu_ratio: float | None = None,
                    ttl_s: float | None = None, jit: bool = False, parallel: int | None = None,
                    on_progress: ProgressCb | None = None) -> Loaded:
-        model = self._resolve_downloaded(name)
+        model = self.resolve_downloaded(name)
         if identifier is not None:
             check_identifier(identifier)
         identifier = identifier or self._free_identifier(model.model_key)

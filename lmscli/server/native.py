@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
-import threading
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 import lmscli
-from lmscli.engine import Done, Event, Fragment, PromptProgress
+from lmscli.engine import Done, Event, Fragment, PredictionRequest, PromptProgress
+from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta
 from lmscli.server.errors import APIError, Body, bad_request
-from lmscli.server.models import MAX_PARALLEL, Loaded, ModelManager, check_identifier
-from lmscli.server.openai_api import read_json
-
-
-def manager(request: Request) -> ModelManager:
-    return request.app.state.models
+from lmscli.server.models import MAX_PARALLEL, Loaded, LoadEvent, LoadProgress
+from lmscli.server.parsing import (
+    manager,
+    parse_messages,
+    predict_model,
+    read_json,
+    request_grammar,
+    sampling,
+)
+from lmscli.server.predict import Running, check_grammar
+from lmscli.server.tooluse import Quiet, chat_prompt, tool_use
 
 
 async def greeting(request: Request) -> Any:
@@ -83,56 +86,30 @@ async def load(request: Request) -> Any:
         return StreamingResponse(iter([ndjson(line)]),
                                  media_type="application/x-ndjson")
     # what can be refused before loading is a plain 4xx, not a line in the stream
-    model = models._resolve_downloaded(name)
-    if identifier is not None:
-        check_identifier(identifier)
-    if identifier and identifier in models.loaded:
-        raise APIError(409, f'A model with identifier "{identifier}" is already loaded.',
-                       param="identifier", code="identifier_in_use")
-    await models.check_fits(model, context_length)
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    stop = threading.Event()
-    last = [-1.0]
+    await models.check_load(name, identifier, context_length)
+    events = models.load_events(name, identifier=identifier, context_length=context_length,
+                                gpu_ratio=ratio, ttl_s=float(ttl) if ttl else None,
+                                parallel=parallel)
+    return StreamingResponse(load_lines(name, events), media_type="application/x-ndjson")
 
-    def on_progress(progress: float) -> bool:
-        # llama.cpp reports once per tensor: one line per percent is plenty
-        if progress >= 1.0 or progress - last[0] >= 0.01:
-            last[0] = progress
-            loop.call_soon_threadsafe(queue.put_nowait,
-                                      {"type": "progress", "progress": progress})
-        return not stop.is_set()
 
-    async def run() -> None:
-        started = time.perf_counter()
-        try:
-            entry = await models.load(name, identifier=identifier, context_length=context_length,
-                                      gpu_ratio=ratio, ttl_s=float(ttl) if ttl else None,
-                                      parallel=parallel, on_progress=on_progress)
-            await queue.put({"type": "success", "info": entry.info(),
-                             "loadTimeSec": time.perf_counter() - started})
-        except APIError as exc:
-            await queue.put({"type": "error", "status": exc.status} | exc.body())
-        except Exception as exc:  # a failed load must reach the client as a message
-            await queue.put({"type": "error", "status": 500,
-                             "error": {"message": f"Failed to load {name}: {exc}",
-                                       "type": "server_error", "param": None,
-                                       "code": "model_load_failed"}})
-
-    task = asyncio.create_task(run())
-
-    async def lines() -> AsyncIterator[bytes]:
-        try:
-            while True:
-                item = await queue.get()
-                yield ndjson(item)
-                if item["type"] in ("success", "error"):
-                    return
-        finally:
-            if not task.done():
-                stop.set()  # the client went away: abort the load between tensors
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+async def load_lines(name: str, events: AsyncGenerator[LoadEvent, None]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            if isinstance(event, LoadProgress):
+                yield ndjson({"type": "progress", "progress": event.progress})
+            else:
+                yield ndjson({"type": "success", "info": event.entry.info(),
+                              "loadTimeSec": event.seconds})
+    except APIError as exc:
+        yield ndjson({"type": "error", "status": exc.status} | exc.body())
+    except Exception as exc:  # a failed load must reach the client as a message
+        yield ndjson({"type": "error", "status": 500,
+                      "error": {"message": f"Failed to load {name}: {exc}",
+                                "type": "server_error", "param": None,
+                                "code": "model_load_failed"}})
+    finally:
+        await events.aclose()  # the client went away: abort the load between tensors
 
 
 async def unload(request: Request) -> Any:
@@ -159,13 +136,8 @@ async def predict(request: Request) -> Any:
     """One prediction as NDJSON events shaped like LM Studio's predict channel: ``started``,
     ``promptProcessingProgress``, ``fragment``, ``toolCallGeneration*``, then ``success``
     or ``error``."""
-    from lmscli.engine import PredictionRequest
-    from lmscli.server import openai_api as o
-    from lmscli.server.predict import Running, check_grammar
-    from lmscli.server.tooluse import Quiet, chat_prompt, tool_use
-
     body = await read_json(request)
-    params = o.sampling(body)  # before a load: a bad number shouldn't cost one
+    params = sampling(body)  # before a load: a bad number shouldn't cost one
     entry = await predict_model(request, body)
     use = None
     if "prompt" in body.data:
@@ -175,8 +147,8 @@ async def predict(request: Request) -> Any:
                               "prompt")
     else:
         use = tool_use(body, entry)
-        prompt = await chat_prompt(entry, o.parse_messages(body), use)
-    grammar = o.request_grammar(body, use)
+        prompt = await chat_prompt(entry, parse_messages(body), use)
+    grammar = request_grammar(body, use)
     await check_grammar(entry, grammar, "tools" if use and use.grammar else "response_format")
     running = Running(entry, PredictionRequest(prompt, params, grammar),
                       use.recovered_calls if use and use.tools else None)
@@ -203,21 +175,6 @@ async def predict(request: Request) -> Any:
             predictions.pop(prediction_id, None)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
-
-
-async def predict_model(request: Request, body: Body) -> Loaded:
-    """The named model (get-or-load), or the first loaded one when none is named."""
-    models = manager(request)
-    name = body.get("model", str)
-    if name:
-        ttl = body.integer("ttl", low=1)
-        return await models.get_or_load(name, ttl_s=float(ttl) if ttl else None)
-    if not models.loaded:
-        raise APIError(404, "No models are currently loaded. Load one with: lms load",
-                       param="model", code="model_not_loaded")
-    entry = sorted(models.loaded.values(), key=lambda e: e.loaded_at)[0]
-    entry.touch()
-    return entry
 
 
 class SdkEvents:
@@ -248,8 +205,6 @@ class SdkEvents:
 
     @staticmethod
     def _parsed(p: Any) -> list[dict[str, Any]]:
-        from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta
-
         if isinstance(p, ContentDelta):
             return [fragment_event(p.text, 1)] if p.text else []
         if isinstance(p, CallStart):

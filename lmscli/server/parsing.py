@@ -1,0 +1,173 @@
+"""Request parsing shared by every API surface: bodies, sampling fields, messages, grammars
+and the model a request names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+
+from lmscli.engine import SamplingParams
+from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
+from lmscli.server.errors import APIError, Body, bad_request, parse_json, shorten
+from lmscli.server.models import Loaded, ModelManager
+from lmscli.server.tooluse import ToolUse, check_message_tool_fields
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_STOPS = 32
+MAX_STOP_CHARS = 1000
+INT32_MAX = 2**31 - 1  # counts that reach llama.cpp as C ints
+# OpenAI fields we don't implement, with the value that asks for nothing: any other value is a
+# 400, so that a client never believes it got what it asked for.
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},),
+               "echo": (False,), "best_of": (1,), "suffix": ("",)}
+
+
+async def read_json(request: Request) -> Body:
+    return Body(parse_json(await request.body()))
+
+
+def manager(request: Request) -> ModelManager:
+    return request.app.state.models
+
+
+def sampling(body: Body) -> SamplingParams:
+    reject_unsupported(body)
+    p = SamplingParams()
+    p.temperature = body.number("temperature", p.temperature, low=0, high=2)  # type: ignore
+    p.top_p = body.number("top_p", p.top_p, low=0, high=1)  # type: ignore[assignment]
+    p.top_k = body.integer("top_k", p.top_k, low=0, high=INT32_MAX)  # type: ignore[assignment]
+    p.min_p = body.number("min_p", p.min_p, low=0, high=1)  # type: ignore[assignment]
+    p.repeat_penalty = body.number("repeat_penalty", p.repeat_penalty, low=0,  # type: ignore
+                                   high=100)
+    for key in ("presence_penalty", "frequency_penalty"):
+        setattr(p, key, body.number(key, 0.0, low=-2, high=2))
+    seed = body.integer("seed")
+    # llama.cpp seeds are 32-bit; -1 becomes 0xFFFFFFFF, which llama.cpp reads as "random"
+    p.seed = None if seed is None else seed % 2**32
+    p.max_tokens = max_tokens(body)
+    p.stop = stop_strings(body)
+    if body.integer("n", 1) != 1:
+        raise bad_request("Only n=1 is supported: this server returns one choice.", "n")
+    return p
+
+
+def reject_unsupported(body: Body) -> None:
+    for key, harmless in UNSUPPORTED.items():
+        value = body.data.get(key)
+        if value is None or any(value == h and type(value) is type(h) for h in harmless):
+            continue
+        raise bad_request(f"'{key}' is not supported by this server; leave it out.", key,
+                          "unsupported_parameter")
+
+
+def max_tokens(body: Body) -> int | None:
+    """The token limit: None for none (a negative value, as LM Studio's -1)."""
+    key = "max_completion_tokens" if "max_completion_tokens" in body.data else "max_tokens"
+    value = body.integer(key, high=INT32_MAX)
+    if value == 0:
+        raise bad_request(f"'{key}' must be at least 1 (or -1 for no limit).", key)
+    return None if value is None or value < 0 else value
+
+
+def stop_strings(body: Body) -> list[str]:
+    stop = body.get("stop", (str, list))
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not all(isinstance(s, str) for s in stops):
+        raise bad_request("Field 'stop' must be a string or an array of strings.", "stop")
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(f"Field 'stop' takes at most {MAX_STOPS} strings of at most "
+                          f"{MAX_STOP_CHARS} characters.", "stop")
+    return stops
+
+
+def message_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" \
+                    or not isinstance(part.get("text"), str):
+                raise bad_request(f"'{where}[{i}]' must be a text part "
+                                  '({"type": "text", "text": "..."}); images are not supported.',
+                                  f"{where}[{i}]")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"'{where}' must be a string or an array of text parts.", where)
+
+
+def parse_messages(body: Body) -> list[dict[str, Any]]:
+    messages = body.get("messages", list, required=True)
+    if not messages:
+        raise bad_request("Field 'messages' must not be empty.", "messages")
+    out = []
+    for i, raw in enumerate(messages):
+        msg = Body(raw, f"messages[{i}]")
+        role = msg.get("role", str, required=True)
+        if role not in ROLES:
+            raise bad_request(f"'messages[{i}].role' must be one of "
+                              f"{', '.join(sorted(ROLES))}.", f"messages[{i}].role")
+        content = message_text(raw.get("content"), f"messages[{i}].content")
+        message = {"role": "system" if role == "developer" else role, "content": content}
+        check_message_tool_fields(raw, i, message)
+        out.append(message)
+    return out
+
+
+def response_grammar(body: Body) -> str | None:
+    """GBNF for OpenAI's ``response_format`` (json_schema or json_object), else None."""
+    fmt = body.get("response_format", dict)
+    if fmt is None:
+        return None
+    spec = Body(fmt, "response_format")
+    kind = spec.get("type", str, required=True)
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return any_json_grammar()
+    if kind != "json_schema":
+        raise bad_request("'response_format.type' must be text, json_object or json_schema.",
+                          "response_format.type")
+    inner = Body(spec.get("json_schema", dict, required=True), "response_format.json_schema")
+    where = "response_format.json_schema.schema"
+    schema = inner.get("schema", dict, required=True)
+    try:
+        return json_schema_grammar(schema, where)
+    except SchemaError as exc:
+        raise bad_request(f"Unsupported JSON schema: {shorten(str(exc), 500)}", where,
+                          "invalid_schema") from None
+
+
+def ttl_of(body: Body) -> float | None:
+    ttl = body.integer("ttl", low=1)
+    return float(ttl) if ttl is not None else None
+
+
+async def model_for(request: Request, body: Body) -> Loaded:
+    name = body.get("model", str, required=True)
+    return await manager(request).get_or_load(name, ttl_s=ttl_of(body))
+
+
+def request_grammar(body: Body, use: ToolUse | None) -> str | None:
+    """At most one constraint: a forced tool call, or a response_format schema."""
+    schema = response_grammar(body)
+    if schema and use and use.grammar:
+        raise bad_request("response_format cannot be combined with a required tool call.",
+                          "response_format")
+    return (use.grammar if use else None) or schema
+
+
+async def predict_model(request: Request, body: Body) -> Loaded:
+    """The named model (get-or-load), or the first loaded one when none is named."""
+    models = manager(request)
+    if body.get("model", str):
+        return await model_for(request, body)
+    if not models.loaded:
+        raise APIError(404, "No models are currently loaded. Load one with: lms load",
+                       param="model", code="model_not_loaded")
+    entry = sorted(models.loaded.values(), key=lambda e: e.loaded_at)[0]
+    entry.touch()
+    return entry
