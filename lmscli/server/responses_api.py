@@ -351,19 +351,19 @@ class EventStream:
                           logprobs=[])
 
     def _closed(self, block: Block, at: dict[str, Any]) -> list[bytes]:
-        status = item_status(block, self.turn.blocks.all, self.turn.finished)
-        done = self.event("response.output_item.done", output_index=block.index,
-                          item=self.draft.item(block, status))
         if block.kind == "call":
-            return [self.event("response.function_call_arguments.done", **at, name=block.name,
-                               arguments=block.text), done]
-        text_done = "response.reasoning_text.done" if block.kind == "reasoning" \
-            else "response.output_text.done"
-        extra = {} if block.kind == "reasoning" else {"logprobs": []}
-        return [self.event(text_done, **at, content_index=0, text=block.text, **extra),
-                self.event("response.content_part.done", **at, content_index=0,
-                           part=self._part(block, block.text)),
-                done]
+            out = [self.event("response.function_call_arguments.done", **at, name=block.name,
+                              arguments=block.text)]
+        else:
+            text_done = "response.reasoning_text.done" if block.kind == "reasoning" \
+                else "response.output_text.done"
+            extra = {} if block.kind == "reasoning" else {"logprobs": []}
+            out = [self.event(text_done, **at, content_index=0, text=block.text, **extra),
+                   self.event("response.content_part.done", **at, content_index=0,
+                              part=self._part(block, block.text))]
+        status = item_status(block, self.turn.blocks.all, self.turn.finished)
+        return out + [self.event("response.output_item.done", output_index=block.index,
+                                 item=self.draft.item(block, status))]
 
 
 # -- handlers --------------------------------------------------------------------------------
