@@ -482,6 +482,7 @@ GENERATION = {"model": MODEL, "max_tokens": 8}
 # the agent APIs: OpenAI's Responses and Anthropic's Messages
 RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH = "/v1/responses", "/v1/messages", \
     "/v1/messages/count_tokens"
+RESPONSES_BASE = {"model": MODEL, "max_output_tokens": 8, "input": "Say hi."}
 RESPONSES_INPUT = st.one_of(st.text(max_size=30), ANY, st.lists(st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "developer", "x"]),
                            "content": st.one_of(st.text(max_size=20), ANY, st.lists(
@@ -537,8 +538,8 @@ PLAUSIBLE_CLAUDE = {
     "output_config": st.builds(lambda s: {"format": {"type": "json_schema", "schema": s}},
                                VALID_SCHEMA)}
 AGENT_TOOL_CASES = [
-    st.builds(lambda tools, choice: ("POST", RESPONSES_PATH, GENERATION | {
-        "input": "Say hi.", "tools": [{"type": "function", "name": t["function"]["name"],
+    st.builds(lambda tools, choice: ("POST", RESPONSES_PATH, RESPONSES_BASE | {
+        "tools": [{"type": "function", "name": t["function"]["name"],
                                        "parameters": t["function"]["parameters"]}
                                       for t in tools], "tool_choice": choice}, None, True),
         VALID_TOOLS, st.sampled_from(["required", "auto", "none"])),
@@ -549,10 +550,10 @@ AGENT_TOOL_CASES = [
         VALID_TOOLS, st.sampled_from(["any", "auto", "none"]), st.booleans()),
 ]
 AGENT_REQUESTS = [
-    mutated(RESPONSES_PATH, GENERATION | {"input": "Say hi."}, RESPONSES_FIELDS),
+    mutated(RESPONSES_PATH, RESPONSES_BASE, RESPONSES_FIELDS),
     mutated(MESSAGES_PATH, GENERATION | {"messages": USER}, CLAUDE_FIELDS),
     mutated(COUNT_PATH, {"model": MODEL, "messages": USER}, CLAUDE_FIELDS, False),
-    plausible(RESPONSES_PATH, GENERATION | {"input": "Say hi."}, PLAUSIBLE_RESPONSES),
+    plausible(RESPONSES_PATH, RESPONSES_BASE, PLAUSIBLE_RESPONSES),
     plausible(MESSAGES_PATH, GENERATION | {"messages": USER}, PLAUSIBLE_CLAUDE),
     *AGENT_TOOL_CASES,
     st.builds(lambda name, method: (method, f"{RESPONSES_PATH}/{quoted(name)}",
