@@ -69,6 +69,9 @@ def test_think_only_counts_at_the_start_or_when_the_prompt_opened_it() -> None:
     opened = TurnParser(plain, "<|im_start|>assistant\n<think>\n")
     events = opened.feed("pondering</think>Answer", final=True)
     assert events[0] == ReasoningDelta("pondering") and events[1].text == "Answer"
+    # a grammar (forced call, schema) shapes the whole reply: none of it is reasoning
+    shaped = TurnParser(plain, "<|im_start|>assistant\n<think>\n", think=False)
+    assert [type(e).__name__ for e in shaped.feed('{"a": 1}', final=True)] == ["ContentDelta"]
     cut_off = ThinkSplitter(inside=True)
     assert cut_off.feed("still thinking</th", final=True) == ("still thinking</th", "")
 
@@ -233,7 +236,7 @@ def test_messages_stop_reasons(fake_server: ThreadServer) -> None:
 def test_messages_tool_round_with_thinking(fake_server: ThreadServer) -> None:
     c = claude(fake_server)
     with c.messages.stream(model=MODEL, max_tokens=100, tools=[CLAUDE_WEATHER],
-                           tool_choice={"type": "any"},
+                           tool_choice={"type": "auto"},  # a forced call leaves no thinking
                            messages=user(f"[[reply: <think>Use the tool.</think> {CALL}]]")
                            ) as stream:
         asked = stream.get_final_message()

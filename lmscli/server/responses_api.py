@@ -7,7 +7,7 @@ import json
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,7 +291,8 @@ def usage(stats: PredictionStats, reasoning_tokens: int) -> dict[str, Any]:
 class EventStream:
     """The typed server-sent events, numbered in order, of one streamed response."""
 
-    def __init__(self, draft: Draft, turn: Turn, on_final: Any) -> None:
+    def __init__(self, draft: Draft, turn: Turn,
+                 on_final: Callable[[Finished], dict[str, Any]]) -> None:
         self.draft, self.turn, self.on_final = draft, turn, on_final
         self.seq = 0
 
@@ -306,7 +307,7 @@ class EventStream:
         yield self.event("response.in_progress", response=started)
         async for event in self.turn.stream():
             if isinstance(event, Finished):
-                final = await self.on_final(event)
+                final = self.on_final(event)
                 kind = "response.completed" if final["status"] == "completed" else \
                     "response.incomplete"
                 yield self.event(kind, response=final)
@@ -388,8 +389,8 @@ async def create(request: Request) -> Any:
     await turn.start()
     draft = Draft(body, entry.identifier, tools, fmt, params)
 
-    async def on_final(finished: Finished) -> dict[str, Any]:
-        final = draft.final(turn.blocks.all, finished, await turn.reasoning_tokens())
+    def on_final(finished: Finished) -> dict[str, Any]:
+        final = draft.final(turn.blocks.all, finished, turn.reasoning_tokens)
         if draft.echo["store"]:
             messages = new + [assistant_message(turn.blocks.all)]
             store.put(Stored(final, messages, previous))
@@ -399,7 +400,7 @@ async def create(request: Request) -> Any:
         return StreamingResponse(EventStream(draft, turn, on_final).run(),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await on_final(await turn.whole()))
+    return JSONResponse(on_final(await turn.whole()))
 
 
 async def one(request: Request) -> Any:

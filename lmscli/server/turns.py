@@ -37,7 +37,7 @@ from lmscli.prompting.tools import (
 from lmscli.server.errors import Body, bad_request
 from lmscli.server.models import Loaded
 from lmscli.server.openai_api import STREAM_COALESCE_S
-from lmscli.server.predict import Running, check_grammar, collect
+from lmscli.server.predict import Running, _cancel_on_disconnect, check_grammar, failure
 from lmscli.server.tooluse import MAX_TOOL_NAME_CHARS, ToolUse, chat_prompt, tool_use
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -174,12 +174,14 @@ def opens_thinking(prompt: str) -> bool:
 class TurnParser:
     """Generated text → turn events: the think block, then text and tool calls."""
 
-    def __init__(self, use: ToolUse, prompt: str, call_id_prefix: str = "call_") -> None:
-        self._think = ThinkSplitter(inside=opens_thinking(prompt))
+    def __init__(self, use: ToolUse, prompt: str, call_id_prefix: str = "call_", *,
+                 think: bool = True) -> None:
+        # without ``think`` (a grammar shapes the whole reply) nothing is reasoning
+        self._think = ThinkSplitter(inside=opens_thinking(prompt)) if think else None
         self._tools = ToolCallParser(use.fmt, call_id_prefix) if use.tools else None
 
     def feed(self, text: str, final: bool = False) -> list[TurnEvent]:
-        reasoning, answer = self._think.feed(text, final)
+        reasoning, answer = self._think.feed(text, final) if self._think else ("", text)
         out: list[TurnEvent] = [ReasoningDelta(reasoning)] if reasoning else []
         if self._tools is None:
             if answer:
@@ -299,7 +301,11 @@ class Finished:
 
 @dataclass
 class Failure:
-    message: str
+    event: Failed  # the prediction failed after it started
+
+    @property
+    def message(self) -> str:
+        return self.event.message
 
 
 class Turn:
@@ -308,10 +314,12 @@ class Turn:
     def __init__(self, request: Request, prepared: Prepared, params: SamplingParams,
                  call_id_prefix: str = "call_") -> None:
         self.request, self.prepared, self.params = request, prepared, params
-        self.parser = TurnParser(prepared.use, prepared.prompt, call_id_prefix)
+        self.parser = TurnParser(prepared.use, prepared.prompt, call_id_prefix,
+                                 think=prepared.grammar is None)
         self.blocks = Blocks()
         self.prompt_tokens = 0  # known once started
         self.cached_tokens = 0
+        self.reasoning_tokens = 0  # estimated from the fragments' token counts
         self.finished: Finished | None = None  # set before the last blocks close
         self._running: Running | None = None
 
@@ -324,11 +332,12 @@ class Turn:
         if isinstance(first, PromptProgress):
             self.prompt_tokens, self.cached_tokens = first.total_tokens, first.cached_tokens
 
-    async def stream(self) -> AsyncIterator[BlockEvent | Finished | Failure]:
+    async def stream(self, coalesce_s: float = STREAM_COALESCE_S
+                     ) -> AsyncIterator[BlockEvent | Finished | Failure]:
         assert self._running is not None
-        async for event in self._running.events(coalesce_s=STREAM_COALESCE_S):
+        async for event in self._running.events(coalesce_s=coalesce_s):
             if isinstance(event, Fragment):
-                for block_event in self.blocks.feed(self.parser.feed(event.text)):
+                for block_event in self.blocks.feed(self._parse(event)):
                     yield block_event
             elif isinstance(event, Done):
                 closing = self._close()
@@ -337,16 +346,30 @@ class Turn:
                     yield block_event
                 yield self.finished
             elif isinstance(event, Failed):
-                yield Failure(event.message)
+                yield Failure(event)
 
     async def whole(self) -> Finished:
-        """Run to the end; the reply is then in ``blocks.all``."""
+        """Run to the end; the reply is then in ``blocks.all``. A client that disconnects
+        meanwhile cancels the prediction: nobody is left to read the answer."""
         assert self._running is not None
-        text, done = await collect(self._running, self.request)
-        self.blocks.feed(self.parser.feed(text))
-        self._close()
-        self.finished = self._finished(done)
-        return self.finished
+        watcher = asyncio.create_task(_cancel_on_disconnect(self.request, self._running))
+        try:
+            async for event in self.stream(coalesce_s=0.0):
+                if isinstance(event, Failure):
+                    raise failure(event.event)
+                if isinstance(event, Finished):
+                    return event
+        finally:
+            watcher.cancel()
+        raise AssertionError("a prediction ends with Done or Failed")
+
+    def _parse(self, fragment: Fragment) -> list[TurnEvent]:
+        events = self.parser.feed(fragment.text)
+        thought = sum(len(e.text) for e in events if isinstance(e, ReasoningDelta))
+        if thought:  # a fragment can straddle the end of the block: count its share
+            share = fragment.tokens * thought / max(len(fragment.text), thought)
+            self.reasoning_tokens += max(1, round(share))
+        return events
 
     def _close(self) -> list[BlockEvent]:
         return self.blocks.feed(self.parser.feed("", final=True)) + self.blocks.close()
@@ -357,14 +380,6 @@ class Turn:
             stats = dataclasses.replace(stats, stop_reason="toolCalls")
         self.prompt_tokens, self.cached_tokens = stats.prompt_tokens, stats.cached_tokens
         return Finished(stats)
-
-    async def reasoning_tokens(self) -> int:
-        """Tokens the reply spent thinking (counted again: fragments straddle the block)."""
-        text = "".join(b.text for b in self.blocks.all if b.kind == "reasoning")
-        if not text:
-            return 0
-        instance = self.prepared.entry.instance
-        return len(await asyncio.to_thread(instance.tokenize, text))
 
 
 def sse_event(name: str, data: dict[str, Any]) -> bytes:
