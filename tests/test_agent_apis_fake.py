@@ -274,6 +274,7 @@ def test_messages_bad_input_is_anthropic_shaped(fake_server: ThreadServer) -> No
         {"max_tokens": 5, "messages": user("hi"), "tool_choice": {"type": "tool",
                                                                   "name": "nope"}},
         {"max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]},
+        {"max_tokens": 5, "messages": [{"role": "user", "content": []}]},
     ]
     for fields in bad:
         with pytest.raises(anthropic.BadRequestError) as info:
@@ -317,3 +318,19 @@ def test_anthropic_sdk_and_the_api_key(fake_models: object) -> None:
             oai(server, "wrong").responses.create(model=MODEL, input="hi")
     finally:
         server.stop()
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_prediction(
+        fake_server: ThreadServer, streams: list[LogProcess]) -> None:
+    c = claude(fake_server)
+    c.messages.create(model=MODEL, max_tokens=5, messages=user("warm up"))
+    outputs = start(streams, "--json", "--filter", "output")
+    with c.messages.stream(model=MODEL, max_tokens=500,
+                           messages=user("[[slow]] [[count: 200]]")) as stream:
+        for text in stream.text_stream:
+            if "n3" in text:
+                break  # the client goes away mid-answer
+    data = event_of(outputs.out_lines(1, timeout=15)[0])["data"]
+    assert data["output"].startswith("n1 n2 n3") and len(data["output"].split()) < 200
+    assert data["stats"]["stopReason"] == "userStopped"
+    assert fake_server.models.loaded[MODEL].active == 0

@@ -66,6 +66,8 @@ def chat_messages(body: Body) -> list[dict[str, Any]]:
         role = message.get("role", str, required=True)
         content = message.get("content", (str, list), required=True)
         where = f"messages[{i}].content"
+        if not content and isinstance(content, list):
+            raise bad_request(f"'{where}' must not be an empty array.", where)
         if role == "user":
             out += _user_turn(content, where)
         elif role == "assistant":
@@ -291,11 +293,12 @@ async def messages(request: Request) -> Any:
     body = await read_json(request)
     wanted = turn_input(body)
     params = params_of(body)  # before a load: a bad field shouldn't cost one
+    stream = body.get("stream", bool, False)
     entry = await model_for(request, body)
     turn = Turn(request, await prepare(entry, wanted), params, call_id_prefix="toolu_")
-    await turn.start()
+    await turn.start()  # from here on, only the turn's own end may end the request
     reply = Reply(entry.identifier, turn)
-    if body.get("stream", bool, False):
+    if stream:
         return StreamingResponse(reply.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return JSONResponse(reply.whole(await turn.whole()))

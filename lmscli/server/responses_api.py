@@ -217,11 +217,12 @@ def store_of(request: Request) -> ResponseStore:
 class Draft:
     """The response object as it goes from in_progress to its end, and its output items."""
 
-    def __init__(self, body: Body, model: str, tools: list[dict[str, Any]],
-                 fmt: dict[str, Any], params: Any) -> None:
+    def __init__(self, body: Body, tools: list[dict[str, Any]], fmt: dict[str, Any],
+                 params: Any) -> None:
         self.id = "resp_" + secrets.token_hex(24)
         self.created_at = int(time.time())
-        self.model = model
+        self.model = body.data.get("model")  # the loaded model's identifier, once known
+        self.stream = body.get("stream", bool, False)
         self.echo = {
             "instructions": body.data.get("instructions"),
             "max_output_tokens": params.max_tokens,
@@ -381,13 +382,14 @@ async def create(request: Request) -> Any:
     history = store.conversation(previous) if previous else []
     instructions = body.text("instructions")
     system = [{"role": "system", "content": instructions}] if instructions else []
+    draft = Draft(body, tools, fmt, params)  # every field is checked before a load
     entry = await model_for(request, body)
+    draft.model = entry.identifier
     prepared = await prepare(entry, TurnInput(
         system + history + new, chat_tools or None, chat_tool_choice(body), grammar,
         "text.format"))
     turn = Turn(request, prepared, params)
-    await turn.start()
-    draft = Draft(body, entry.identifier, tools, fmt, params)
+    await turn.start()  # from here on, only the turn's own end may end the request
 
     def on_final(finished: Finished) -> dict[str, Any]:
         final = draft.final(turn.blocks.all, finished, turn.reasoning_tokens)
@@ -396,7 +398,7 @@ async def create(request: Request) -> Any:
             store.put(Stored(final, messages, previous))
         return final
 
-    if body.get("stream", bool, False):
+    if draft.stream:
         return StreamingResponse(EventStream(draft, turn, on_final).run(),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

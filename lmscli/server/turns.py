@@ -9,6 +9,7 @@ order of the reply. Each API renders the blocks in its own shape, whole or strea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -335,18 +336,19 @@ class Turn:
     async def stream(self, coalesce_s: float = STREAM_COALESCE_S
                      ) -> AsyncIterator[BlockEvent | Finished | Failure]:
         assert self._running is not None
-        async for event in self._running.events(coalesce_s=coalesce_s):
-            if isinstance(event, Fragment):
-                for block_event in self.blocks.feed(self._parse(event)):
-                    yield block_event
-            elif isinstance(event, Done):
-                closing = self._close()
-                self.finished = self._finished(event)
-                for block_event in closing:
-                    yield block_event
-                yield self.finished
-            elif isinstance(event, Failed):
-                yield Failure(event)
+        async with contextlib.aclosing(self._running.events(coalesce_s=coalesce_s)) as events:
+            async for event in events:
+                if isinstance(event, Fragment):
+                    for block_event in self.blocks.feed(self._parse(event)):
+                        yield block_event
+                elif isinstance(event, Done):
+                    closing = self._close()
+                    self.finished = self._finished(event)
+                    for block_event in closing:
+                        yield block_event
+                    yield self.finished
+                elif isinstance(event, Failed):
+                    yield Failure(event)
 
     async def whole(self) -> Finished:
         """Run to the end; the reply is then in ``blocks.all``. A client that disconnects
@@ -354,11 +356,13 @@ class Turn:
         assert self._running is not None
         watcher = asyncio.create_task(_cancel_on_disconnect(self.request, self._running))
         try:
-            async for event in self.stream(coalesce_s=0.0):
-                if isinstance(event, Failure):
-                    raise failure(event.event)
-                if isinstance(event, Finished):
-                    return event
+            # closed on the way out, so that the prediction's slot is released at once
+            async with contextlib.aclosing(self.stream(coalesce_s=0.0)) as events:
+                async for event in events:
+                    if isinstance(event, Failure):
+                        raise failure(event.event)
+                    if isinstance(event, Finished):
+                        return event
         finally:
             watcher.cancel()
         raise AssertionError("a prediction ends with Done or Failed")
