@@ -72,7 +72,8 @@ def server_errors(response: httpx.Response) -> list[str]:
     if response.status_code >= 500:
         return [f"{response.status_code}: {response.text[:300]}"]
     text = response.text
-    if '"server_error"' in text or '"status": 5' in text or '"status":5' in text:
+    if '"server_error"' in text or '"api_error"' in text or '"status": 5' in text \
+            or '"status":5' in text:
         return [f"in the stream: {text[:300]}"]
     return []
 
@@ -277,6 +278,15 @@ BAD_REQUESTS: list[Any] = [
                  id="load gpu 1e400"),
     pytest.param("/v1/embeddings", {"model": MODEL, "input": "word " * 20_000},
                  id="embedding past its context"),
+    pytest.param("/v1/responses", {"model": MODEL, "input": Raw('"\\ud800"')},
+                 id="surrogate responses input"),
+    pytest.param("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 0},
+                 id="max_output_tokens 0"),
+    pytest.param("/v1/messages", {"model": MODEL, "max_tokens": 8, "messages": USER,
+                                  "system": Raw('"\\udfff"')}, id="surrogate system"),
+    pytest.param("/v1/messages", {"model": MODEL, "max_tokens": HUGE_INT, "messages": USER},
+                 id="messages 5000-digit max_tokens"),
+    pytest.param("/v1/messages/count_tokens", DEEP, id="count_tokens nested 100k deep"),
 ]
 
 
@@ -452,7 +462,7 @@ def plausible(path: str, base: dict[str, Any],
 def short(body: dict[str, Any]) -> dict[str, Any]:
     """Generation stays short: a valid token limit over 8, or none, becomes 8. Invalid limits
     stay: they are what the fuzz is about."""
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
         if value is None or (type(value) is int and -(2**31) < value < 2**31
                              and not 0 <= value <= 8):
@@ -469,9 +479,90 @@ RAW_BODY = st.one_of(
     st.binary(max_size=40), st.sampled_from([b"", b"{", b'{"model":', b"[]", b"null", b"1",
                                              b'"x"', b"\xff\xfe{}", b'{"a":"\xed\xa0\x80"}',
                                              b"\xef\xbb\xbf{}", b"{" * 5000]))
-POST_PATHS = CHAT_PATHS + TEXT_PATHS + EMBED_PATHS + [
-    "/lmscli/predict", "/lmscli/models/load", "/lmscli/models/unload"]
 GENERATION = {"model": MODEL, "max_tokens": 8}
+# the agent APIs: OpenAI's Responses and Anthropic's Messages
+RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH = "/v1/responses", "/v1/messages", \
+    "/v1/messages/count_tokens"
+RESPONSES_BASE = {"model": MODEL, "max_output_tokens": 8, "input": "Say hi."}
+RESPONSES_INPUT = st.one_of(st.text(max_size=30), ANY, st.lists(st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "developer", "x"]),
+                           "content": st.one_of(st.text(max_size=20), ANY, st.lists(
+                               st.fixed_dictionaries({"type": st.sampled_from(
+                                   ["input_text", "output_text", "input_image"]),
+                                   "text": ANY}), max_size=2))}),
+    st.fixed_dictionaries({"type": st.just("function_call"), "call_id": ANY, "name": NAMES,
+                           "arguments": st.one_of(st.just("{}"), ANY)}),
+    st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": ANY,
+                           "output": ANY}),
+    ANY), max_size=3))
+RESPONSES_FIELDS = SAMPLING | {
+    "input": RESPONSES_INPUT, "instructions": ANY, "max_output_tokens": ANY,
+    "tools": st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "web_search"]), "name": st.one_of(NAMES, ANY)},
+        optional={"parameters": ROOT_SCHEMA, "description": ANY}), max_size=3),
+    "tool_choice": st.one_of(TOOL_CHOICE, st.builds(
+        lambda n: {"type": "function", "name": n}, NAMES)),
+    "text": st.one_of(st.builds(lambda s: {"format": {"type": "json_schema", "name": "o",
+                                                      "schema": s}}, ROOT_SCHEMA), ANY),
+    "previous_response_id": ANY, "store": ANY, "background": ANY, "metadata": ANY}
+CLAUDE_BLOCK = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": ANY}),
+    st.fixed_dictionaries({"type": st.just("tool_use"), "id": ANY, "name": NAMES,
+                           "input": ANY}),
+    st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": ANY,
+                           "content": ANY}, optional={"is_error": ANY}),
+    ANY)
+CLAUDE_FIELDS = SAMPLING | {
+    "messages": st.one_of(st.just(USER), st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", 1]),
+         "content": st.one_of(st.text(max_size=20), st.lists(CLAUDE_BLOCK, max_size=3), ANY)}),
+        max_size=3), ANY),
+    "system": ANY, "stop_sequences": SAMPLING["stop"], "thinking": ANY,
+    "tools": st.lists(st.fixed_dictionaries(
+        {"name": st.one_of(NAMES, ANY), "input_schema": ROOT_SCHEMA},
+        optional={"type": st.sampled_from(["custom", "bash_20250124"]), "description": ANY}),
+        max_size=3),
+    "tool_choice": st.one_of(st.builds(lambda t, n: {"type": t, "name": n}, st.sampled_from(
+        ["auto", "any", "tool", "none", "x"]), NAMES), ANY),
+    "output_config": st.one_of(st.builds(lambda s: {"format": {"type": "json_schema",
+                                                               "schema": s}}, ROOT_SCHEMA),
+                               ANY)}
+PLAUSIBLE_RESPONSES = {
+    "temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "max_output_tokens":
+    st.integers(1, 8), "stream": st.booleans(), "instructions": TEXT, "store": st.booleans(),
+    "text": st.builds(lambda s: {"format": {"type": "json_schema", "name": "o", "schema": s}},
+                      VALID_SCHEMA)}
+PLAUSIBLE_CLAUDE = {
+    "temperature": st.floats(0, 1), "top_p": st.floats(0, 1), "top_k": st.integers(0, 100),
+    "max_tokens": st.integers(1, 8), "stream": st.booleans(), "system": TEXT,
+    "stop_sequences": PLAUSIBLE["stop"],
+    "output_config": st.builds(lambda s: {"format": {"type": "json_schema", "schema": s}},
+                               VALID_SCHEMA)}
+AGENT_TOOL_CASES = [
+    st.builds(lambda tools, choice: ("POST", RESPONSES_PATH, RESPONSES_BASE | {
+        "tools": [{"type": "function", "name": t["function"]["name"],
+                                       "parameters": t["function"]["parameters"]}
+                                      for t in tools], "tool_choice": choice}, None, True),
+        VALID_TOOLS, st.sampled_from(["required", "auto", "none"])),
+    st.builds(lambda tools, choice, stream: ("POST", MESSAGES_PATH, GENERATION | {
+        "messages": USER, "stream": stream, "tools": [
+            {"name": t["function"]["name"], "input_schema": t["function"]["parameters"]}
+            for t in tools], "tool_choice": {"type": choice}}, None, True),
+        VALID_TOOLS, st.sampled_from(["any", "auto", "none"]), st.booleans()),
+]
+AGENT_REQUESTS = [
+    mutated(RESPONSES_PATH, RESPONSES_BASE, RESPONSES_FIELDS),
+    mutated(MESSAGES_PATH, GENERATION | {"messages": USER}, CLAUDE_FIELDS),
+    mutated(COUNT_PATH, {"model": MODEL, "messages": USER}, CLAUDE_FIELDS, False),
+    plausible(RESPONSES_PATH, RESPONSES_BASE, PLAUSIBLE_RESPONSES),
+    plausible(MESSAGES_PATH, GENERATION | {"messages": USER}, PLAUSIBLE_CLAUDE),
+    *AGENT_TOOL_CASES,
+    st.builds(lambda name, method: (method, f"{RESPONSES_PATH}/{quoted(name)}",
+                                    {} if method == "DELETE" else None, None, False),
+              PATH_TEXT, st.sampled_from(["GET", "DELETE"])),
+]
+POST_PATHS = CHAT_PATHS + TEXT_PATHS + EMBED_PATHS + [RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH,
+    "/lmscli/predict", "/lmscli/models/load", "/lmscli/models/unload"]
 REQUESTS = st.one_of(
     *[mutated(p, GENERATION | {"messages": USER}, CHAT_FIELDS) for p in CHAT_PATHS],
     *[mutated(p, GENERATION | {"prompt": "Once upon a time"}, TEXT_FIELDS)
@@ -495,10 +586,12 @@ REQUESTS = st.one_of(
               PATH_TEXT),
     st.builds(lambda name: ("POST", f"/lmscli/predict/{quoted(name)}/cancel", {}, None, False),
               PATH_TEXT),
+    *AGENT_REQUESTS,
 )
 COVERED = set(CHAT_PATHS + TEXT_PATHS + EMBED_PATHS + GET_PATHS) | {
     "/lmscli/predict", "/lmscli/models/load", "/lmscli/models/unload",
-    "/api/v0/models/{model:path}", "/lmscli/predict/{prediction_id}/cancel"}
+    "/api/v0/models/{model:path}", "/lmscli/predict/{prediction_id}/cancel",
+    RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH, RESPONSES_PATH + "/{response_id}"}
 
 
 def test_every_route_is_fuzzed_or_excused() -> None:

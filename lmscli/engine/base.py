@@ -196,6 +196,10 @@ class ModelInstance:
     def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
         return self.call(lambda: self._tokenize(text, add_bos))
 
+    def count_prompt_tokens(self, prompt: str) -> int:
+        """How many tokens ``prompt`` is as a prediction's prompt (with the BOS it would get)."""
+        return self.call(lambda: len(self._tokenize(prompt, self._wants_bos(prompt))))
+
     def embed(self, texts: list[str]) -> list[list[float]]:
         return self.call(lambda: self._embed_texts(texts))
 

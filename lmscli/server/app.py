@@ -21,8 +21,8 @@ from starlette.routing import Route
 from lmscli.engine import Engine
 from lmscli.logbus import LogBus
 from lmscli.logbus.events import RuntimeLog
-from lmscli.server import logs_http, native, openai_api
-from lmscli.server.errors import APIError
+from lmscli.server import anthropic_api, logs_http, native, openai_api, responses_api
+from lmscli.server.errors import APIError, error_body
 from lmscli.server.models import ModelManager
 from lmscli.server.security import (
     DEFAULT_MAX_BODY_MB,
@@ -54,7 +54,8 @@ class Settings:
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return JSONResponse(error_body(request.url.path, exc), status_code=exc.status,
+                        headers=exc.headers)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -63,13 +64,14 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"Unexpected endpoint or method. ({request.method} {request.url.path})"
     else:
         message = str(exc.detail)
-    return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code)
+    body = error_body(request.url.path, APIError(exc.status_code, message))
+    return JSONResponse(body, status_code=exc.status_code)
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("Unhandled error on %s %s", request.method, request.url.path)
-    body = APIError(500, f"Internal server error: {type(exc).__name__}: {exc}",
-                    type_="server_error").body()
+    body = error_body(request.url.path, APIError(
+        500, f"Internal server error: {type(exc).__name__}: {exc}", type_="server_error"))
     return JSONResponse(body, status_code=500)
 
 
@@ -82,6 +84,10 @@ def routes() -> list[Route]:
         Route("/v1/chat/completions", o.chat_completions, methods=["POST"]),
         Route("/v1/completions", o.completions, methods=["POST"]),
         Route("/v1/embeddings", o.embeddings, methods=["POST"]),
+        Route("/v1/responses", responses_api.create, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses_api.one, methods=["GET", "DELETE"]),
+        Route("/v1/messages", anthropic_api.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", anthropic_api.count_tokens_route, methods=["POST"]),
         Route("/api/v0/models", o.v0_models),
         Route("/api/v0/models/{model:path}", o.v0_model_one),
         Route("/api/v0/chat/completions", partial(o.chat_completions, rest=True),

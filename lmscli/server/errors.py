@@ -1,4 +1,5 @@
-"""Errors the server sends back, always in the OpenAI body shape with a 4xx/5xx status."""
+"""Errors the server sends back with a 4xx/5xx status: in the OpenAI body shape, or in
+Anthropic's under ``/v1/messages``, whose clients parse only their own."""
 
 from __future__ import annotations
 
@@ -31,6 +32,26 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+
+ANTHROPIC_PATH = "/v1/messages"
+ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                   413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
+def anthropic_body(error: APIError) -> dict[str, Any]:
+    fallback = "api_error" if error.status >= 500 else "invalid_request_error"
+    kind = ANTHROPIC_TYPES.get(error.status, fallback)
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def error_body(path: str, error: APIError) -> dict[str, Any]:
+    """The error body for a request to ``path``."""
+    return anthropic_body(error) if is_anthropic_path(path) else error.body()
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -31,7 +31,10 @@ def manager(request: Request) -> ModelManager:
     return request.app.state.models
 
 
-def sampling(body: Body) -> SamplingParams:
+def sampling(body: Body, *, limit_key: str | None = None, stop_key: str = "stop"
+             ) -> SamplingParams:
+    """The sampling fields; ``limit_key`` and ``stop_key`` name the token limit and the stop
+    strings where an API calls them otherwise (max_output_tokens, stop_sequences)."""
     reject_unsupported(body)
     p = SamplingParams()
     p.temperature = body.number("temperature", p.temperature, low=0, high=2)  # type: ignore
@@ -45,8 +48,8 @@ def sampling(body: Body) -> SamplingParams:
     seed = body.integer("seed")
     # llama.cpp seeds are 32-bit; -1 becomes 0xFFFFFFFF, which llama.cpp reads as "random"
     p.seed = None if seed is None else seed % 2**32
-    p.max_tokens = max_tokens(body)
-    p.stop = stop_strings(body)
+    p.max_tokens = max_tokens(body, limit_key)
+    p.stop = stop_strings(body, stop_key)
     if body.integer("n", 1) != 1:
         raise bad_request("Only n=1 is supported: this server returns one choice.", "n")
     return p
@@ -61,23 +64,24 @@ def reject_unsupported(body: Body) -> None:
                           "unsupported_parameter")
 
 
-def max_tokens(body: Body) -> int | None:
+def max_tokens(body: Body, key: str | None = None) -> int | None:
     """The token limit: None for none (a negative value, as LM Studio's -1)."""
-    key = "max_completion_tokens" if "max_completion_tokens" in body.data else "max_tokens"
+    if key is None:
+        key = "max_completion_tokens" if "max_completion_tokens" in body.data else "max_tokens"
     value = body.integer(key, high=INT32_MAX)
     if value == 0:
         raise bad_request(f"'{key}' must be at least 1 (or -1 for no limit).", key)
     return None if value is None or value < 0 else value
 
 
-def stop_strings(body: Body) -> list[str]:
-    stop = body.get("stop", (str, list))
+def stop_strings(body: Body, key: str = "stop") -> list[str]:
+    stop = body.get(key, (str, list))
     stops = [stop] if isinstance(stop, str) else stop or []
     if not all(isinstance(s, str) for s in stops):
-        raise bad_request("Field 'stop' must be a string or an array of strings.", "stop")
+        raise bad_request(f"Field '{key}' must be a string or an array of strings.", key)
     if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise bad_request(f"Field 'stop' takes at most {MAX_STOPS} strings of at most "
-                          f"{MAX_STOP_CHARS} characters.", "stop")
+        raise bad_request(f"Field '{key}' takes at most {MAX_STOPS} strings of at most "
+                          f"{MAX_STOP_CHARS} characters.", key)
     return stops
 
 
@@ -133,7 +137,11 @@ def response_grammar(body: Body) -> str | None:
                           "response_format.type")
     inner = Body(spec.get("json_schema", dict, required=True), "response_format.json_schema")
     where = "response_format.json_schema.schema"
-    schema = inner.get("schema", dict, required=True)
+    return schema_grammar(inner.get("schema", dict, required=True), where)
+
+
+def schema_grammar(schema: dict[str, Any], where: str) -> str:
+    """GBNF for a JSON schema the caller sent at ``where``; one we can't convert is a 400."""
     try:
         return json_schema_grammar(schema, where)
     except SchemaError as exc:

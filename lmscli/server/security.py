@@ -23,9 +23,9 @@ import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from lmscli.server.errors import APIError
+from lmscli.server.errors import APIError, error_body
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -228,23 +228,12 @@ def _is_json(content_type: bytes | None) -> bool:
     return content_type.partition(b";")[0].strip().lower() == b"application/json"
 
 
-ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error",
-                   413: "request_too_large"}
-
-
-def _error_body(path: str, error: APIError) -> dict[str, Any]:
-    if path.startswith("/v1/messages"):  # Anthropic's clients parse their own shape
-        kind = ANTHROPIC_TYPES.get(error.status, "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": error.message}}
-    return error.body()
-
-
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
     if scope["type"] == "websocket":
         await receive()  # websocket.connect; closing before accepting answers 403
         await send({"type": "websocket.close", "code": 1008})
         return
-    body = json.dumps(_error_body(scope["path"], error)).encode()
+    body = json.dumps(error_body(scope["path"], error)).encode()
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
     if error.status == 401:
