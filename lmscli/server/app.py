@@ -24,6 +24,7 @@ from lmscli.logbus.events import RuntimeLog
 from lmscli.server import logs_http, native, openai_api
 from lmscli.server.errors import APIError
 from lmscli.server.models import ModelManager
+from lmscli.server.sdk.routes import websocket_routes
 from lmscli.server.security import (
     DEFAULT_MAX_BODY_MB,
     Guard,
@@ -49,7 +50,8 @@ class Settings:
 
     def guard(self) -> Guard:
         hosts = HostPolicy.for_bind(self.host, self.allowed_hosts, keyed=bool(self.api_key))
-        return Guard(hosts, self.api_key or None, max_body_bytes(self.max_body_mb))
+        return Guard(hosts, self.api_key or None, max_body_bytes(self.max_body_mb),
+                     any_origin=self.cors)
 
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -124,7 +126,7 @@ def create_app(engine: Engine, settings: Settings | None = None,
     # inside CORS, so that preflights pass and a page can read why it was refused
     middleware.append(Middleware(GuardMiddleware, guard=settings.guard()))
     app = Starlette(
-        routes=routes(), middleware=middleware, lifespan=lifespan,
+        routes=[*routes(), *websocket_routes()], middleware=middleware, lifespan=lifespan,
         exception_handlers={APIError: api_error, HTTPException: http_error,
                             Exception: internal_error},
     )

@@ -110,6 +110,10 @@ class ModelManager:
                 return entry
         return None
 
+    def pending(self, model_key: str) -> asyncio.Future[Loaded] | None:
+        """The load of ``model_key`` that is under way, if one is."""
+        return self._loading.get(model_key)
+
     def resolve_downloaded(self, name: str) -> Any:
         plausible = name.isprintable() and len(name) <= MAX_NAME_CHARS
         model = catalog.find_model(name) if plausible else None
