@@ -47,6 +47,7 @@ class Settings:
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     parallel: int = 4  # slots per model for loads that don't say (JIT loads included)
     max_queue: int = 64  # requests that may wait for a slot, per model, before 503s
+    sdk_port: int | None = None  # the loopback port also served for lmstudio SDK discovery
 
     def guard(self) -> Guard:
         hosts = HostPolicy.for_bind(self.host, self.allowed_hosts, keyed=bool(self.api_key))

@@ -42,6 +42,7 @@ async def status(request: Request) -> Any:
     return JSONResponse({
         "package": "lmscli", "version": lmscli.__version__, "pid": os.getpid(),
         "host": settings.host, "port": settings.port, "cors": settings.cors,
+        "sdkPort": settings.sdk_port,
         "engine": {"name": engine.name, "version": engine.version},
         "loaded": len(manager(request).loaded),
     })

@@ -132,7 +132,10 @@ class Connection:
                 return False
             if message["type"] == "websocket.disconnect":
                 return False
-            data = self._decode(message)
+            try:
+                data = _decode(message)
+            except APIError:
+                data = None
             # as LM Studio does, anything but an auth packet is ignored while waiting
             if not isinstance(data, dict) or "clientIdentifier" not in data:
                 continue
@@ -164,7 +167,8 @@ class Connection:
 
     async def _refuse(self, reason: str) -> None:
         with contextlib.suppress(Exception):
-            await self.send({"success": False, "error": reason})
+            # a dict: the SDK reads it as a SerializedLMSExtendedError
+            await self.send({"success": False, "error": SdkError(reason).serialized()})
             await self.ws.close(POLICY_VIOLATION)
 
     # -- the envelope -----------------------------------------------------------------------
@@ -174,18 +178,15 @@ class Connection:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            data = self._decode(message)
+            try:
+                data = _decode(message)
+            except APIError as exc:
+                await self._warn(exc.message)
+                continue
             if isinstance(data, dict):
                 await self._dispatch(data)
-
-    def _decode(self, message: dict[str, Any]) -> Any:
-        raw = message.get("bytes")
-        text = message.get("text")
-        try:
-            return parse_json(raw if raw is not None else (text or "").encode("utf-8", "replace"))
-        except APIError as exc:
-            self._spawn(self._warn(exc.message))
-            return None
+            else:
+                await self._warn("A message must be a JSON object.")
 
     async def _dispatch(self, data: dict[str, Any]) -> None:
         kind = data.get("type")
@@ -310,6 +311,12 @@ class Connection:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _decode(message: dict[str, Any]) -> Any:
+    """A frame's JSON (text or binary); raises APIError with what is wrong with it."""
+    raw = message.get("bytes")
+    return parse_json(raw if raw is not None else (message.get("text") or "").encode())
 
 
 def _busy() -> dict[str, Any]:
