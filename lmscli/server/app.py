@@ -21,7 +21,7 @@ from starlette.routing import Route
 from lmscli.engine import Engine
 from lmscli.logbus import LogBus
 from lmscli.logbus.events import RuntimeLog
-from lmscli.server import logs_http, native, openai_api
+from lmscli.server import api_v1, api_v1_downloads, logs_http, native, openai_api
 from lmscli.server.errors import APIError
 from lmscli.server.models import ModelManager
 from lmscli.server.sdk.routes import websocket_routes
@@ -100,6 +100,20 @@ def routes() -> list[Route]:
         Route("/lmscli/predict", n.predict, methods=["POST"]),
         Route("/lmscli/predict/{prediction_id}/cancel", n.cancel, methods=["POST"]),
         Route(logs_http.STREAM_PATH, logs_http.stream),
+        *v1_routes(),
+    ]
+
+
+def v1_routes() -> list[Route]:
+    """LM Studio's REST API v1."""
+    v, d = api_v1, api_v1_downloads
+    return [
+        Route("/api/v1/chat", v.chat, methods=["POST"]),
+        Route("/api/v1/models", v.models_list),
+        Route("/api/v1/models/load", v.models_load, methods=["POST"]),
+        Route("/api/v1/models/unload", v.models_unload, methods=["POST"]),
+        Route("/api/v1/models/download", d.download, methods=["POST"]),
+        Route("/api/v1/models/download/status/{job_id}", d.download_status),
     ]
 
 

@@ -151,14 +151,6 @@ async def embed_string(ctx: Context, parameter: Any) -> dict[str, Any]:
 
 # -- loading --------------------------------------------------------------------------------
 
-def _locks(ctx: Context) -> dict[str, asyncio.Lock]:
-    """One lock per model key, shared by every SDK connection: two clients that ask for the
-    same unloaded model at once load it once."""
-    if not hasattr(ctx.state, "sdk_load_locks"):
-        ctx.state.sdk_load_locks = {}
-    return ctx.state.sdk_load_locks
-
-
 async def get_or_load(ctx: Context, channel: Channel, parameter: Any) -> None:
     p = Body(parameter, "creationParameter")
     name = p.get("identifier", str, required=True)
@@ -170,8 +162,7 @@ async def get_or_load(ctx: Context, channel: Channel, parameter: Any) -> None:
         return
     model = ctx.models.resolve_downloaded(name)
     check_model_domain(model, ctx.namespace)
-    lock = _locks(ctx).setdefault(model.model_key, asyncio.Lock())
-    async with lock:
+    async with ctx.models.load_lock(model.model_key):
         pending = ctx.models.pending(model.model_key)  # a JIT load from an HTTP request
         if pending is not None:
             await asyncio.shield(pending)
