@@ -8,6 +8,7 @@ from __future__ import annotations
 import builtins
 import itertools
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -29,6 +30,17 @@ from tests.test_real_tools import QWEN_TEMPLATE
 pytestmark = pytest.mark.real
 MODEL = "smollm2-135m-instruct"
 QWEN = "smol-qwen"  # the default model with a Hermes/Qwen tool template: native <tool_call>
+
+
+@pytest.fixture(autouse=True)
+def no_sdk_complaints(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """The SDK logs what it didn't expect (unknown messages, messages for closed channels,
+    protocol warnings) instead of failing: none of that may happen."""
+    caplog.set_level(logging.WARNING)
+    yield
+    complaints = [r.getMessage() for r in caplog.records
+                  if "lmstudio" in r.pathname and r.levelno >= logging.WARNING]
+    assert complaints == []
 
 
 @pytest.fixture(scope="module")
