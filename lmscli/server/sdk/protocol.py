@@ -181,10 +181,14 @@ class Connection:
             try:
                 data = _decode(message)
             except APIError as exc:
-                await self._warn(exc.message)
+                await self._refuse_frame(message, exc)
                 continue
             if isinstance(data, dict):
-                await self._dispatch(data)
+                try:
+                    await self._dispatch(data)
+                except Exception:  # a bug must cost one message, not the connection
+                    log.exception("SDK message handling failed")
+                    await self._warn("The server failed to handle a message.")
             else:
                 await self._warn("A message must be a JSON object.")
 
@@ -195,7 +199,7 @@ class Connection:
         elif kind == "channelCreate":
             await self._start_channel(data)
         elif kind == "channelSend":
-            channel = self._channels.get(data.get("channelId"))  # type: ignore[arg-type]
+            channel = self._channels.get(self._id(data, "channelId"))  # type: ignore[arg-type]
             if channel is not None:  # a late cancel for a finished channel is normal
                 channel.receive(data.get("message"))
         elif kind == "keepAlive":
@@ -213,6 +217,24 @@ class Connection:
         else:
             await self._warn(f"Unknown message type {str(kind)[:100]!r}.")
 
+    async def _refuse_frame(self, message: dict[str, Any], error: APIError) -> None:
+        """A frame parse_json refused (a lone surrogate, too deep): when its call or channel
+        id can still be read, that call or channel ends with the error; else a warning."""
+        try:  # leniently: past Python's limit on digits, a number reads as None
+            data = json.loads(message.get("text") or message.get("bytes") or "",
+                              parse_int=lambda digits: int(digits) if len(digits) < 20 else None)
+        except (ValueError, RecursionError):
+            data = None
+        kind = data.get("type") if isinstance(data, dict) else None
+        key = {"rpcCall": "callId", "channelCreate": "channelId"}.get(kind)  # type: ignore
+        ident = self._id(data, key) if key else None  # type: ignore[arg-type]
+        if ident is None or ident in self._calls or ident in self._channels:
+            await self._warn(error.message)
+            return
+        reply = "rpcError" if kind == "rpcCall" else "channelError"
+        await self.send({"type": reply, key: ident,
+                         "error": SdkError(error.message).serialized()})
+
     def _id(self, data: dict[str, Any], key: str) -> int | None:
         value = data.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID:
@@ -228,7 +250,7 @@ class Connection:
             await self.send({"type": "rpcError", "callId": call_id, "error": _busy()})
             return
         self._calls.add(call_id)
-        handler = self.namespace.rpc.get(data.get("endpoint"))  # type: ignore[arg-type]
+        handler = self.namespace.rpc.get(_name(data.get("endpoint")))
         self._spawn(self._run_call(call_id, data.get("endpoint"), handler,
                                    data.get("parameter")))
 
@@ -260,7 +282,7 @@ class Connection:
                              "error": _busy()})
             return
         channel = self._channels[channel_id] = Channel(self, channel_id)
-        handler = self.namespace.channels.get(data.get("endpoint"))  # type: ignore[arg-type]
+        handler = self.namespace.channels.get(_name(data.get("endpoint")))
         self._spawn(self._run_channel(channel, data.get("endpoint"), handler,
                                       data.get("creationParameter")))
 
@@ -311,6 +333,11 @@ class Connection:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _name(endpoint: Any) -> str:
+    """An endpoint name to look up; anything but a string names nothing."""
+    return endpoint if isinstance(endpoint, str) else ""
 
 
 def _decode(message: dict[str, Any]) -> Any:
