@@ -191,6 +191,20 @@ def test_config_limits_and_stop_strings(sdk: lmstudio.Client) -> None:
     assert stopped.content == "n1 n2 n3 " and stopped.stats.stop_reason == "stopStringFound"
 
 
+def test_sampling_config_reaches_the_engine(sdk: lmstudio.Client) -> None:
+    result = sdk.llm.model("tiny-chat").respond("hi", config={
+        "topKSampling": 20, "topPSampling": 0.5, "minPSampling": 0.1, "repeatPenalty": 1.2,
+        "temperature": 0.3})
+    # predictionConfig reports the settings the prediction ran with
+    config = result.prediction_config
+    assert (config.top_k_sampling, config.top_p_sampling, config.min_p_sampling,
+            config.repeat_penalty, config.temperature) == (20, 0.5, 0.1, 1.2, 0.3)
+    off = sdk.llm.model("tiny-chat").respond("hi", config={"repeatPenalty": False,
+                                                           "maxTokens": False})
+    assert off.prediction_config.repeat_penalty == 1.0  # off: no penalty
+    assert off.prediction_config.max_tokens is None
+
+
 def test_bad_config_is_an_error_naming_the_field(sdk: lmstudio.Client) -> None:
     model = sdk.llm.model("tiny-chat")
     with pytest.raises(lmstudio.LMStudioServerError, match="'temperature' must be between"):
@@ -387,7 +401,8 @@ def test_predict_frames_match_lm_studio(fake_server: ThreadServer,
                                         sdk: lmstudio.Client) -> None:
     sdk.llm.model("tiny-chat")
     with raw(fake_server) as ws:
-        ws.send(predict_message("[[count: 2]]", temperature=0))
+        # keys lmscli has no use for are ignored, as LM Studio ignores unknown keys
+        ws.send(predict_message("[[count: 2]]", temperature=0, xtcProbability=0.5))
         messages = []
         while not messages or messages[-1]["type"] == "channelSend":
             messages.append(recv(ws))
