@@ -86,18 +86,17 @@ def test_streamed_chat_events_in_order(fake_server: ThreadServer) -> None:
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r)
     kinds = [k for k, _ in events]
-    assert kinds[:3] == ["model_load.start", "model_load.progress", "model_load.progress"]
+    assert kinds[:3] == ["chat.start", "model_load.start", "model_load.progress"]
     load_end = kinds.index("model_load.end")
     assert events[load_end][1]["load_time_seconds"] >= 0
     rest = [k for k in kinds[load_end + 1:] if k not in ("prompt_processing.progress",
                                                          "message.delta")]
-    assert rest == ["chat.start", "prompt_processing.start", "prompt_processing.end",
-                    "message.start", "message.end", "chat.end"]
+    assert rest == ["prompt_processing.start", "prompt_processing.end", "message.start",
+                    "message.end", "chat.end"]
     text = "".join(d["content"] for k, d in events if k == "message.delta")
     result = events[-1][1]["result"]
     assert text == result["output"][0]["content"] == "n1 n2 n3 n4"
-    assert events[kinds.index("chat.start")][1] == {"type": "chat.start",
-                                                    "model_instance_id": "tiny-chat"}
+    assert events[0][1] == {"type": "chat.start", "model_instance_id": "tiny-chat"}
     progress = [d["progress"] for k, d in events if k == "prompt_processing.progress"]
     assert progress and progress[-1] == 1.0
 

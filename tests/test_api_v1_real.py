@@ -36,8 +36,8 @@ def test_streamed_chat_loads_the_model_just_in_time(real_server: ProcessServer) 
         head, data = block.split("\n", 1)
         events.append((head.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
     kinds = [k for k, _ in events]
-    assert kinds[0] == "model_load.start" and "model_load.progress" in kinds
-    assert kinds.index("model_load.end") < kinds.index("chat.start")
+    assert kinds[:2] == ["chat.start", "model_load.start"] and "model_load.progress" in kinds
+    assert kinds.index("model_load.end") < kinds.index("prompt_processing.start")
     assert kinds[-2:] == ["message.end", "chat.end"]
     assert "prompt_processing.progress" in kinds
     result = events[-1][1]["result"]

@@ -291,10 +291,14 @@ class Chat:
     async def sse(self) -> AsyncIterator[bytes]:
         try:
             if self.entry is None:
-                async for chunk in self._load():
+                # a name that matches no model is an error event alone: no chat starts
+                model = manager(self.req.request).resolve_downloaded(self.req.name)
+                yield event("chat.start", model_instance_id=model.model_key)
+                async for chunk in self._load(model):
                     yield chunk
+            else:
+                yield event("chat.start", model_instance_id=self.entry.identifier)
             assert self.entry is not None
-            yield event("chat.start", model_instance_id=self.entry.identifier)
             running = await start(self.req, self.entry)
             async for chunk in self._predict(running):
                 yield chunk
@@ -305,9 +309,8 @@ class Chat:
             yield event("error", error=v1_error_body(APIError(
                 500, f"Internal server error: {type(exc).__name__}: {exc}"))["error"])
 
-    async def _load(self) -> AsyncIterator[bytes]:
+    async def _load(self, model: Any) -> AsyncIterator[bytes]:
         models = manager(self.req.request)
-        model = models.resolve_downloaded(self.req.name)
         async with models.load_lock(model.model_key):
             self.entry = models.find_loaded(self.req.name)
             if self.entry is None and (pending := models.pending(model.model_key)):
