@@ -36,10 +36,13 @@ CHAT_PATHS = ["/v1/chat/completions", "/api/v0/chat/completions"]
 TEXT_PATHS = ["/v1/completions", "/api/v0/completions"]
 EMBED_PATHS = ["/v1/embeddings", "/api/v0/embeddings"]
 GET_PATHS = ["/lmstudio-greeting", "/lms-status", "/v1/models", "/api/v0/models",
-             "/lmscli/status", "/lmscli/models/downloaded", "/lmscli/models/loaded"]
+             "/lmscli/status", "/lmscli/models/downloaded", "/lmscli/models/loaded",
+             "/api/v1/models"]
 # routes the generated requests leave alone, and why
 NOT_FUZZED = {"/lmscli/shutdown": "stops the server by design",
-              "/lmscli/logs/stream": "an endless stream; covered by the log tests"}
+              "/lmscli/logs/stream": "an endless stream; covered by the log tests",
+              "/api/v1/models/download": "reaches out to Hugging Face; test_api_v1_fake "
+                                         "covers it against a fake hub"}
 
 
 class Raw(str):
@@ -72,7 +75,8 @@ def server_errors(response: httpx.Response) -> list[str]:
     if response.status_code >= 500:
         return [f"{response.status_code}: {response.text[:300]}"]
     text = response.text
-    if '"server_error"' in text or '"api_error"' in text or '"status": 5' in text \
+    if '"server_error"' in text or '"api_error"' in text or '"internal_error"' in text \
+            or '"status": 5' in text \
             or '"status":5' in text:
         return [f"in the stream: {text[:300]}"]
     return []
@@ -439,6 +443,18 @@ LOAD_FIELDS = {"model": SAMPLING["model"], "identifier": st.one_of(TEXT, ANY),
                "context_length": st.one_of(st.integers(-1, 2**41), ANY), "ttl": ANY,
                "gpu": ANY, "get_or_load": ANY, "parallel": ANY}
 UNLOAD_FIELDS = {"identifier": st.one_of(TEXT, ANY), "all": st.one_of(st.just(False), ANY)}
+V1_INPUT = st.one_of(st.text(max_size=30), ANY, st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["message", "text", "image", "x"]), "content": ANY},
+    optional={"text": ANY, "data_url": ANY}), max_size=3))
+V1_CHAT_FIELDS = {k: SAMPLING[k] for k in ("temperature", "top_p", "top_k", "min_p",
+                                           "repeat_penalty", "stream", "model")} | {
+    "input": V1_INPUT, "system_prompt": ANY, "max_output_tokens": ANY, "store": ANY,
+    "previous_response_id": st.one_of(st.just("resp_nope"), ANY),
+    "reasoning": st.one_of(st.sampled_from(["off", "on", "max"]), ANY), "integrations": ANY,
+    "context_length": st.one_of(st.integers(-1, 2**41), ANY)}
+V1_LOAD_FIELDS = {"model": SAMPLING["model"], "echo_load_config": ANY, "flash_attention": ANY,
+                  "context_length": st.one_of(st.integers(-1, 2**41), ANY),
+                  "eval_batch_size": ANY, "num_experts": ANY, "offload_kv_cache_to_gpu": ANY}
 
 
 def mutated(path: str, base: dict[str, Any], fields: dict[str, st.SearchStrategy[Any]],
@@ -561,8 +577,9 @@ AGENT_REQUESTS = [
                                     {} if method == "DELETE" else None, None, False),
               PATH_TEXT, st.sampled_from(["GET", "DELETE"])),
 ]
-POST_PATHS = CHAT_PATHS + TEXT_PATHS + EMBED_PATHS + [RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH,
-    "/lmscli/predict", "/lmscli/models/load", "/lmscli/models/unload"]
+POST_PATHS = CHAT_PATHS + TEXT_PATHS + EMBED_PATHS + [
+    RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH, "/lmscli/predict", "/lmscli/models/load",
+    "/lmscli/models/unload", "/api/v1/chat", "/api/v1/models/load", "/api/v1/models/unload"]
 REQUESTS = st.one_of(
     *[mutated(p, GENERATION | {"messages": USER}, CHAT_FIELDS) for p in CHAT_PATHS],
     *[mutated(p, GENERATION | {"prompt": "Once upon a time"}, TEXT_FIELDS)
@@ -579,6 +596,13 @@ REQUESTS = st.one_of(
     mutated("/lmscli/predict", GENERATION | {"prompt": "Hi"}, TEXT_FIELDS),
     mutated("/lmscli/models/load", {"model": MODEL, "identifier": "fuzzed"}, LOAD_FIELDS, False),
     mutated("/lmscli/models/unload", {"identifier": "fuzzed"}, UNLOAD_FIELDS, False),
+    mutated("/api/v1/chat", {"model": MODEL, "input": "Say hi.", "max_output_tokens": 8},
+            V1_CHAT_FIELDS),
+    mutated("/api/v1/models/load", {"model": MODEL}, V1_LOAD_FIELDS, False),
+    mutated("/api/v1/models/unload", {"instance_id": "fuzzed"},
+            {"instance_id": st.one_of(TEXT, ANY)}, False),
+    st.builds(lambda name: ("GET", f"/api/v1/models/download/status/{quoted(name)}", None,
+                            None, False), PATH_TEXT),
     st.tuples(st.just("POST"), st.sampled_from(POST_PATHS), st.just(None), RAW_BODY,
               st.just(False)),
     st.tuples(st.just("GET"), st.sampled_from(GET_PATHS), st.none(), st.none(), st.just(True)),
@@ -591,7 +615,8 @@ REQUESTS = st.one_of(
 COVERED = set(CHAT_PATHS + TEXT_PATHS + EMBED_PATHS + GET_PATHS) | {
     "/lmscli/predict", "/lmscli/models/load", "/lmscli/models/unload",
     "/api/v0/models/{model:path}", "/lmscli/predict/{prediction_id}/cancel",
-    RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH, RESPONSES_PATH + "/{response_id}"}
+    RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH, RESPONSES_PATH + "/{response_id}", "/api/v1/chat",
+    "/api/v1/models/load", "/api/v1/models/unload", "/api/v1/models/download/status/{job_id}"}
 
 
 def test_every_route_is_fuzzed_or_excused() -> None:
@@ -629,6 +654,8 @@ def run_case(server: ProcessServer, tally: Tally, case: tuple[Any, ...]) -> None
         tally.refused.append(f"{shown}: {r.status_code} {r.text[:300]}")
     if path == "/lmscli/models/load" and r.status_code == 200 and '"success"' in r.text:
         unload_what_loaded(server, r.text)
+    if path == "/api/v1/models/load" and r.status_code == 200:
+        send(server, "POST", "/api/v1/models/unload", {"instance_id": r.json()["instance_id"]})
 
 
 def unload_what_loaded(server: ProcessServer, stream: str) -> None:

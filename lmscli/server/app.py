@@ -21,9 +21,18 @@ from starlette.routing import Route
 from lmscli.engine import Engine
 from lmscli.logbus import LogBus
 from lmscli.logbus.events import RuntimeLog
-from lmscli.server import anthropic_api, logs_http, native, openai_api, responses_api
+from lmscli.server import (
+    anthropic_api,
+    api_v1,
+    api_v1_downloads,
+    logs_http,
+    native,
+    openai_api,
+    responses_api,
+)
 from lmscli.server.errors import APIError, error_body
 from lmscli.server.models import ModelManager
+from lmscli.server.sdk.routes import websocket_routes
 from lmscli.server.security import (
     DEFAULT_MAX_BODY_MB,
     Guard,
@@ -46,10 +55,12 @@ class Settings:
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     parallel: int = 4  # slots per model for loads that don't say (JIT loads included)
     max_queue: int = 64  # requests that may wait for a slot, per model, before 503s
+    sdk_port: int | None = None  # the loopback port also served for lmstudio SDK discovery
 
     def guard(self) -> Guard:
         hosts = HostPolicy.for_bind(self.host, self.allowed_hosts, keyed=bool(self.api_key))
-        return Guard(hosts, self.api_key or None, max_body_bytes(self.max_body_mb))
+        return Guard(hosts, self.api_key or None, max_body_bytes(self.max_body_mb),
+                     any_origin=self.cors)
 
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -103,6 +114,20 @@ def routes() -> list[Route]:
         Route("/lmscli/predict", n.predict, methods=["POST"]),
         Route("/lmscli/predict/{prediction_id}/cancel", n.cancel, methods=["POST"]),
         Route(logs_http.STREAM_PATH, logs_http.stream),
+        *v1_routes(),
+    ]
+
+
+def v1_routes() -> list[Route]:
+    """LM Studio's REST API v1."""
+    v, d = api_v1, api_v1_downloads
+    return [
+        Route("/api/v1/chat", v.chat, methods=["POST"]),
+        Route("/api/v1/models", v.models_list),
+        Route("/api/v1/models/load", v.models_load, methods=["POST"]),
+        Route("/api/v1/models/unload", v.models_unload, methods=["POST"]),
+        Route("/api/v1/models/download", d.download, methods=["POST"]),
+        Route("/api/v1/models/download/status/{job_id}", d.download_status),
     ]
 
 
@@ -130,7 +155,7 @@ def create_app(engine: Engine, settings: Settings | None = None,
     # inside CORS, so that preflights pass and a page can read why it was refused
     middleware.append(Middleware(GuardMiddleware, guard=settings.guard()))
     app = Starlette(
-        routes=routes(), middleware=middleware, lifespan=lifespan,
+        routes=[*routes(), *websocket_routes()], middleware=middleware, lifespan=lifespan,
         exception_handlers={APIError: api_error, HTTPException: http_error,
                             Exception: internal_error},
     )

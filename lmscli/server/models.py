@@ -92,6 +92,7 @@ class ModelManager:
         self.max_queue = max_queue
         self.loaded: dict[str, Loaded] = {}
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
+        self._load_locks: dict[str, asyncio.Lock] = {}
         self._on_event: EventCb = on_event or (lambda level, msg, identifier: None)
         self.bus = bus
 
@@ -109,6 +110,15 @@ class ModelManager:
                            entry.model.path.lower()):
                 return entry
         return None
+
+    def pending(self, model_key: str) -> asyncio.Future[Loaded] | None:
+        """The load of ``model_key`` that is under way, if one is."""
+        return self._loading.get(model_key)
+
+    def load_lock(self, model_key: str) -> asyncio.Lock:
+        """For callers that stream a load's progress themselves (``load_events``): held while
+        deciding to load ``model_key`` and loading it, so that two at once load it once."""
+        return self._load_locks.setdefault(model_key, asyncio.Lock())
 
     def resolve_downloaded(self, name: str) -> Any:
         plausible = name.isprintable() and len(name) <= MAX_NAME_CHARS

@@ -12,8 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 import lmscli
-from lmscli.engine import Done, Event, Fragment, PredictionRequest, PromptProgress
-from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta
+from lmscli.engine import PredictionRequest
 from lmscli.server.errors import APIError, Body, bad_request
 from lmscli.server.models import MAX_PARALLEL, Loaded, LoadEvent, LoadProgress
 from lmscli.server.parsing import (
@@ -25,6 +24,7 @@ from lmscli.server.parsing import (
     sampling,
 )
 from lmscli.server.predict import Running, check_grammar
+from lmscli.server.sdk.events import SdkEvents
 from lmscli.server.tooluse import Quiet, chat_prompt, tool_use
 
 
@@ -42,6 +42,7 @@ async def status(request: Request) -> Any:
     return JSONResponse({
         "package": "lmscli", "version": lmscli.__version__, "pid": os.getpid(),
         "host": settings.host, "port": settings.port, "cors": settings.cors,
+        "sdkPort": settings.sdk_port,
         "engine": {"name": engine.name, "version": engine.version},
         "loaded": len(manager(request).loaded),
     })
@@ -156,7 +157,7 @@ async def predict(request: Request) -> Any:
     prediction_id = secrets.token_hex(8)
     predictions: dict[str, Running] = request.app.state.predictions
     predictions[prediction_id] = running
-    events = SdkEvents(entry, use.parser() if use else None)
+    events = SdkEvents(entry, use.parser() if use else None, mark_recovered=True)
 
     async def lines() -> AsyncIterator[bytes]:
         try:
@@ -175,64 +176,6 @@ async def predict(request: Request) -> Any:
             predictions.pop(prediction_id, None)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
-
-
-class SdkEvents:
-    """Engine events → the SDK's predict messages, tool calls parsed out of the text."""
-
-    def __init__(self, entry: Loaded, parser: Any) -> None:
-        self.entry = entry
-        self.parser = parser
-
-    def convert(self, event: Event) -> list[dict[str, Any]]:
-        if isinstance(event, PromptProgress):
-            return [progress_event(event)]
-        if isinstance(event, Fragment):
-            if self.parser is None:
-                return [fragment_event(event.text, event.tokens)]
-            return [e for p in self.parser.feed(event.text) for e in self._parsed(p)]
-        if isinstance(event, Done):
-            tail = [e for p in self.parser.finish() for e in self._parsed(p)] \
-                if self.parser else []
-            stats = event.stats.to_lms()
-            if self.parser and self.parser.calls:
-                stats["stopReason"] = "toolCalls"
-            return [*tail, {"type": "success", "stats": stats,
-                            "modelInfo": self.entry.info()}]
-        return [{"type": "error", "error": {"message": f"Prediction failed: {event.message}",
-                                            "type": "server_error",
-                                            "code": "prediction_failed"}}]
-
-    @staticmethod
-    def _parsed(p: Any) -> list[dict[str, Any]]:
-        if isinstance(p, ContentDelta):
-            return [fragment_event(p.text, 1)] if p.text else []
-        if isinstance(p, CallStart):
-            return [{"type": "toolCallGenerationStart", "toolCallId": p.id},
-                    {"type": "toolCallGenerationNameReceived", "name": p.name}]
-        if isinstance(p, CallArgs):
-            return [{"type": "toolCallGenerationArgumentFragmentGenerated", "content": p.text}]
-        if isinstance(p, CallEnd):
-            end = {"type": "toolCallGenerationEnd", "toolCallRequest": {
-                "type": "function", "id": p.id, "name": p.name, "arguments": p.arguments},
-                "rawContent": p.raw}
-            # lmscli's own mark: the model wrote this call as plain JSON, not in its format
-            return [end | {"recovered": True}] if p.recovered else [end]
-        return []
-
-
-def progress_event(event: Any) -> dict[str, Any]:
-    return {"type": "promptProcessingProgress", "progress": event.progress, "details": {
-        "cachedTokenCount": event.cached_tokens,
-        "totalPromptTokenCount": event.total_tokens,
-        "processedPromptTokenCount": event.processed_tokens,
-        "unprocessedPromptTokenCount": event.total_tokens - event.processed_tokens}}
-
-
-def fragment_event(text: str, tokens: int) -> dict[str, Any]:
-    return {"type": "fragment", "fragment": {
-        "content": text, "tokensCount": tokens, "containsDrafted": False,
-        "reasoningType": "none", "isStructural": False}}
 
 
 def ndjson(data: dict[str, Any]) -> bytes:

@@ -13,7 +13,12 @@ from collections.abc import Callable, Sequence
 
 from lmscli import serverstate
 from lmscli.errors import ExitCode
-from lmscli.server.security import DEFAULT_MAX_BODY_MB, bind_refusal, env_allowed_hosts
+from lmscli.server.security import (
+    DEFAULT_MAX_BODY_MB,
+    bind_refusal,
+    env_allowed_hosts,
+    is_loopback,
+)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -26,12 +31,32 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Where lmstudio-python (≥1.5) looks for a server when given no host: the greeting on each, in
+# this order. LM Studio serves its SDK API on the first free one; so does lmscli, on loopback.
+SDK_PORTS = (41343, 52993, 16141, 39414, 22931)
+
+
+def bind_sdk_port(host: str, port: int) -> socket.socket | None:
+    """A loopback socket on the first free SDK port; None when the main port is one already
+    (on loopback) or all are taken."""
+    if port in SDK_PORTS and is_loopback(host):
+        return None
+    for candidate in SDK_PORTS:
+        try:
+            return bind("127.0.0.1", candidate)
+        except OSError:
+            continue
+    return None
+
+
 def serve(host: str, port: int, cors: bool = False, engine_name: str | None = None,
           announce: bool = False, *, api_key: str | None = None,
           allowed_hosts: Sequence[str] = (), max_body_mb: float = DEFAULT_MAX_BODY_MB,
-          allow_unauthenticated: bool = False, parallel: int = 4, max_queue: int = 64) -> int:
+          allow_unauthenticated: bool = False, parallel: int = 4, max_queue: int = 64,
+          sdk_port: bool = True) -> int:
     """Serve until stopped; returns the process exit code. ``api_key`` None reads it from
-    LMS_API_KEY (or LM_API_TOKEN); LMS_ALLOWED_HOSTS adds to ``allowed_hosts``."""
+    LMS_API_KEY (or LM_API_TOKEN); LMS_ALLOWED_HOSTS adds to ``allowed_hosts``. With
+    ``sdk_port``, the server also listens where the lmstudio SDK looks for it."""
     import uvicorn
 
     from lmscli.engine import get_engine
@@ -52,13 +77,18 @@ def serve(host: str, port: int, cors: bool = False, engine_name: str | None = No
         print(f"Could not bind {host}:{port}: {exc.strerror}", file=sys.stderr, flush=True)
         return ExitCode.BIND_FAILED
     port = sock.getsockname()[1]
+    sockets = [sock]
+    sdk_sock = bind_sdk_port(host, port) if sdk_port else None
+    if sdk_sock is not None:
+        sockets.append(sdk_sock)
     engine = get_engine(engine_name)
     config = uvicorn.Config(None, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     settings = Settings(host=host, port=port, cors=cors, api_key=api_key,
                         allowed_hosts=(*allowed_hosts, *env_allowed_hosts()),
-                        max_body_mb=max_body_mb, parallel=parallel, max_queue=max_queue)
+                        max_body_mb=max_body_mb, parallel=parallel, max_queue=max_queue,
+                        sdk_port=sdk_sock.getsockname()[1] if sdk_sock else None)
     config.app = create_app(engine, settings, server)
     pid = os.getpid()
     serverstate.write_state(serverstate.ServerState(pid, host, port, time.time(),
@@ -68,7 +98,7 @@ def serve(host: str, port: int, cors: bool = False, engine_name: str | None = No
     else:
         print(f"lmscli server listening on http://{host}:{port}", file=sys.stderr, flush=True)
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     finally:
         serverstate.clear_state(pid)
     return 0
@@ -104,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-body-mb", type=positive_mb, default=DEFAULT_MAX_BODY_MB)
     parser.add_argument("--parallel", type=bounded_int(1, 64), default=4)
     parser.add_argument("--max-queue", type=bounded_int(0, 100_000), default=64)
+    parser.add_argument("--no-sdk-port", action="store_false", dest="sdk_port",
+                        help="don't also listen on a port where the lmstudio SDK looks")
     args = parser.parse_args(argv)
     return serve(args.host, args.port, args.cors, args.engine, api_key=args.api_key,
                  allowed_hosts=args.allowed_hosts, max_body_mb=args.max_body_mb,
                  allow_unauthenticated=args.allow_unauthenticated, parallel=args.parallel,
-                 max_queue=args.max_queue)
+                 max_queue=args.max_queue, sdk_port=args.sdk_port)

@@ -10,6 +10,12 @@ name at the server, so that its requests carry that name in ``Host``. Hence, in 
    ``application/json``, which a page can only send after a CORS preflight, else 415;
 4. a body over the limit is 413 before the application reads it.
 
+Websockets (the SDK protocol) are not bound by the same-origin policy: any page may open one
+to ``127.0.0.1``. So an upgrade that carries an ``Origin`` (only browsers send one) must come
+from this machine's own pages, unless ``--cors`` opened the server to every page. The API
+key of an upgrade may instead come in the SDK's auth handshake (``sdk.protocol``): the
+official client cannot add headers.
+
 Pure ASGI and the standard library, so that ``lms server start`` can check its flags with
 ``bind_refusal`` without importing Starlette.
 """
@@ -34,6 +40,9 @@ GREETING_PATH = "/lmstudio-greeting"  # clients probe it to find the server: alw
 DEFAULT_MAX_BODY_MB = 32
 ALLOWED_HOSTS_ENV = "LMS_ALLOWED_HOSTS"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# set on a websocket scope whose upgrade carried the right API key; without it, the
+# handshake must carry the key
+KEY_CHECKED_SCOPE = "lmscli.api_key_checked"
 
 
 # -- start-up policy -----------------------------------------------------------------------
@@ -111,6 +120,13 @@ class HostPolicy:
         name = host_name(header)
         return self.any_name or name in self.names or is_ip_literal(name)
 
+    def allows_origin(self, origin: str) -> bool:
+        """A page's ``Origin``: one of the names the server is reached by, or loopback. Not
+        any IP literal, as for ``Host``: a page served from any address sends its own."""
+        _, sep, rest = origin.strip().partition("://")
+        name = host_name(rest.partition("/")[0]) if sep else ""
+        return bool(name) and (name in self.names or is_loopback(name))
+
 
 # -- the middleware ------------------------------------------------------------------------
 
@@ -126,6 +142,7 @@ class Guard:
     hosts: HostPolicy
     api_key: str | None = None
     max_body: int = max_body_bytes(DEFAULT_MAX_BODY_MB)
+    any_origin: bool = False  # --cors: web pages from anywhere may open websockets
 
 
 class GuardMiddleware:
@@ -158,6 +175,8 @@ class GuardMiddleware:
             return APIError(403, f"Host {name!r} is not allowed (DNS rebinding protection). "
                             f"Start the server with --allowed-host {name} to allow it.",
                             code="host_not_allowed")
+        if scope["type"] == "websocket":
+            return self._websocket_refusal(scope, headers)
         if self._key is not None and scope["path"] != GREETING_PATH:
             refusal = _key_refusal(headers, self._key)
             if refusal is not None:
@@ -169,6 +188,22 @@ class GuardMiddleware:
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.guard.max_body:
             return BodyTooLarge(self.guard.max_body)
+        return None
+
+    def _websocket_refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> APIError | None:
+        origin = headers.get(b"origin")
+        if origin is not None and not self.guard.any_origin \
+                and not self.guard.hosts.allows_origin(origin.decode("latin-1")):
+            return APIError(403, "Websockets from other sites' web pages are refused; start "
+                            "the server with --cors to allow them.", code="origin_not_allowed")
+        if self._key is None:
+            return None
+        offered = b"authorization" in headers or b"x-api-key" in headers
+        if offered:  # a wrong key is refused now; none at all is asked for in the handshake
+            refusal = _key_refusal(headers, self._key)
+            if refusal is not None:
+                return refusal
+        scope[KEY_CHECKED_SCOPE] = offered
         return None
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,0 +1,230 @@
+"""The ``llm`` and ``embedding`` namespaces' model endpoints: listing, info, load, unload.
+
+A model answers in the namespace of its kind; lmscli embeds with chat models too (as
+``/v1/embeddings`` does), so the ``embedding`` namespace also takes any loaded model by
+name and presents it as an embedding model there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from lmscli.server.errors import Body, shorten
+from lmscli.server.models import Loaded, LoadEvent, LoadProgress
+from lmscli.server.sdk.errors import DOMAIN_MISMATCH, NO_MODEL, SdkError
+from lmscli.server.sdk.kvconfig import collapse, load_config, load_fields
+from lmscli.server.sdk.protocol import Channel, Context
+
+MIN_UNKNOWN_CONTEXT = 4096  # maxContextLength for a model whose file doesn't say
+
+
+def listing_info(model: Any) -> dict[str, Any]:
+    """A downloaded model's ModelInfo; the SDK needs every number to be there."""
+    info = model.model_info()
+    info["maxContextLength"] = info.get("maxContextLength") or MIN_UNKNOWN_CONTEXT
+    return info
+
+
+def instance_info(entry: Loaded, domain: str) -> dict[str, Any]:
+    info = entry.info()
+    info["type"] = domain
+    info["maxContextLength"] = info.get("maxContextLength") or entry.instance.context_length
+    return info
+
+
+def loaded_in(ctx: Context) -> list[Loaded]:
+    """The loaded models of this namespace's kind, oldest first (``lms.llm()`` takes [0])."""
+    entries = sorted(ctx.models.loaded.values(), key=lambda e: e.loaded_at)
+    return [e for e in entries if e.model.type == ctx.namespace]
+
+
+def find_instance(ctx: Context, specifier: Any, where: str = "specifier") -> Loaded:
+    """The loaded model a ModelSpecifier names: a query (identifier / path, or nothing for
+    the first loaded model) or an instance reference."""
+    spec = Body(specifier, where)
+    kind = spec.get("type", str, required=True)
+    if kind == "instanceReference":
+        name = spec.get("instanceReference", str, required=True)
+    elif kind == "query":
+        query = Body(spec.get("query", dict, {}), f"{where}.query")
+        name = query.get("identifier", str) or query.get("path", str)
+    else:
+        raise SdkError(f"'{where}.type' must be query or instanceReference.")
+    if not name:
+        loaded = loaded_in(ctx)
+        if not loaded:
+            raise SdkError(f"No {ctx.namespace} model is loaded.", code=NO_MODEL)
+        return loaded[0]
+    entry = ctx.models.find_loaded(name)
+    if entry is None:
+        loaded = ", ".join(e.identifier for e in loaded_in(ctx)) or "none"
+        raise SdkError(f'No loaded model matches "{shorten(name)}" (loaded: {loaded}). Load '
+                       f'it first, for example with lms.llm("{shorten(name)}") or '
+                       f"lms load {shorten(name)}.", code=NO_MODEL)
+    check_domain(entry, ctx.namespace)
+    entry.touch()
+    return entry
+
+
+def check_domain(entry: Loaded, domain: str) -> None:
+    check_model_domain(entry.model, domain)
+
+
+def check_model_domain(model: Any, domain: str) -> None:
+    if domain == "llm" and model.type != "llm":
+        raise SdkError(f'"{model.model_key}" is an embedding model: it cannot be used as an '
+                       "LLM.", code=DOMAIN_MISMATCH)
+
+
+# -- RPCs -----------------------------------------------------------------------------------
+
+async def list_loaded(ctx: Context, _: Any) -> list[dict[str, Any]]:
+    return [instance_info(e, ctx.namespace) for e in loaded_in(ctx)]
+
+
+async def get_model_info(ctx: Context, parameter: Any) -> dict[str, Any] | None:
+    p = Body(parameter, "parameter")
+    try:
+        entry = find_instance(ctx, p.get("specifier", dict, required=True),
+                              "parameter.specifier")
+    except SdkError:
+        if p.get("throwIfNotFound", bool, False):
+            raise
+        return None
+    return instance_info(entry, ctx.namespace)
+
+
+async def get_load_config(ctx: Context, parameter: Any) -> dict[str, Any]:
+    p = Body(parameter, "parameter")
+    entry = find_instance(ctx, p.get("specifier", dict, required=True), "parameter.specifier")
+    return {"fields": load_fields(entry, ctx.namespace)}
+
+
+async def unload_model(ctx: Context, parameter: Any) -> None:
+    identifier = Body(parameter, "parameter").get("identifier", str, required=True)
+    entry = ctx.models.find_loaded(identifier)
+    if entry is None:
+        raise SdkError(f'No model with identifier "{shorten(identifier)}" is loaded.',
+                       code=NO_MODEL)
+    await ctx.models.unload(entry.identifier)
+
+
+async def processing_state(ctx: Context, parameter: Any) -> dict[str, Any]:
+    p = Body(parameter, "parameter")
+    entry = find_instance(ctx, p.get("specifier", dict, required=True), "parameter.specifier")
+    return {"status": entry.instance.status, "queued": entry.instance.queued}
+
+
+async def tokenize(ctx: Context, parameter: Any) -> dict[str, Any]:
+    entry, text = _text_call(ctx, parameter)
+    return {"tokens": await asyncio.to_thread(entry.instance.tokenize, text)}
+
+
+async def count_tokens(ctx: Context, parameter: Any) -> dict[str, Any]:
+    entry, text = _text_call(ctx, parameter)
+    return {"tokenCount": len(await asyncio.to_thread(entry.instance.tokenize, text))}
+
+
+def _text_call(ctx: Context, parameter: Any) -> tuple[Loaded, str]:
+    p = Body(parameter, "parameter")
+    entry = find_instance(ctx, p.get("specifier", dict, required=True), "parameter.specifier")
+    return entry, p.get("inputString", str, required=True)
+
+
+async def embed_string(ctx: Context, parameter: Any) -> dict[str, Any]:
+    p = Body(parameter, "parameter")
+    entry = find_instance(ctx, p.get("modelSpecifier", dict, required=True),
+                          "parameter.modelSpecifier")
+    text = p.text("inputString", required=True, nonempty=True)  # llama.cpp: no empty input
+    entry.active += 1
+    try:
+        (vector,) = await asyncio.to_thread(entry.instance.embed, [text])
+    except ValueError as exc:  # llama-cpp-python: an input longer than the context
+        raise SdkError(f"Cannot embed this input: {exc}") from None
+    finally:
+        entry.active -= 1
+        entry.touch()
+    return {"embedding": vector}
+
+
+# -- loading --------------------------------------------------------------------------------
+
+async def get_or_load(ctx: Context, channel: Channel, parameter: Any) -> None:
+    p = Body(parameter, "creationParameter")
+    name = p.get("identifier", str, required=True)
+    options = load_config(collapse(p.get("loadConfigStack", dict), "loadConfigStack"),
+                          ctx.namespace)
+    ttl_ms = p.integer("loadTtlMs", low=1)
+    if (entry := ctx.models.find_loaded(name)) is not None:
+        await _already_loaded(ctx, channel, entry)
+        return
+    model = ctx.models.resolve_downloaded(name)
+    check_model_domain(model, ctx.namespace)
+    async with ctx.models.load_lock(model.model_key):
+        pending = ctx.models.pending(model.model_key)  # a JIT load from an HTTP request
+        if pending is not None:
+            await asyncio.shield(pending)
+        if (entry := ctx.models.find_loaded(name)) is not None:
+            await _already_loaded(ctx, channel, entry)
+            return
+        await ctx.models.check_load(model.model_key, None, options.context_length)
+        await channel.send({"type": "startLoading", "identifier": model.model_key,
+                            "info": listing_info(model)})
+        events = ctx.models.load_events(
+            model.model_key, context_length=options.context_length, gpu_ratio=options.gpu_ratio,
+            parallel=options.parallel, ttl_s=ttl_ms / 1000 if ttl_ms else None)
+        await _stream_load(ctx, channel, events, "loadProgress", "loadSuccess")
+
+
+async def _already_loaded(ctx: Context, channel: Channel, entry: Loaded) -> None:
+    check_domain(entry, ctx.namespace)
+    entry.touch()
+    await channel.send({"type": "alreadyLoaded", "info": instance_info(entry, ctx.namespace)})
+
+
+async def load_model(ctx: Context, channel: Channel, parameter: Any) -> None:
+    p = Body(parameter, "creationParameter")
+    key = p.get("modelKey", str, required=True)
+    identifier = p.get("identifier", str)
+    options = load_config(collapse(p.get("loadConfigStack", dict), "loadConfigStack"),
+                          ctx.namespace)
+    ttl_ms = p.integer("ttlMs", low=1)
+    model = await ctx.models.check_load(key, identifier, options.context_length)
+    check_model_domain(model, ctx.namespace)
+    await channel.send({"type": "resolved", "info": listing_info(model)})
+    events = ctx.models.load_events(
+        model.model_key, identifier=identifier, context_length=options.context_length,
+        gpu_ratio=options.gpu_ratio, parallel=options.parallel,
+        ttl_s=ttl_ms / 1000 if ttl_ms else None)
+    await _stream_load(ctx, channel, events, "progress", "success")
+
+
+async def _stream_load(ctx: Context, channel: Channel,
+                       events: AsyncGenerator[LoadEvent, None], progress: str,
+                       success: str) -> None:
+    """Progress messages, then the loaded instance; a cancel (or the client leaving) closes
+    the events, which aborts the load between tensors."""
+
+    async def relay() -> None:
+        try:
+            async for event in events:
+                if isinstance(event, LoadProgress):
+                    await channel.send({"type": progress, "progress": event.progress})
+                else:
+                    await channel.send({"type": success,
+                                        "info": instance_info(event.entry, ctx.namespace)})
+        finally:
+            await events.aclose()
+
+    task = asyncio.ensure_future(relay())
+    channel.on_cancel(task.cancel)
+    try:
+        await asyncio.wait({task})
+    finally:
+        task.cancel()  # the connection closed: stop the load with it
+        await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise SdkError("The model load was cancelled.")
+    task.result()
