@@ -9,7 +9,7 @@ import sys
 import typer
 
 import lmscli
-from lmscli.cli import act, chat, connect, console, models, server
+from lmscli.cli import act, chat, connect, console, link, models, server
 from lmscli.cli import log as log_cli
 from lmscli.errors import ExitCode, LMSError
 
@@ -21,6 +21,7 @@ app = typer.Typer(name="lms", help=HELP, epilog=EPILOG, add_completion=True,
                   context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(server.app, name="server", rich_help_panel="Serve")
 app.add_typer(log_cli.app, name="log", rich_help_panel="Serve")
+app.add_typer(link.app, name="link", rich_help_panel="Serve")
 models.register(app)
 app.command(name="chat", rich_help_panel="Local models")(connect.with_connection(chat.chat))
 act.register(app)

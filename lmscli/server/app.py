@@ -23,6 +23,7 @@ from lmscli.logbus import LogBus
 from lmscli.logbus.events import RuntimeLog
 from lmscli.server import logs_http, native, openai_api
 from lmscli.server.errors import APIError
+from lmscli.server.link_routes import Linked
 from lmscli.server.models import ModelManager
 from lmscli.server.security import (
     DEFAULT_MAX_BODY_MB,
@@ -46,6 +47,7 @@ class Settings:
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     parallel: int = 4  # slots per model for loads that don't say (JIT loads included)
     max_queue: int = 64  # requests that may wait for a slot, per model, before 503s
+    link_refresh_s: float = 30.0  # how often linked engines are asked for their models
 
     def guard(self) -> Guard:
         hosts = HostPolicy.for_bind(self.host, self.allowed_hosts, keyed=bool(self.api_key))
@@ -106,14 +108,17 @@ def create_app(engine: Engine, settings: Settings | None = None,
     logs = LogBus()
     models = ModelManager(engine, on_event=RuntimeLog(logs, engine, log), bus=logs,
                           parallel=settings.parallel, max_queue=settings.max_queue)
+    linked = Linked(models, logs, settings.link_refresh_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         reaper = asyncio.create_task(models.reaper(settings.reap_every_s))
+        linked.start()
         try:
             yield
         finally:
             reaper.cancel()
+            await linked.close()
             await models.unload_all()  # cancels running predictions first
 
     # outermost, so that its duration and status cover everything the client saw
@@ -124,12 +129,13 @@ def create_app(engine: Engine, settings: Settings | None = None,
     # inside CORS, so that preflights pass and a page can read why it was refused
     middleware.append(Middleware(GuardMiddleware, guard=settings.guard()))
     app = Starlette(
-        routes=routes(), middleware=middleware, lifespan=lifespan,
+        routes=linked.wrap(routes()), middleware=middleware, lifespan=lifespan,
         exception_handlers={APIError: api_error, HTTPException: http_error,
                             Exception: internal_error},
     )
     app.state.engine = engine
     app.state.models = models
+    app.state.linked = linked
     app.state.logs = logs
     app.state.predictions = {}
     app.state.settings = settings
