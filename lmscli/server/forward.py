@@ -97,9 +97,9 @@ class Forwarder:
             except BaseException:
                 link.in_flight -= 1
                 raise
-        noun = "The linked engine" if len(errors) == 1 else "No linked engine"
-        raise APIError(502, f'{noun} for "{target.identifier}" did not answer: '
-                       + "; ".join(errors), type_="server_error", code="upstream_unavailable")
+        what = "The linked engine" if len(errors) == 1 else "None of the linked engines"
+        raise APIError(502, f'{what} for "{target.identifier}" answered: ' + "; ".join(errors),
+                       type_="server_error", code="upstream_unavailable")
 
     async def _try(self, link: Link, path: str, content: bytes, whole: bool) -> Attempt:
         request = self.links.http.build_request(
