@@ -60,6 +60,7 @@ def engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engines
     def start(name: str, models: tuple[str, ...] = ("tiny-chat",),
               key: str | None = None) -> ProcessServer:
         home = tmp_path / f"engine-{name}"
+        home.mkdir()
         for model in models:
             make_gguf(home / f"models/test/{model}-GGUF/{model}.Q4_0.gguf", name=model,
                       context_length=256)
@@ -346,6 +347,25 @@ def test_fewest_in_flight_first(front: ThreadServer, engines: Engines,
         served = links_json(capsys)
     idle = "b" if busy == "a" else "a"
     assert served[busy]["served"] == 1 and served[idle]["served"] == 3
+
+
+def test_a_ring_of_links_ends_in_a_clear_error(fake_server: ThreadServer, engines: Engines,
+                                               home: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Two servers linked to each other, and the model gone from the one that had it: each
+    still lists it through the other. The request stops after a few hops with a 508."""
+    peer = engines("peer", models=())
+    added = httpx.post(peer.base_url + "/lmscli/links",
+                       json={"name": "back", "url": fake_server.base_url})
+    assert "tiny-chat" in added.json()["link"]["models"]
+    link(capsys, "peer", peer)
+    for model in (home / "models").rglob("*.gguf"):
+        model.unlink()
+    r = httpx.post(fake_server.base_url + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 508 and r.json()["error"]["code"] == "link_loop"
+    assert "a link points back at a server it came from" in r.json()["error"]["message"]
+    assert httpx.get(fake_server.base_url + "/lmstudio-greeting").status_code == 200
 
 
 # -- never slowing local models ---------------------------------------------------------------

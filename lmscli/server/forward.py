@@ -34,6 +34,10 @@ CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 600.0
 # Fields only this server understands: an upstream would refuse or misread them.
 LOCAL_FIELDS = ("ttl", "get_or_load")
+# Linked lmscli servers count the hops a request took: a link that points back at its own
+# server (directly or round a ring) would otherwise forward forever.
+HOPS_HEADER = "X-Lmscli-Hops"
+MAX_HOPS = 4
 
 T = TypeVar("T")
 
@@ -78,7 +82,7 @@ class Forwarder:
         self.bus = bus
 
     async def open(self, target: Target, path: str, payload: dict[str, Any], *,
-                   whole: bool) -> Attempt:
+                   whole: bool, hops: int = 1) -> Attempt:
         """Send to the first replica that answers; ``whole`` reads the entire body (a
         non-streamed answer), else only the first bytes. A 502 naming every link's failure
         when none answers."""
@@ -89,7 +93,7 @@ class Forwarder:
             link.last_used = time.monotonic()
             link.served += 1
             try:
-                return await self._try(link, path, content, whole)
+                return await self._try(link, path, content, whole, hops)
             except httpx.TransportError as exc:
                 link.in_flight -= 1
                 link.mark_down(describe(exc))
@@ -101,10 +105,11 @@ class Forwarder:
         raise APIError(502, f'{what} for "{target.identifier}" answered: ' + "; ".join(errors),
                        type_="server_error", code="upstream_unavailable")
 
-    async def _try(self, link: Link, path: str, content: bytes, whole: bool) -> Attempt:
-        request = self.links.http.build_request(
-            "POST", link.url + path, content=content,
-            headers=link.headers() | {"Content-Type": "application/json"})
+    async def _try(self, link: Link, path: str, content: bytes, whole: bool,
+                   hops: int) -> Attempt:
+        headers = link.headers() | {"Content-Type": "application/json", HOPS_HEADER: str(hops)}
+        request = self.links.http.build_request("POST", link.url + path, content=content,
+                                                headers=headers)
         response = await self.links.http.send(request, stream=True)
         try:
             rest = response.aiter_raw()
@@ -122,11 +127,12 @@ class Forwarder:
     async def openai(self, request: Request, body: Body, target: Target, path: str) -> Response:
         """``path`` (``/chat/completions``, ``/completions``, ``/embeddings``) on the
         upstream, its answer passed through."""
+        hops = next_hop(request)
         payload = upstream_body(body.data, target)
         stream = payload.get("stream") is True
         log = PredictionLog.begin(self.bus, target, payload) if path != "/embeddings" else None
         attempt = await until_disconnected(request, self.open(target, path, payload,
-                                                              whole=not stream))
+                                                              whole=not stream, hops=hops))
         if attempt is None:
             return Response(status_code=499)  # nobody is left to read it
         status = attempt.response.status_code
@@ -233,6 +239,17 @@ def upstream_body(data: dict[str, Any], target: Target) -> dict[str, Any]:
     out = {k: v for k, v in data.items() if k not in LOCAL_FIELDS}
     out["model"] = target.model
     return out
+
+
+def next_hop(request: Request) -> int:
+    """The hop count to send on; a 508 when the request has been forwarded too often."""
+    raw = request.headers.get(HOPS_HEADER, "0")
+    hops = int(raw) if raw.isdigit() and len(raw) < 4 else 0
+    if hops >= MAX_HOPS:
+        raise APIError(508, f"This request went through {hops} linked servers: a link points "
+                       "back at a server it came from. Check the links with: lms link ls",
+                       type_="server_error", code="link_loop")
+    return hops + 1
 
 
 def sse_error(message: str) -> bytes:

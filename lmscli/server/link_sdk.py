@@ -24,6 +24,7 @@ from lmscli.server.forward import (
     Forwarder,
     PredictionLog,
     RelayResponse,
+    next_hop,
     until_disconnected,
     upstream_body,
 )
@@ -56,12 +57,13 @@ def sdk_payload(body: Body, target: Target) -> dict[str, Any]:
 
 async def predict(request: Request, body: Body, target: Target, model: LinkedModel,
                   forwarder: Forwarder, predictions: dict[str, LinkedPrediction]) -> Response:
+    hops = next_hop(request)
     payload = sdk_payload(body, target)
     path = "/completions" if "prompt" in payload else "/chat/completions"
     completion = Completion()
     log = PredictionLog.begin(forwarder.bus, target, payload, completion)
     attempt = await until_disconnected(request, forwarder.open(target, path, payload,
-                                                               whole=False))
+                                                               whole=False, hops=hops))
     if attempt is None:
         return Response(status_code=499)
     status = attempt.response.status_code
