@@ -84,7 +84,9 @@ def registry(*links: tuple[str, list[str]], local: tuple[str, ...] = (),
              loaded: tuple[str, ...] = ()) -> Links:
     made = Links([LinkConfig(name, f"http://{name}/v1") for name, _ in links],
                  httpx.AsyncClient(), is_loaded=lambda n: n in loaded,
-                 is_downloaded=lambda n: n in local, save=lambda configs: None)
+                 is_downloaded=lambda n: n in local,
+                 local_names=lambda: {n.lower() for n in (*local, *loaded)},
+                 save=lambda configs: None)
     for name, models in links:
         made.links[name].models = [UpstreamModel(m) for m in models]
         made.links[name].listed = made.links[name].reachable = True

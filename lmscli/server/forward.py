@@ -91,9 +91,8 @@ class Forwarder:
         for link in self.links.ordered(target.links):
             link.in_flight += 1
             link.last_used = time.monotonic()
-            link.served += 1
             try:
-                return await self._try(link, path, content, whole, hops)
+                attempt = await self._try(link, path, content, whole, hops)
             except httpx.TransportError as exc:
                 link.in_flight -= 1
                 link.mark_down(describe(exc))
@@ -101,6 +100,9 @@ class Forwarder:
             except BaseException:
                 link.in_flight -= 1
                 raise
+            else:
+                link.served += 1
+                return attempt
         what = "The linked engine" if len(errors) == 1 else "None of the linked engines"
         raise APIError(502, f'{what} for "{target.identifier}" answered: ' + "; ".join(errors),
                        type_="server_error", code="upstream_unavailable")
@@ -131,8 +133,8 @@ class Forwarder:
         payload = upstream_body(body.data, target)
         stream = payload.get("stream") is True
         log = PredictionLog.begin(self.bus, target, payload) if path != "/embeddings" else None
-        attempt = await until_disconnected(request, self.open(target, path, payload,
-                                                              whole=not stream, hops=hops))
+        attempt = await logged(log, until_disconnected(request, self.open(
+            target, path, payload, whole=not stream, hops=hops)))
         if attempt is None:
             return Response(status_code=499)  # nobody is left to read it
         status = attempt.response.status_code
@@ -232,6 +234,17 @@ class PredictionLog:
         self.bus.publish(prediction_output(self.target.identifier,
                                            self.completion.output_text(),
                                            self.completion.stats(stopped)))
+
+
+async def logged(log: PredictionLog | None, opening: Awaitable[T]) -> T:
+    """``opening``'s result; if it fails (no replica answered), the log says so too."""
+    try:
+        return await opening
+    except APIError as exc:
+        if log is not None:
+            log.completion.error = exc.message
+            log.end(stopped=False)
+        raise
 
 
 def upstream_body(data: dict[str, Any], target: Target) -> dict[str, Any]:

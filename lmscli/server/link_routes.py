@@ -35,7 +35,7 @@ class Linked:
         self.models = models
         self.http = http_client()
         self.links = Links(linkstore.load(), self.http, is_loaded=self._is_loaded,
-                           is_downloaded=self._is_downloaded)
+                           is_downloaded=self._is_downloaded, local_names=self._local_names)
         self.forwarder = Forwarder(self.links, bus)
         self.predictions: dict[str, link_sdk.LinkedPrediction] = {}
         self.refresh_every_s = refresh_every_s
@@ -47,6 +47,15 @@ class Linked:
     def _is_downloaded(name: str) -> bool:
         plausible = name.isprintable() and len(name) <= MAX_NAME_CHARS
         return plausible and catalog.find_model(name) is not None
+
+    def _local_names(self) -> set[str]:
+        """Every name a local model answers to (as find_loaded and find_model match them)."""
+        names = set()
+        for entry in self.models.loaded.values():
+            names |= {entry.identifier, entry.model.model_key, entry.model.path}
+        for model in catalog.list_models():
+            names |= {model.model_key, model.path}
+        return {name.lower() for name in names}
 
     def start(self) -> None:
         self.links.start(self.refresh_every_s)

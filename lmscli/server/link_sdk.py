@@ -24,6 +24,7 @@ from lmscli.server.forward import (
     Forwarder,
     PredictionLog,
     RelayResponse,
+    logged,
     next_hop,
     until_disconnected,
     upstream_body,
@@ -62,8 +63,8 @@ async def predict(request: Request, body: Body, target: Target, model: LinkedMod
     path = "/completions" if "prompt" in payload else "/chat/completions"
     completion = Completion()
     log = PredictionLog.begin(forwarder.bus, target, payload, completion)
-    attempt = await until_disconnected(request, forwarder.open(target, path, payload,
-                                                               whole=False, hops=hops))
+    attempt = await logged(log, until_disconnected(request, forwarder.open(
+        target, path, payload, whole=False, hops=hops)))
     if attempt is None:
         return Response(status_code=499)
     status = attempt.response.status_code

@@ -51,7 +51,7 @@ class Link:
     down_until: float = 0.0
     in_flight: int = 0
     last_used: float = 0.0
-    served: int = 0  # requests that reached this link (for `lms link ls --json` and bench/)
+    served: int = 0  # requests it answered (for `lms link ls --json` and bench/)
 
     @property
     def name(self) -> str:
@@ -142,20 +142,23 @@ class LinkedModel:
 
 
 Lookup = Callable[[str], bool]
+Names = Callable[[], set[str]]
 
 
 class Links:
-    """The registry. ``is_loaded`` and ``is_downloaded`` tell whether a name is a local model:
-    a local model always wins its bare key, so linking an engine never changes what a request
-    for a local model gets (the linked one stays reachable as ``LINK/key``)."""
+    """The registry. ``is_loaded`` and ``is_downloaded`` tell whether a name is a local model,
+    ``local_names`` gives every such name at once (lowercased) for listings: a local model
+    always wins its bare key, so linking an engine never changes what a request for a local
+    model gets (the linked one stays reachable as ``LINK/key``)."""
 
     def __init__(self, configs: list[LinkConfig], http: httpx.AsyncClient, *,
-                 is_loaded: Lookup, is_downloaded: Lookup,
+                 is_loaded: Lookup, is_downloaded: Lookup, local_names: Names,
                  save: Callable[[list[LinkConfig]], None] = linkstore.save) -> None:
         self.links: dict[str, Link] = {c.name: Link(c) for c in configs}
         self.http = http
         self.is_loaded = is_loaded
         self.is_downloaded = is_downloaded
+        self.local_names = local_names
         self._save = save
         self._task: asyncio.Task[None] | None = None
 
@@ -236,17 +239,15 @@ class Links:
             for model in link.models:
                 by_key.setdefault(model.id, []).append(link)
                 contexts[model.id] = contexts.get(model.id) or model.context_length
+        local = self.local_names() if by_key else set()
         out = []
         for key, links in sorted(by_key.items()):
-            identifier = key if self._bare_is_linked(key) else f"{links[0].name}/{key}"
+            identifier = f"{links[0].name}/{key}" if key.lower() in local else key
             out.append(LinkedModel(key, links, contexts[key], identifier))
         return out
 
     def reachable_models(self) -> list[LinkedModel]:
         return [m for m in self.linked_models() if m.status != "unreachable"]
-
-    def _bare_is_linked(self, key: str) -> bool:
-        return not self.is_loaded(key) and not self.is_downloaded(key)
 
     # -- requests -------------------------------------------------------------------------
 
