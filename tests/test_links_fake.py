@@ -473,5 +473,8 @@ def test_lms_chat_and_unload_know_linked_models(front: ThreadServer, engines: En
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     code, out, err = lms_cli(capsys, "chat", "up/tiny-chat", "-p", "[[reply: hi from afar]]")
     assert code == 0 and "hi from afar" in out, err
+    code, _, err = lms_cli(capsys, "load", "up/tiny-chat")
+    assert code == 0 and "up/tiny-chat is served by the link up: there is nothing to load" \
+        in err
     code, _, err = lms_cli(capsys, "unload", "up/tiny-chat")
     assert code == 1 and "served by the link up" in err and "lms link rm up" in err

@@ -162,6 +162,11 @@ def load(
 ) -> None:
     """Load a model"""
     ratio = parse_gpu(gpu)
+    linked = linked_model(model_key) if model_key and not exact else None
+    if linked is not None:  # before fuzzy matching, which would pick a local model
+        console.info(f"{model_key} is served by the link {linked['device']}: there is nothing "
+                     f'to load. To use it in the API/SDK, use the identifier "{model_key}".')
+        return
     key = steps.resolve_key(model_key, exact, yes)
     with connect.client() as client:  # type: ignore[union-attr]
         existing = [m for m in client.loaded_models_info() if m["modelKey"] == key]
@@ -183,6 +188,15 @@ def load(
     console.info(f"Model loaded successfully in {render.elapsed(info['loadTimeSec'] or 0)}.")
     console.info(f"({render.size_1024(info['sizeBytes'])})")
     console.info(f'To use the model in the API/SDK, use the identifier "{info["identifier"]}".')
+
+
+def linked_model(name: str) -> dict[str, Any] | None:
+    """The linked model ``name`` reaches on the running server (none is started for this)."""
+    client = connect.client(start=False)
+    if client is None:
+        return None
+    with client:
+        return steps.linked_model(client, name)
 
 
 def unload(

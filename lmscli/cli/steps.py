@@ -143,6 +143,12 @@ def open_model(name: str | None, ttl: int, yes: bool) -> Any:
     return load_with_progress(client, catalog.DEFAULT_MODEL, ttl)
 
 
+def linked_model(client: Any, name: str) -> dict[str, Any] | None:
+    """The linked model (its instance info) that ``name`` reaches, if any."""
+    return next((m for m in client.loaded_models_info()
+                 if m.get("format") == "linked" and name in m.get("aliases", ())), None)
+
+
 def served_as_named(client: Any, name: str) -> bool:
     """Whether the server knows ``name`` as it is: a loaded identifier, a linked model, or
     ``LINK/model`` on a link (its engine's models are not on this disk to match against)."""
