@@ -28,6 +28,7 @@ from lmscli.client.logs import stream_logs
 from lmscli.engine.fake import FakeEngine
 from tests.conftest import ProcessServer, ThreadServer
 from tests.gguf_factory import make_gguf
+from tests.test_chat_fake import repl
 
 SAY_HELLO = {"type": "function", "function": {
     "name": "say_hello", "description": "Says hello to someone",
@@ -478,3 +479,11 @@ def test_lms_chat_and_unload_know_linked_models(front: ThreadServer, engines: En
         in err
     code, _, err = lms_cli(capsys, "unload", "up/tiny-chat")
     assert code == 1 and "served by the link up" in err and "lms link rm up" in err
+
+
+def test_the_chat_repl_switches_to_a_linked_model(fake_server: ThreadServer, engines: Engines,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    link(capsys, "far", engines("far", models=("far-model",)))
+    chat, out, code = repl("/model far/far-model\n[[reply: from far away]]\nexit\n")
+    assert code == 0 and "Model Selected: far-model" in out and "from far away" in out
+    assert chat.model.identifier == "far/far-model"

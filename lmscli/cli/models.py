@@ -260,8 +260,9 @@ def print_status() -> None:
         return
     console.out.print("Loaded Models", markup=False)
     for m in loaded:
-        console.out.print(f"  · {m['identifier']} - [dim]{render.size_1000(m['sizeBytes'])}"
-                          "[/dim]")
+        where = f"via {m['device']}" if m.get("format") == "linked" \
+            else render.size_1000(m["sizeBytes"])
+        console.out.print(f"  · {m['identifier']} - [dim]{where}[/dim]")
 
 
 def register(app: typer.Typer) -> None:
