@@ -9,6 +9,7 @@ links and new routes need no change here unless they should forward too.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from lmscli.server.links import REFRESH_EVERY_S, LinkedModel, Links, Target
 from lmscli.server.models import MAX_NAME_CHARS, ModelManager
 
 Handler = Callable[[Request], Awaitable[Any]]
+DOWNLOADED_TTL_S = 2.0
 
 
 class Linked:
@@ -39,23 +41,33 @@ class Linked:
         self.forwarder = Forwarder(self.links, bus)
         self.predictions: dict[str, link_sdk.LinkedPrediction] = {}
         self.refresh_every_s = refresh_every_s
+        self._scanned: set[str] = set()
+        self._scanned_at = float("-inf")
 
     def _is_loaded(self, name: str) -> bool:
         return self.models.find_loaded(name) is not None
 
-    @staticmethod
-    def _is_downloaded(name: str) -> bool:
-        plausible = name.isprintable() and len(name) <= MAX_NAME_CHARS
-        return plausible and catalog.find_model(name) is not None
+    def _is_downloaded(self, name: str) -> bool:
+        return len(name) <= MAX_NAME_CHARS and name.lower() in self._downloaded()
+
+    def _downloaded(self) -> set[str]:
+        """The keys and paths of the models on disk, lowercased, read at most every
+        ``DOWNLOADED_TTL_S``: a scan of the models folder costs milliseconds, and every
+        request for a linked model asks (a model downloaded meanwhile wins its key a moment
+        later)."""
+        now = time.monotonic()
+        if now - self._scanned_at > DOWNLOADED_TTL_S:
+            self._scanned = {name.lower() for m in catalog.list_models()
+                             for name in (m.model_key, m.path)}
+            self._scanned_at = now
+        return self._scanned
 
     def _local_names(self) -> set[str]:
         """Every name a local model answers to (as find_loaded and find_model match them)."""
         names = set()
         for entry in self.models.loaded.values():
             names |= {entry.identifier, entry.model.model_key, entry.model.path}
-        for model in catalog.list_models():
-            names |= {model.model_key, model.path}
-        return {name.lower() for name in names}
+        return {name.lower() for name in names} | self._downloaded()
 
     def start(self) -> None:
         self.links.start(self.refresh_every_s)
