@@ -194,7 +194,7 @@ def test_sdk_respond_act_and_lms_chat(front: ProcessServer) -> None:
 
     act = client.llm.model(f"lmscli/{MODEL}").act(
         "What is the weather in Paris?", [get_weather], tool_choice="required",
-        max_prediction_rounds=2, config={"maxTokens": 24, "temperature": 0})
+        max_prediction_rounds=2, config={"maxTokens": 40, "temperature": 0})
     assert act.rounds == 2 and len(asked) == 1
     chat = front.lms("chat", f"lmscli/{MODEL}", "-p", "Say hello.", input="")
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
