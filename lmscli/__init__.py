@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 
 # ``from lmscli import <submodule>`` asks for the attribute first: those must not load the SDK
-_SUBMODULES = {"catalog", "cli", "client", "engine", "errors", "logbus", "paths", "prompting",
-               "server", "serverstate"}
+_SUBMODULES = {"catalog", "cli", "client", "engine", "errors", "linkstore", "logbus", "paths",
+               "prompting", "server", "serverstate"}
 
 
 def __getattr__(name: str) -> Any:

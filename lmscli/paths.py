@@ -38,6 +38,11 @@ def server_config_file() -> Path:
     return internal_dir() / "http-server-config.json"
 
 
+def links_file() -> Path:
+    """The server's linked engines (``lms link``); holds API keys, so it is mode 0600."""
+    return internal_dir() / "links.json"
+
+
 def server_log_file() -> Path:
     return internal_dir() / "server.log"
 

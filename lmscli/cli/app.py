@@ -36,6 +36,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
                "models."),
     "server": ("lmscli.cli.server", "Serve", "Commands for managing the local server"),
     "log": ("lmscli.cli.log", "Serve", "Log incoming and outgoing messages"),
+    "link": ("lmscli.cli.link", "Serve", "Serve models of other engines (vLLM, llama-server, "
+             "another lmscli) through this server"),
 }
 
 

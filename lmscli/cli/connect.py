@@ -63,9 +63,11 @@ def use(host: str | None, port: int | None, api_key: str | None) -> None:
     _target = Target(host, port, api_key or None)
 
 
-def with_connection(command: Callable[..., Any]) -> Callable[..., Any]:
+def with_connection(command: Callable[..., Any], *, key_flag: str = "--api-key"
+                    ) -> Callable[..., Any]:
     """Adds ``--host``, ``--port`` and ``--api-key`` (defaults from LMS_HOST, LMS_PORT and
-    LMS_API_KEY) to a command, and points the command at them before it runs."""
+    LMS_API_KEY) to a command, and points the command at them before it runs. A command
+    whose own ``--api-key`` means another key names the server's ``key_flag``."""
     extra = {
         "host": typer.Option(None, "--host", envvar="LMS_HOST", rich_help_panel=PANEL,
                              help="The host of a remote server (no scheme, no port)."),
@@ -73,7 +75,7 @@ def with_connection(command: Callable[..., Any]) -> Callable[..., Any]:
                              rich_help_panel=PANEL,
                              help=f"The server's port (default {serverstate.DEFAULT_PORT} "
                              "with --host)."),
-        "api_key": typer.Option(None, "--api-key", envvar="LMS_API_KEY", show_envvar=True,
+        "api_key": typer.Option(None, key_flag, envvar="LMS_API_KEY", show_envvar=True,
                                 rich_help_panel=PANEL, show_default=False,
                                 help="The server's API key, sent as a bearer token."),
     }

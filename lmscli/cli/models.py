@@ -77,25 +77,29 @@ def ls(
     embedding: bool = typer.Option(False, "--embedding", help="Show only embedding models."),
     json_: bool = typer.Option(False, "--json", help="Output as JSON."),
 ) -> None:
-    """List the models available on disk"""
+    """List the models available on disk, and those of linked engines"""
     models = models_on_disk()
+    loaded = loaded_models() or []
+    linked = [m for m in loaded if m.get("format") == "linked"]
     wanted = {t for t, on in (("llm", llm), ("embedding", embedding)) if on}
     shown = [m for m in models if not wanted or m["type"] in wanted]
+    shown_linked = [m for m in linked if not wanted or m["type"] in wanted]
     if json_:
-        render.print_json(shown)
+        render.print_json(shown + shown_linked)
         return
-    if not models:
+    if not models and not linked:
         console.out.print("You have not downloaded any models yet.", style="error")
         console.info(f"Download the default model with: lms get {catalog.DEFAULT_MODEL}")
         return
-    if not shown:
+    if not shown and not shown_linked:
         console.out.print(f"You have {len(models)} models, but none of them match the filter.",
                           markup=False)
         return
     counts: dict[str, int] = {}
-    for entry in loaded_models() or []:
-        counts[entry["modelKey"]] = counts.get(entry["modelKey"], 0) + 1
-    render.models_table(shown, counts)
+    for entry in loaded:
+        if entry.get("format") != "linked":
+            counts[entry["modelKey"]] = counts.get(entry["modelKey"], 0) + 1
+    render.models_table(shown, counts, shown_linked)
 
 
 def models_on_disk() -> list[dict[str, Any]]:
@@ -159,6 +163,11 @@ def load(
 ) -> None:
     """Load a model"""
     ratio = parse_gpu(gpu)
+    linked = linked_model(model_key) if model_key and not exact else None
+    if linked is not None:  # before fuzzy matching, which would pick a local model
+        console.info(f"{model_key} is served by the link {linked['device']}: there is nothing "
+                     f'to load. To use it in the API/SDK, use the identifier "{model_key}".')
+        return
     key = steps.resolve_key(model_key, exact, yes)
     with connect.client() as client:  # type: ignore[union-attr]
         existing = [m for m in client.loaded_models_info() if m["modelKey"] == key]
@@ -182,6 +191,15 @@ def load(
     console.info(f'To use the model in the API/SDK, use the identifier "{info["identifier"]}".')
 
 
+def linked_model(name: str) -> dict[str, Any] | None:
+    """The linked model ``name`` reaches on the running server (none is started for this)."""
+    client = connect.client(start=False)
+    if client is None:
+        return None
+    with client:
+        return steps.linked_model(client, name)
+
+
 def unload(
     identifier: Optional[str] = typer.Argument(None, help="The identifier of the model."),  # noqa: UP045
     all_: bool = typer.Option(False, "-a", "--all", help="Unload all models."),
@@ -192,7 +210,12 @@ def unload(
                           "together with --all.")
         return
     client = connect.client(start=False)
-    loaded = client.loaded_models_info() if client else []
+    everything = client.loaded_models_info() if client else []
+    loaded = [m for m in everything if m.get("format") != "linked"]
+    if identifier and any(identifier in m.get("aliases", ()) for m in everything
+                          if m not in loaded):
+        assert client is not None
+        client.unload(identifier)  # the server refuses, saying which link serves it
     if all_:
         _unload_all(client, loaded)
         return
@@ -243,8 +266,9 @@ def print_status() -> None:
         return
     console.out.print("Loaded Models", markup=False)
     for m in loaded:
-        console.out.print(f"  · {m['identifier']} - [dim]{render.size_1000(m['sizeBytes'])}"
-                          "[/dim]")
+        where = f"via {m['device']}" if m.get("format") == "linked" \
+            else render.size_1000(m["sizeBytes"])
+        console.out.print(f"  · {m['identifier']} - [dim]{where}[/dim]")
 
 
 def register(app: typer.Typer) -> None:

@@ -86,14 +86,18 @@ def table(rows: list[list[str]], marks: Iterable[str] = ()) -> None:
 
 # -- ls ---------------------------------------------------------------------------------------
 
-def models_table(models: list[dict[str, Any]], loaded_counts: dict[str, int]) -> None:
+def models_table(models: list[dict[str, Any]], loaded_counts: dict[str, int],
+                 linked: list[dict[str, Any]] | None = None) -> None:
+    """``lms ls``: the models on disk, then (with the LLMs) those linked engines serve."""
+    linked = linked or []
     total = sum(m["sizeBytes"] for m in models)
     noun = "model" if len(models) == 1 else "models"
     console.out.print(f"\nYou have {len(models)} {noun}, taking up {size_1000(total)} of disk "
                       "space.\n", markup=False)
     for kind, title in (("llm", "LLM"), ("embedding", "EMBEDDING")):
         group = sorted((m for m in models if m["type"] == kind), key=lambda m: m["modelKey"])
-        if not group:
+        links = [m for m in linked if m["type"] == kind]
+        if not group and not links:
             continue
         rows = [[title, "PARAMS", "ARCH", "SIZE", "DEVICE"]]
         marks = []
@@ -102,6 +106,9 @@ def models_table(models: list[dict[str, Any]], loaded_counts: dict[str, int]) ->
                          arch_name(m.get("architecture")), size_1000(m["sizeBytes"]), "Local"])
             n = loaded_counts.get(m["modelKey"], 0)
             marks.append("" if not n else "✓ LOADED" if n == 1 else f"✓ LOADED ({n})")
+        for m in links:
+            rows.append([m["identifier"], "", "", "-", m["device"]])
+            marks.append("✓ LINKED" if m["status"] != "unreachable" else "")
         table(rows, marks)
         console.out.print()
 
@@ -118,10 +125,28 @@ def loaded_table(models: list[dict[str, Any]]) -> None:
         status = str(m["status"]).upper()
         if m.get("queued"):  # beyond lms: the requests waiting for a slot
             status += f" ({m['queued']} QUEUED)"
+        linked = m.get("format") == "linked"
         rows.append([m["identifier"], m["modelKey"], status,
-                     size_1000(m["sizeBytes"]), str(m["contextLength"]),
-                     str(m.get("parallel") or "-"), "Local", ttl])
+                     "-" if linked else size_1000(m["sizeBytes"]),
+                     str(m["contextLength"] or "-"), str(m.get("parallel") or "-"),
+                     m.get("device") or "Local", ttl])
     table(rows)
+
+
+# -- link ls ----------------------------------------------------------------------------------
+
+def links_table(links: list[dict[str, Any]]) -> None:
+    rows = [["NAME", "URL", "STATUS", "MODELS"]]
+    for link in links:
+        status = {True: "reachable", False: "unreachable"}.get(link["reachable"], "unchecked")
+        models = link["models"]
+        shown = ", ".join(models[:3]) + (f" (+{len(models) - 3} more)" if len(models) > 3
+                                         else "")
+        rows.append([link["name"], link["url"], status, shown or "-"])
+    table(rows)
+    for link in links:
+        if link["error"]:
+            console.out.print(f"\n{link['name']}: {link['error']}", markup=False)
 
 
 # -- progress ---------------------------------------------------------------------------------

@@ -151,7 +151,8 @@ class ChatSession:
                 self.console.print(f"  {m.model_key}{mark}", markup=False)
             return True
         try:
-            resolved = steps.resolve_key(key, exact=False, yes=True)
+            named = steps.served_as_named(self.model.client, key)  # linked models too
+            resolved = key if named else steps.resolve_key(key, exact=False, yes=True)
             self.model = (self._load_model or self._default_loader)(resolved)
         except LMSError as exc:
             self.console.print(f'Model "{key}" not found: {exc.message} Use lms get to '

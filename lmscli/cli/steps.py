@@ -136,8 +136,7 @@ def open_model(name: str | None, ttl: int, yes: bool) -> Any:
     client = connect.client(start=True)
     assert client is not None
     if name is not None:
-        loaded = {m["identifier"] for m in client.loaded_models_info()}
-        key = name if name in loaded else resolve_key(name, exact=False, yes=yes)
+        key = name if served_as_named(client, name) else resolve_key(name, exact=False, yes=yes)
         return load_with_progress(client, key, ttl)
     loaded_models = client.list_loaded_models("llm")
     if loaded_models:
@@ -146,6 +145,26 @@ def open_model(name: str | None, ttl: int, yes: bool) -> Any:
         console.info(f"No model is downloaded yet: fetching {catalog.DEFAULT_MODEL}.")
         fetch(catalog.DEFAULT_MODEL)
     return load_with_progress(client, catalog.DEFAULT_MODEL, ttl)
+
+
+def linked_model(client: Any, name: str) -> dict[str, Any] | None:
+    """The linked model (its instance info) that ``name`` reaches, if any."""
+    return next((m for m in client.loaded_models_info()
+                 if m.get("format") == "linked" and name in m.get("aliases", ())), None)
+
+
+def served_as_named(client: Any, name: str) -> bool:
+    """Whether the server knows ``name`` as it is: a loaded identifier, a linked model, or
+    ``LINK/model`` on a link (its engine's models are not on this disk to match against)."""
+    loaded = client.loaded_models_info()
+    if any(name == m["identifier"] or name in m.get("aliases", ()) for m in loaded):
+        return True
+    prefix, slash, _ = name.partition("/")
+    if not slash:
+        return False
+    from lmscli.client.links import list_links
+
+    return prefix in {link["name"] for link in list_links(client)}
 
 
 def load_with_progress(client: Any, key: str, ttl: int) -> Any:

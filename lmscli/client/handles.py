@@ -191,7 +191,8 @@ class LLM:
 
     def _info(self) -> dict[str, Any]:
         for info in self._client.loaded_models_info():
-            if info["identifier"] == self.identifier:
+            # a linked model is also reached as LINK/key (its "aliases")
+            if self.identifier in (info["identifier"], *info.get("aliases", ())):
                 return info
         raise ModelNotFoundError(f'The model "{self.identifier}" is no longer loaded.')
 

@@ -31,6 +31,7 @@ from lmscli.server import (
     responses_api,
 )
 from lmscli.server.errors import APIError, error_body
+from lmscli.server.link_routes import Linked
 from lmscli.server.models import ModelManager
 from lmscli.server.sdk.routes import websocket_routes
 from lmscli.server.security import (
@@ -56,6 +57,7 @@ class Settings:
     parallel: int = 4  # slots per model for loads that don't say (JIT loads included)
     max_queue: int = 64  # requests that may wait for a slot, per model, before 503s
     sdk_port: int | None = None  # the loopback port also served for lmstudio SDK discovery
+    link_refresh_s: float = 30.0  # how often linked engines are asked for their models
 
     def guard(self) -> Guard:
         hosts = HostPolicy.for_bind(self.host, self.allowed_hosts, keyed=bool(self.api_key))
@@ -137,14 +139,17 @@ def create_app(engine: Engine, settings: Settings | None = None,
     logs = LogBus()
     models = ModelManager(engine, on_event=RuntimeLog(logs, engine, log), bus=logs,
                           parallel=settings.parallel, max_queue=settings.max_queue)
+    linked = Linked(models, logs, settings.link_refresh_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         reaper = asyncio.create_task(models.reaper(settings.reap_every_s))
+        linked.start()
         try:
             yield
         finally:
             reaper.cancel()
+            await linked.close()
             await models.unload_all()  # cancels running predictions first
 
     # outermost, so that its duration and status cover everything the client saw
@@ -155,12 +160,14 @@ def create_app(engine: Engine, settings: Settings | None = None,
     # inside CORS, so that preflights pass and a page can read why it was refused
     middleware.append(Middleware(GuardMiddleware, guard=settings.guard()))
     app = Starlette(
-        routes=[*routes(), *websocket_routes()], middleware=middleware, lifespan=lifespan,
+        routes=[*linked.wrap(routes()), *websocket_routes()], middleware=middleware,
+        lifespan=lifespan,
         exception_handlers={APIError: api_error, HTTPException: http_error,
                             Exception: internal_error},
     )
     app.state.engine = engine
     app.state.models = models
+    app.state.linked = linked
     app.state.logs = logs
     app.state.predictions = {}
     app.state.settings = settings

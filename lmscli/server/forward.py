@@ -1,0 +1,295 @@
+"""Forwarding requests for linked models to their engines.
+
+The upstream's bytes go to the client as they arrive (a stream stays chunk by chunk, tools,
+usage and finish reasons untouched). Before the first byte reaches the client nothing is
+lost by trying elsewhere, so a replica that cannot be reached, or drops the connection before
+answering, is skipped; once bytes flow, a failure ends the stream with an error event. A
+client that disconnects closes the upstream request, which stops the generation there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from lmscli.logbus import LogBus
+from lmscli.logbus.events import prediction_input, prediction_output
+from lmscli.server.errors import APIError, Body
+from lmscli.server.links import Link, Links, Target, describe
+from lmscli.server.upstream import Completion, SseDecoder
+
+CONNECT_TIMEOUT_S = 3.0
+# A large model may think for minutes before its first byte; a dead one is noticed on connect.
+READ_TIMEOUT_S = 600.0
+# Fields only this server understands: an upstream would refuse or misread them.
+LOCAL_FIELDS = ("ttl", "get_or_load")
+# Linked lmscli servers count the hops a request took: a link that points back at its own
+# server (directly or round a ring) would otherwise forward forever.
+HOPS_HEADER = "X-Lmscli-Hops"
+MAX_HOPS = 4
+
+T = TypeVar("T")
+
+
+def http_client() -> httpx.AsyncClient:
+    timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, pool=CONNECT_TIMEOUT_S)
+    # the pool bounds concurrent requests to all links together; a queue of clients beyond
+    # it waits here rather than failing
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=64)
+    return httpx.AsyncClient(timeout=timeout, limits=limits)
+
+
+@dataclass
+class Attempt:
+    """An upstream response whose status and first bytes have arrived."""
+
+    link: Link
+    response: httpx.Response
+    first: bytes
+    rest: AsyncIterator[bytes]
+    closed: bool = field(default=False)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self.first:
+            yield self.first
+        async for chunk in self.rest:
+            yield chunk
+
+    async def close(self) -> None:
+        """Idempotent; shielded, since it runs while the request is being cancelled."""
+        if self.closed:
+            return
+        self.closed = True
+        self.link.in_flight -= 1
+        with anyio.CancelScope(shield=True):
+            await self.response.aclose()
+
+
+class Forwarder:
+    def __init__(self, links: Links, bus: LogBus | None) -> None:
+        self.links = links
+        self.bus = bus
+
+    async def open(self, target: Target, path: str, payload: dict[str, Any], *,
+                   whole: bool, hops: int = 1) -> Attempt:
+        """Send to the first replica that answers; ``whole`` reads the entire body (a
+        non-streamed answer), else only the first bytes. A 502 naming every link's failure
+        when none answers."""
+        content = json.dumps(payload, ensure_ascii=False).encode()
+        errors = []
+        for link in self.links.ordered(target.links):
+            link.in_flight += 1
+            link.last_used = time.monotonic()
+            try:
+                attempt = await self._try(link, path, content, whole, hops)
+            except httpx.TransportError as exc:
+                link.in_flight -= 1
+                link.mark_down(describe(exc))
+                errors.append(f"{link.name}: {describe(exc)}")
+            except BaseException:
+                link.in_flight -= 1
+                raise
+            else:
+                link.served += 1
+                return attempt
+        what = "The linked engine" if len(errors) == 1 else "None of the linked engines"
+        raise APIError(502, f'{what} for "{target.identifier}" answered: ' + "; ".join(errors),
+                       type_="server_error", code="upstream_unavailable")
+
+    async def _try(self, link: Link, path: str, content: bytes, whole: bool,
+                   hops: int) -> Attempt:
+        headers = link.headers() | {"Content-Type": "application/json", HOPS_HEADER: str(hops)}
+        request = self.links.http.build_request("POST", link.url + path, content=content,
+                                                headers=headers)
+        response = await self.links.http.send(request, stream=True)
+        try:
+            rest = response.aiter_raw()
+            if whole or response.status_code >= 400:
+                first = b"".join([chunk async for chunk in rest])
+            else:
+                first = await anext(rest, b"")
+        except BaseException:
+            await response.aclose()
+            raise
+        return Attempt(link, response, first, rest)
+
+    # -- the OpenAI routes ----------------------------------------------------------------
+
+    async def openai(self, request: Request, body: Body, target: Target, path: str) -> Response:
+        """``path`` (``/chat/completions``, ``/completions``, ``/embeddings``) on the
+        upstream, its answer passed through."""
+        hops = next_hop(request)
+        payload = upstream_body(body.data, target)
+        stream = payload.get("stream") is True
+        log = PredictionLog.begin(self.bus, target, payload) if path != "/embeddings" else None
+        attempt = await logged(log, until_disconnected(request, self.open(
+            target, path, payload, whole=not stream, hops=hops)))
+        if attempt is None:
+            return Response(status_code=499)  # nobody is left to read it
+        status = attempt.response.status_code
+        media_type = attempt.response.headers.get("content-type", "application/json")
+        if not stream or status >= 400:
+            await attempt.close()
+            if log is not None:
+                log.whole(attempt)
+            return Response(attempt.first, status_code=status, media_type=media_type)
+        return RelayResponse(attempt, self._relay(attempt, log), log=log,
+                             media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    async def _relay(self, attempt: Attempt, log: PredictionLog | None
+                     ) -> AsyncIterator[bytes]:
+        tail = b"\n"
+        try:
+            async for chunk in attempt.chunks():
+                if log is not None:
+                    log.feed(chunk)
+                tail = chunk[-1:] or tail
+                yield chunk
+        except httpx.TransportError as exc:  # bytes already went out: say so in-band
+            message = f"The linked engine {attempt.link.name} failed mid-answer: {describe(exc)}"
+            attempt.link.mark_down(describe(exc))
+            if log is not None:
+                log.completion.error = message
+            yield (b"" if tail == b"\n" else b"\n\n") + sse_error(message)
+        await attempt.close()
+        if log is not None:
+            log.end(stopped=False)
+
+
+class RelayResponse(StreamingResponse):
+    """A stream that closes its upstream whatever happens, even when the client leaves
+    before the first chunk is sent (the body generator then never starts)."""
+
+    def __init__(self, attempt: Attempt, content: AsyncIterator[bytes], *,
+                 log: PredictionLog | None = None, on_close: Callable[[], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.attempt = attempt
+        self.log = log
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.attempt.close()
+            if self.log is not None:  # the client left before the end (else a no-op)
+                self.log.end(stopped=True)
+            if self.on_close is not None:
+                self.on_close()
+
+
+class PredictionLog:
+    """One forwarded prediction on the log bus: the messages as sent (the template is
+    applied upstream), then the output with stats. Exists only while somebody listens."""
+
+    def __init__(self, bus: LogBus, target: Target, completion: Completion) -> None:
+        self.bus = bus
+        self.target = target
+        self.completion = completion
+        self._decoder = SseDecoder()
+        self._done = False
+
+    @classmethod
+    def begin(cls, bus: LogBus | None, target: Target, payload: dict[str, Any],
+              completion: Completion | None = None) -> PredictionLog | None:
+        if bus is None or not bus.active:
+            return None
+        if "messages" in payload:
+            text = json.dumps(payload["messages"], ensure_ascii=False, indent=2)
+        else:
+            prompt = payload.get("prompt")
+            text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+        path = f"{target.links[0].name}/{target.model}" if len(target.links) == 1 \
+            else target.model
+        bus.publish(prediction_input(target.identifier, path, text))
+        return cls(bus, target, completion or Completion())
+
+    def feed(self, chunk: bytes) -> None:
+        for event in self._decoder.feed(chunk):
+            self.completion.feed_chunk(event)
+
+    def whole(self, attempt: Attempt) -> None:
+        with contextlib.suppress(ValueError):
+            self.completion.feed_whole(json.loads(attempt.first))
+        if attempt.response.status_code >= 400:
+            self.completion.error = f"HTTP {attempt.response.status_code}"
+        self.end(stopped=False)
+
+    def end(self, stopped: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.bus.publish(prediction_output(self.target.identifier,
+                                           self.completion.output_text(),
+                                           self.completion.stats(stopped)))
+
+
+async def logged(log: PredictionLog | None, opening: Awaitable[T]) -> T:
+    """``opening``'s result; if it fails (no replica answered), the log says so too."""
+    try:
+        return await opening
+    except APIError as exc:
+        if log is not None:
+            log.completion.error = exc.message
+            log.end(stopped=False)
+        raise
+
+
+def upstream_body(data: dict[str, Any], target: Target) -> dict[str, Any]:
+    """The request as the upstream gets it: its name for the model, our own fields out."""
+    out = {k: v for k, v in data.items() if k not in LOCAL_FIELDS}
+    out["model"] = target.model
+    return out
+
+
+def next_hop(request: Request) -> int:
+    """The hop count to send on; a 508 when the request has been forwarded too often."""
+    raw = request.headers.get(HOPS_HEADER, "0")
+    hops = int(raw) if raw.isdigit() and len(raw) < 4 else 0
+    if hops >= MAX_HOPS:
+        raise APIError(508, f"This request went through {hops} linked servers: a link points "
+                       "back at a server it came from. Check the links with: lms link ls",
+                       type_="server_error", code="link_loop")
+    return hops + 1
+
+
+def sse_error(message: str) -> bytes:
+    body = {"error": {"message": message, "type": "server_error", "code": "upstream_failed"}}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None (``work`` cancelled) if the client leaves first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnect(request: Request) -> None:
+    # the body has been read, so the next message is the disconnect
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)

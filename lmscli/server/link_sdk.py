@@ -1,0 +1,175 @@
+"""Linked models on lmscli's own routes, which the SDK surface and ``lms chat`` use.
+
+A load of a linked model succeeds without loading anything (the engine already holds it);
+a prediction goes to the upstream's streamed ``/chat/completions`` (or ``/completions``) and
+its OpenAI chunks become the same NDJSON events a local prediction sends: ``started``,
+``fragment``, ``toolCallGeneration*``, then ``success`` with stats, or ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from lmscli.server.errors import APIError, Body
+from lmscli.server.forward import (
+    Attempt,
+    Forwarder,
+    PredictionLog,
+    RelayResponse,
+    logged,
+    next_hop,
+    until_disconnected,
+    upstream_body,
+)
+from lmscli.server.links import LinkedModel, Target, describe, error_text
+from lmscli.server.upstream import DONE, Completion, SseDecoder
+
+NDJSON = "application/x-ndjson"
+
+
+def ndjson(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, ensure_ascii=False) + "\n").encode()
+
+
+def load_answer(model: LinkedModel) -> Response:
+    """What a load of a linked model answers: success, nothing loaded, no time spent."""
+    line = {"type": "success", "info": model.info(), "loadTimeSec": 0.0,
+            "alreadyLoaded": True}
+    return StreamingResponse(iter([ndjson(line)]), media_type=NDJSON)
+
+
+def sdk_payload(body: Body, target: Target) -> dict[str, Any]:
+    """The SDK's request as an OpenAI one: streamed, with usage for the stats."""
+    payload = upstream_body(body.data, target)
+    payload["stream"] = True
+    payload["stream_options"] = {"include_usage": True}
+    if isinstance(payload.get("max_tokens"), int) and payload["max_tokens"] < 0:
+        del payload["max_tokens"]  # the SDK's "no limit"; OpenAI servers refuse negatives
+    return payload
+
+
+async def predict(request: Request, body: Body, target: Target, model: LinkedModel,
+                  forwarder: Forwarder, predictions: dict[str, LinkedPrediction]) -> Response:
+    hops = next_hop(request)
+    payload = sdk_payload(body, target)
+    path = "/completions" if "prompt" in payload else "/chat/completions"
+    completion = Completion()
+    log = PredictionLog.begin(forwarder.bus, target, payload, completion)
+    attempt = await logged(log, until_disconnected(request, forwarder.open(
+        target, path, payload, whole=False, hops=hops)))
+    if attempt is None:
+        return Response(status_code=499)
+    status = attempt.response.status_code
+    if status >= 400:
+        await attempt.close()
+        if log is not None:
+            completion.error = f"HTTP {status}"
+            log.end(stopped=False)
+        raise APIError(status if status < 500 else 502,
+                       f"The linked engine {attempt.link.name} refused the request: "
+                       f"{error_text(attempt.first, attempt.response.reason_phrase)}",
+                       type_="invalid_request_error" if status < 500 else "server_error",
+                       code="upstream_error")
+    prediction_id = secrets.token_hex(8)
+    prediction = predictions[prediction_id] = LinkedPrediction(attempt, model, completion, log)
+    return RelayResponse(attempt, prediction.lines(prediction_id), log=log,
+                         on_close=lambda: predictions.pop(prediction_id, None),
+                         media_type=NDJSON)
+
+
+class LinkedPrediction:
+    """One upstream stream as SDK events; ``cancel()`` ends it between chunks with the
+    stop reason ``userStopped``, as a local prediction ends."""
+
+    def __init__(self, attempt: Attempt, model: LinkedModel, completion: Completion,
+                 log: PredictionLog | None) -> None:
+        self.attempt = attempt
+        self.info = model.info()
+        self.completion = completion
+        self.log = log
+        self._cancelled = asyncio.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    async def lines(self, prediction_id: str) -> AsyncIterator[bytes]:
+        yield ndjson({"type": "started", "predictionId": prediction_id,
+                      "modelInfo": self.info})
+        decoder = SseDecoder()
+        try:
+            async for chunk in self._chunks():
+                for event in decoder.feed(chunk):
+                    for out in self._convert(event):
+                        yield ndjson(out)
+        except httpx.TransportError as exc:
+            self.completion.error = (f"The linked engine {self.attempt.link.name} failed "
+                                     f"mid-answer: {describe(exc)}")
+            self.attempt.link.mark_down(describe(exc))
+        stopped = self._cancelled.is_set()
+        await self.attempt.close()
+        for out in self._ending(stopped):
+            yield ndjson(out)
+        if self.log is not None:
+            self.log.end(stopped)
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        """The upstream's bytes until it ends or ``cancel()`` is called."""
+        stopper = asyncio.ensure_future(self._cancelled.wait())
+        chunks = self.attempt.chunks()
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(chunks, None))
+                await asyncio.wait({step, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    return
+                chunk = step.result()
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            stopper.cancel()
+
+    def _convert(self, event: Any) -> list[dict[str, Any]]:
+        if event == DONE:
+            return []
+        text, changes = self.completion.feed_chunk(event)
+        out = [fragment(text)] if text else []
+        for kind, _index, value in changes:
+            if kind == "start":
+                out.append({"type": "toolCallGenerationStart", "toolCallId": value})
+            elif kind == "name":
+                out.append({"type": "toolCallGenerationNameReceived", "name": value})
+            else:
+                out.append({"type": "toolCallGenerationArgumentFragmentGenerated",
+                            "content": value})
+        return out
+
+    def _ending(self, stopped: bool) -> list[dict[str, Any]]:
+        c = self.completion
+        if c.error and not stopped:
+            return [{"type": "error", "error": {"message": f"Prediction failed: {c.error}",
+                                                "type": "server_error",
+                                                "code": "prediction_failed"}}]
+        ends = [] if stopped else [
+            {"type": "toolCallGenerationEnd",
+             "toolCallRequest": {"type": "function", "id": call.id, "name": call.name,
+                                 "arguments": call.parsed_arguments()},
+             "rawContent": "".join(call.arguments)}
+            for call in c.calls.values()]
+        return [*ends, {"type": "success", "stats": c.stats(stopped), "modelInfo": self.info}]
+
+
+def fragment(text: str) -> dict[str, Any]:
+    # an OpenAI chunk carries one token on the engines we know
+    return {"type": "fragment", "fragment": {
+        "content": text, "tokensCount": 1, "containsDrafted": False,
+        "reasoningType": "none", "isStructural": False}}
