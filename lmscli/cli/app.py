@@ -27,7 +27,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "get": ("lmscli.cli.models", "Local models", "Download a model"),
     "load": ("lmscli.cli.models", "Local models", "Load a model"),
     "unload": ("lmscli.cli.models", "Local models", "Unload a model"),
-    "ls": ("lmscli.cli.models", "Local models", "List the models available on disk"),
+    "ls": ("lmscli.cli.models", "Local models", "List the models available on disk, and those "
+           "of linked engines"),
     "ps": ("lmscli.cli.models", "Local models", "List the models currently loaded in memory"),
     "import": ("lmscli.cli.models", "Local models", "Import a model file into lmscli"),
     "chat": ("lmscli.cli.chat", "Local models", "Start an interactive chat with a model"),
