@@ -22,7 +22,7 @@ HELP = "lmscli: local LLMs from your terminal. Chat, serve and manage GGUF model
 EPILOG = "Learn more: README.md of lmscli · Docs of the API: http://127.0.0.1:1234/v1"
 
 # name: (module with a ``register(app)``, help panel, the one-line help --help shows). The
-# line must be the command's own; tests/test_startup.py checks that they agree.
+# line must be the command's own; tests/cli/test_startup.py checks that they agree.
 LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "get": ("lmscli.cli.models", "Local models", "Download a model"),
     "load": ("lmscli.cli.models", "Local models", "Load a model"),

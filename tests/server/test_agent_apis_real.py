@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import ProcessServer
-from tests.test_real_tools import qwen_server  # noqa: F401 - the smol-qwen fixture
+from tests.server.test_tooluse_real import qwen_server  # noqa: F401 - the smol-qwen fixture
 
 pytestmark = pytest.mark.real
 MODEL = "smollm2-135m-instruct"

@@ -14,8 +14,8 @@ import pytest
 from lmscli.engine.fake import DEFAULT_REPLY, FakeEngine
 from lmscli.server.tooluse import ToolUse
 from lmscli.server.turns import ReasoningDelta, ThinkSplitter, TurnParser
+from tests.cli.test_log_stream import LogProcess, event_of, start
 from tests.conftest import ThreadServer
-from tests.test_logs_fake import LogProcess, event_of, start
 
 MODEL = "tiny-chat"
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",

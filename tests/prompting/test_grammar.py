@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
 from lmscli.prompting.template import TemplateRenderError, TemplateTimeout, render_chat
 from lmscli.prompting.tools import call_grammar
-from tests.test_prompting_tools import GrammarChecker, grammar  # noqa: F401 - the fixture
+from tests.prompting.test_tools import GrammarChecker, grammar  # noqa: F401 - the fixture
 
 FAST = settings(deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

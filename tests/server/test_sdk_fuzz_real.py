@@ -24,7 +24,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from lmscli.server.sdk.routes import namespaces
 from tests.conftest import ProcessServer
-from tests.test_fuzz import (
+from tests.server.test_fuzz_real import (
     ANY,
     MESSAGES,
     NAMES,

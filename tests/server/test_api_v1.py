@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from lmscli.engine.fake import DEFAULT_REPLY
+from tests.catalog.test_fetch import FakeHub
 from tests.conftest import ThreadServer
 from tests.gguf_factory import make_gguf
-from tests.test_catalog_fetch import FakeHub
 
 
 def post(server: ThreadServer, path: str, body: dict[str, Any]) -> httpx.Response:

@@ -9,8 +9,8 @@ import pytest
 
 from lmscli.catalog import DEFAULT_MODEL
 from lmscli.cli.app import run
+from tests.catalog.test_fetch import _install_fake_builtin
 from tests.conftest import ThreadServer
-from tests.test_catalog_fetch import _install_fake_builtin
 
 
 def lms(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

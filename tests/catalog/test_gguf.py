@@ -294,4 +294,4 @@ def test_package_import_is_cheap() -> None:
         "bad = [m for m in ('gguf', 'huggingface_hub', 'numpy') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

@@ -27,9 +27,9 @@ from lmscli.client import default
 from lmscli.client.logs import stream_logs
 from lmscli.engine.fake import FakeEngine
 from lmscli.server import link_routes
+from tests.cli.test_chat import repl
 from tests.conftest import ProcessServer, ThreadServer
 from tests.gguf_factory import make_gguf
-from tests.test_chat_fake import repl
 
 SAY_HELLO = {"type": "function", "function": {
     "name": "say_hello", "description": "Says hello to someone",

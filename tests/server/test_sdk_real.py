@@ -25,7 +25,7 @@ from lmstudio.history import ToolCallRequest
 from websockets.sync.client import connect
 
 from tests.conftest import ProcessServer, link_default_model
-from tests.test_real_tools import QWEN_TEMPLATE
+from tests.server.test_tooluse_real import QWEN_TEMPLATE
 
 pytestmark = pytest.mark.real
 MODEL = "smollm2-135m-instruct"

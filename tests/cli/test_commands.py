@@ -180,7 +180,7 @@ def test_help_and_ps_do_not_import_heavy_modules() -> None:
 
 
 def test_completions_are_up_to_date() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, str(root / "completions/generate.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

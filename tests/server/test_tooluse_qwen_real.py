@@ -20,7 +20,7 @@ import lmscli as lms
 from lmscli.client import default
 from lmscli.prompting.tools import detect_format
 from tests.conftest import QWEN_MODEL, QWEN_MODEL_REL, ProcessServer, link_model
-from tests.test_real_tools import DELIVERY, add, is_prime, multiply
+from tests.server.test_tooluse_real import DELIVERY, add, is_prime, multiply
 
 pytestmark = pytest.mark.real
 GREEDY = {"temperature": 0, "maxTokens": 80}
