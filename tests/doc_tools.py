@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # the docs' curl example
@@ -24,3 +25,26 @@ SEARCH_PRODUCTS: dict[str, Any] = {
         },
     },
 }
+
+
+# the docs' act() examples (shared/seeds/004_…)
+
+def multiply(a: float, b: float) -> float:
+    """Given two numbers a and b. Returns the product of them."""
+    return a * b
+
+
+def add(a: int, b: int) -> int:
+    """Given two numbers a and b, returns the sum of them."""
+    return a + b
+
+
+def is_prime(n: int) -> bool:
+    """Given a number n, returns True if n is a prime number."""
+    if n < 2:
+        return False
+    sqrt = int(math.sqrt(n))
+    for i in range(2, sqrt):  # noqa: SIM110 - the docs example, as written
+        if n % i == 0:
+            return False
+    return True

@@ -9,7 +9,6 @@ import builtins
 import itertools
 import json
 import logging
-import math
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from lmstudio.history import ToolCallRequest
 from websockets.sync.client import connect
 
 from tests.conftest import ProcessServer, link_default_model
+from tests.doc_tools import add, is_prime, multiply
 from tests.server.test_tooluse_real import QWEN_TEMPLATE
 
 pytestmark = pytest.mark.real
@@ -186,25 +186,6 @@ def test_docs_progress_callbacks_in_order(chat_host: str) -> None:
 
 # -- the docs' act() examples (shared/seeds/004_…) ----------------------------------------------
 
-def multiply(a: float, b: float) -> float:
-    """Given two numbers a and b. Returns the product of them."""
-    return a * b
-
-
-def add(a: int, b: int) -> int:
-    """Given two numbers a and b, returns the sum of them."""
-    return a + b
-
-
-def is_prime(n: int) -> bool:
-    """Given a number n, returns True if n is a prime number."""
-    if n < 2:
-        return False
-    sqrt = int(math.sqrt(n))
-    for i in range(2, sqrt):  # noqa: SIM110 - the docs example, as written
-        if n % i == 0:
-            return False
-    return True
 
 
 def test_docs_act_examples(act_host: str, capsys: pytest.CaptureFixture[str]) -> None:

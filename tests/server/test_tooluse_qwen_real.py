@@ -20,7 +20,8 @@ import lmscli as lms
 from lmscli.client import default
 from lmscli.prompting.tools import detect_format
 from tests.conftest import QWEN_MODEL, QWEN_MODEL_REL, ProcessServer, link_model
-from tests.server.test_tooluse_real import DELIVERY, add, is_prime, multiply
+from tests.doc_tools import add, is_prime, multiply
+from tests.server.test_tooluse_real import DELIVERY
 
 pytestmark = pytest.mark.real
 GREEDY = {"temperature": 0, "maxTokens": 80}

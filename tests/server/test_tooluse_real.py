@@ -16,6 +16,7 @@ import pytest
 import lmscli as lms
 from lmscli.client import default
 from tests.conftest import ProcessServer
+from tests.doc_tools import add, is_prime, multiply
 
 pytestmark = pytest.mark.real
 MODEL = "smollm2-135m-instruct"
@@ -186,11 +187,6 @@ def sdk_env(real_server: ProcessServer, monkeypatch: pytest.MonkeyPatch) -> Iter
     default.reset_default_client()
 
 
-def multiply(a: float, b: float) -> float:
-    """Given two numbers a and b. Returns the product of them."""
-    return a * b
-
-
 def test_act_docs_example_with_a_forced_round(sdk_env: None) -> None:
     messages: list = []
     model = lms.llm(MODEL)
@@ -260,22 +256,6 @@ def test_lms_act_without_a_tty_denies_writing_tools(real_server: ProcessServer,
     assert [p.name for p in tmp_path.iterdir()] == ["home"]  # nothing was written
 
 
-def add(a: int, b: int) -> int:
-    """Given two numbers a and b, returns the sum of them."""
-    return a + b
-
-
-def is_prime(n: int) -> bool:
-    """Given a number n, returns True if n is a prime number."""
-    import math
-
-    if n < 2:
-        return False
-    sqrt = int(math.sqrt(n))
-    for i in range(2, sqrt):  # noqa: SIM110 - the docs example, as written
-        if n % i == 0:
-            return False
-    return True
 
 
 def test_act_docs_example_add_and_is_prime(sdk_env: None, capsys) -> None:
