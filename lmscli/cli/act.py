@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -39,6 +39,9 @@ def act(
     yes: bool = typer.Option(False, "-y", "--yes", help="Approve every tool call."),
     json_: bool = typer.Option(False, "--json", help="One JSON event per line."),
     ttl: int = typer.Option(3600, "--ttl", min=1, help="Idle TTL if this loads the model."),
+    temperature: Optional[float] = typer.Option(  # noqa: UP045 - Typer needs Optional on 3.10
+        None, "--temperature", min=0, max=2, help="Sampling temperature; 0 is greedy, which "
+        "small models call tools more reliably with. Default: the server's."),
 ) -> None:
     """Run a multi-round tool-calling agent on a task"""
     if len(args) > 2:
@@ -58,8 +61,9 @@ def act(
     chat = Chat(ACT_SYSTEM_PROMPT)
     chat.add_user_message(task)
     try:
+        config = None if temperature is None else {"temperature": temperature}
         result = handle.act(chat, toolset, max_prediction_rounds=max_rounds,
-                            tool_choice=tool_choice, **view.callbacks())
+                            tool_choice=tool_choice, config=config, **view.callbacks())
     except KeyboardInterrupt:
         view.stopped()
         raise typer.Exit(ExitCode.INTERRUPTED) from None

@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmscli.prompting import TemplateRenderError, render_chat
 from lmscli.prompting.grammar import SchemaError
@@ -15,6 +15,9 @@ from lmscli.prompting.tools import ToolCallParser, ToolFormat, call_grammar, det
 from lmscli.prompting.tools import prepare_chat as prepare_tool_chat
 from lmscli.server.errors import Body, bad_request, shorten
 from lmscli.server.models import Loaded
+
+if TYPE_CHECKING:
+    from lmscli.logbus.events import RecoveredCalls
 
 # A chat template gets this long to render; it runs in a worker thread meanwhile, so that a
 # template that loops holds up only its own request.
@@ -31,11 +34,16 @@ class ToolUse:
     fmt: ToolFormat
     grammar: str | None  # forces a call: tool_choice "required" or a named function
 
-    def parser(self) -> ToolCallParser | None:
+    def parser(self, id_prefix: str = "call_") -> ToolCallParser | None:
         if not self.tools:
             return None
         # the offered names let the parser recover calls written as plain JSON
-        return ToolCallParser(self.fmt, offered=[t["function"]["name"] for t in self.tools])
+        return ToolCallParser(self.fmt, id_prefix,
+                              offered=[t["function"]["name"] for t in self.tools])
+
+    def log_recovered(self) -> RecoveredCalls | None:
+        """What the prediction's log entry uses to mark recovered calls; None without tools."""
+        return self.recovered_calls if self.tools else None
 
     def recovered_calls(self, text: str) -> list[str]:
         """The names of the calls in ``text`` that were written loosely (for the log)."""

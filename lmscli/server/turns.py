@@ -33,7 +33,6 @@ from lmscli.prompting.tools import (
     CallStart,
     ContentDelta,
     ParseEvent,
-    ToolCallParser,
 )
 from lmscli.server.errors import Body, bad_request
 from lmscli.server.models import Loaded
@@ -179,7 +178,7 @@ class TurnParser:
                  think: bool = True) -> None:
         # without ``think`` (a grammar shapes the whole reply) nothing is reasoning
         self._think = ThinkSplitter(inside=opens_thinking(prompt)) if think else None
-        self._tools = ToolCallParser(use.fmt, call_id_prefix) if use.tools else None
+        self._tools = use.parser(call_id_prefix)
 
     def feed(self, text: str, final: bool = False) -> list[TurnEvent]:
         reasoning, answer = self._think.feed(text, final) if self._think else ("", text)
@@ -328,7 +327,8 @@ class Turn:
         """Submit the prediction; errors up to its first event are HTTP errors."""
         p = self.prepared
         await check_grammar(p.entry, p.grammar, p.grammar_param)
-        self._running = Running(p.entry, PredictionRequest(p.prompt, self.params, p.grammar))
+        self._running = Running(p.entry, PredictionRequest(p.prompt, self.params, p.grammar),
+                                p.use.log_recovered())
         first = await self._running.first()
         if isinstance(first, PromptProgress):
             self.prompt_tokens, self.cached_tokens = first.total_tokens, first.cached_tokens

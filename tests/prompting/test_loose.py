@@ -157,3 +157,25 @@ def test_streams_keep_alive_while_a_call_is_held_back(fake_server: ThreadServer,
         lines = list(r.iter_lines())
     assert ": keep-alive" in lines  # an SSE comment, which clients ignore
     assert not any('"content": "```' in line for line in lines)
+
+
+def test_responses_and_messages_apis_recover_too(fake_server: ThreadServer) -> None:
+    import anthropic
+
+    tool = DELIVERY["function"]
+    oai = openai.OpenAI(base_url=fake_server.base_url + "/v1", api_key="x", max_retries=0)
+    with oai.responses.stream(model="tiny-chat", input=f"[[reply: {FENCED}]]",
+                              tools=[{"type": "function", **tool}]) as stream:
+        asked = stream.get_final_response()
+    (call,) = asked.output
+    assert call.type == "function_call" and call.name == "get_delivery_date"
+    assert json.loads(call.arguments) == {"order_id": "1017"}
+    claude = anthropic.Anthropic(base_url=fake_server.base_url, api_key="x", max_retries=0)
+    with claude.messages.stream(model="tiny-chat", max_tokens=200, tools=[
+            {"name": tool["name"], "description": tool["description"],
+             "input_schema": tool["parameters"]}],
+            messages=[{"role": "user", "content": f"[[reply: {FENCED}]]"}]) as stream:
+        message = stream.get_final_message()
+    assert [block.type for block in message.content] == ["tool_use"]
+    assert message.content[0].input == {"order_id": "1017"}
+    assert message.stop_reason == "tool_use"

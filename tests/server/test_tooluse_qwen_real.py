@@ -156,7 +156,7 @@ def test_lms_act_picks_the_tool_model_and_lists_files(qwen_server: ProcessServer
     (work / "notes.txt").write_text("hi")
     (work / "main.py").write_text("print(1)")
     r = subprocess.run([sys.executable, "-m", "lmscli", "act", "What files are in this "
-                        "directory?", "--max-rounds", "2", "--json", "-y"],
+                        "directory?", "--max-rounds", "2", "--json", "-y", "--temperature", "0"],
                        env=qwen_server.env, capture_output=True, text=True, timeout=300,
                        cwd=work)
     assert r.returncode == 0, r.stderr

@@ -67,7 +67,8 @@ async def predict(ctx: Context, channel: Channel, parameter: Any) -> None:
     entry, config = _request(ctx, parameter, "modelSpecifier", "predictionConfigStack")
     prepared = await prepare(entry, config)
     running = Running(entry, PredictionRequest(prepared.prompt, prepared.params,
-                                               prepared.grammar))
+                                               prepared.grammar),
+                      prepared.use.log_recovered() if prepared.use else None)
     # the engine ends a cancelled prediction with success (userStopped), as LM Studio does
     channel.on_cancel(running.prediction.cancel)
     events = SdkEvents(entry, prepared.use.parser() if prepared.use else None)
