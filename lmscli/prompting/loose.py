@@ -92,7 +92,9 @@ def _block(text: str, pos: int, offered: Collection[str], final: bool) -> Scan:
         return Scan("text", pos + opener)
     end = json_end(text, body)
     if end is None:
-        if final or not _could_be_call(text, body, offered):
+        if final:
+            return _closed_at_end(text, pos, body, offered, fenced)
+        if not _could_be_call(text, body, offered):
             return Scan("text", pos + opener)
         return _WAIT
     calls = parse_calls(text[body:end], offered)
@@ -101,6 +103,19 @@ def _block(text: str, pos: int, offered: Collection[str], final: bool) -> Scan:
     if not fenced:
         return Scan("calls", end, calls)
     return _fence_close(text, pos, end, calls, final)
+
+
+def _closed_at_end(text: str, pos: int, body: int, offered: Collection[str],
+                   fenced: bool) -> Scan:
+    """A call whose reply ended before its last brackets: small models often stop one brace
+    short (``{"name": "f", "arguments": {"x": 1}``). Closed, it is a call if it parses as one."""
+    stop = text.find(FENCE, body) if fenced else -1
+    stop = len(text) if stop < 0 else stop
+    closed = close_json(text[body:stop].rstrip())
+    calls = parse_calls(closed, offered) if closed is not None else None
+    if calls is None:
+        return Scan("text", pos + (len(FENCE) if fenced else 1))
+    return Scan("calls", min(stop + len(FENCE), len(text)) if fenced else len(text), calls)
 
 
 def _fence_body(text: str, pos: int, final: bool) -> int | None:
@@ -175,6 +190,21 @@ def _call(item: Any, offered: Collection[str]) -> LooseCall | None:
         if isinstance(item.get(key), dict):
             return item["name"], item[key]
     return None
+
+
+def close_json(text: str) -> str | None:
+    """``text``, an array or object cut short outside a string, with its closers added."""
+    closers, in_string, escaped = [], False, False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            closers.append("]" if char == "[" else "}")
+        elif char in "]}" and closers:
+            closers.pop()
+    return None if in_string or not closers else text + "".join(reversed(closers))
 
 
 def json_end(text: str, start: int) -> int | None:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from lmscli.prompting import loose
 from lmscli.prompting.gbnf import literal as gbnf_literal
 from lmscli.prompting.grammar import json_schema_grammar
-from lmscli.prompting.loose import json_end
+from lmscli.prompting.loose import close_json, json_end
 
 ToolFormat = Literal["default", "hermes", "llama3", "mistral"]
 
@@ -445,7 +445,10 @@ class ToolCallParser:
         if not final:
             return False
         raw = (self._opener or "") + self._buf
-        self._complete(out, _json_calls(self._buf), raw, "")
+        calls = _json_calls(self._buf)
+        if calls is None and (closed := close_json(self._buf.strip())) is not None:
+            calls = _json_calls(closed)  # a reply that ended a brace short
+        self._complete(out, calls, raw, "")
         return True
 
     def _loose_step(self, out: list[ParseEvent], final: bool) -> bool:

@@ -43,7 +43,7 @@ def v1_error_type(error: APIError) -> str:
         return "model_not_found"
     if error.code == "job_not_found":
         return "job_not_found"
-    if error.status == 501:
+    if error.code == "not_implemented":
         return "not_implemented"
     return "internal_error" if error.status >= 500 else "invalid_request"
 
@@ -147,7 +147,8 @@ class ChatRequest:
             raise bad_request(f"'reasoning' must be one of {', '.join(REASONING)}.",
                               "reasoning")
         if body.get("integrations", list):
-            raise APIError(501, "lmscli has no plugins or MCP servers: 'integrations' is not "
+            # a 4xx: the request asks for what this server lacks, the server is not at fault
+            raise APIError(400, "lmscli has no plugins or MCP servers: 'integrations' is not "
                            "supported.", param="integrations", code="not_implemented")
         self.messages = self._history(body) + [{"role": "user", "content": user_text(body)}]
         openai_body = {"messages": self.messages, "max_tokens": body.data.get(

@@ -735,7 +735,7 @@ MALFORMED: list[tuple[ToolFormat, str]] = [
     ("mistral", '[TOOL_CALLS]a[ARGS]{"x": '),
     ("mistral", "[TOOL_CALLS]a[ARGS][1]"),
     ("mistral", "[TOOL_CALLS]I think I need a tool."),
-    ("llama3", '{"name": "a", "parameters": {"x": 1}'),
+    ("llama3", '{"name": "a", "parameters": {"x": "1'),  # ends inside a string
     ("llama3", '{"name": "a", "parameters": 5}'),
     ("llama3", '<|python_tag|>brave_search.call(query="weather")'),
     ("llama3", '{"name": "a", "parameters": {}} and then some text'),
@@ -871,6 +871,11 @@ LOOSE: list[tuple[str, str, list[tuple[str, dict[str, Any]]]]] = [
      [DELIVERY, ("get_delivery_date", {"order_id": "456"})]),
     ('```json\n{"name": "multiply", "arguments": {"a": 2, "b": 3}}', "",  # no closing fence
      [("multiply", {"a": 2, "b": 3})]),
+    # the reply ended one brace short, as Qwen2.5-Coder 0.5B's greedy replies sometimes do
+    ('{"name": "analyze_directory", "arguments": {"path": "./"}', "",
+     [("analyze_directory", {"path": "./"})]),
+    ('```json\n{"name": "multiply", "arguments": {"a": 2, "b": 3}\n```', "",
+     [("multiply", {"a": 2, "b": 3})]),
 ]
 NOT_CALLS = [
     '{"name": "delete_everything", "arguments": {}}',  # no offered tool of that name
@@ -883,7 +888,8 @@ NOT_CALLS = [
     '{"name": "multiply", "arguments": {"a": 1}} is how you would call it',
     "```python\nprint({\"name\": 1})\n```",
     "```json\nnot json\n```",
-    '{"name": "multiply", "arguments": {"a": 1}',  # never closed
+    '{"name": "multiply", "arguments": {"a": "1',  # ends inside a string
+    '{"name": "multiply", "arguments": {"a": 1}, "x": ',  # ends before a value
     "function f() { return 1; } and [1, 2] and {}",
 ]
 

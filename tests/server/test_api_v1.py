@@ -110,7 +110,7 @@ def test_chat_errors_in_v1_shape(fake_server: ThreadServer) -> None:
         ({"model": "tiny-chat", "input": "x", "reasoning": "max"}, 400, "invalid_request"),
         ({"model": "tiny-chat", "input": [{"type": "image", "data_url": "data:x"}]}, 400,
          "invalid_request"),
-        ({"model": "tiny-chat", "input": "x", "integrations": ["mcp/playwright"]}, 501,
+        ({"model": "tiny-chat", "input": "x", "integrations": ["mcp/playwright"]}, 400,
          "not_implemented"),
     ]
     for body, status, kind in cases:

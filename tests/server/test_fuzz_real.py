@@ -360,8 +360,8 @@ SCHEMA = st.recursive(SCHEMA_LEAF, lambda inner: st.one_of(
                           optional={"minItems": st.integers(-1, 1500),
                                     "maxItems": st.integers(-1, 1500),
                                     "prefixItems": st.lists(inner, max_size=2)}),
-    st.fixed_dictionaries({st.sampled_from(["anyOf", "oneOf", "allOf"]):
-                           st.lists(inner, max_size=3)}),
+    st.builds(lambda key, items: {key: items}, st.sampled_from(["anyOf", "oneOf", "allOf"]),
+              st.lists(inner, max_size=3)),
     st.fixed_dictionaries({"type": st.lists(st.sampled_from(["string", "null", "object"]),
                                             max_size=3)}),
 ), max_leaves=8)

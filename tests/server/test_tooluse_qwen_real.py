@@ -163,6 +163,6 @@ def test_lms_act_picks_the_tool_model_and_lists_files(qwen_server: ProcessServer
     assert QWEN_MODEL in r.stderr and "supports tool" in r.stderr
     events = [json.loads(line) for line in r.stdout.splitlines()]
     calls = [e for e in events if e["type"] == "tool_call"]
-    assert calls and calls[0]["name"] == "analyze_directory"
+    assert calls and calls[0]["name"] == "analyze_directory", r.stdout[-600:]
     result = next(e for e in events if e["type"] == "tool_result")
     assert all(name in result["content"] for name in ("main.py", "notes.txt", "src/"))
