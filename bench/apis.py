@@ -13,8 +13,6 @@ Needs the default model (``lms get smollm2-135m-instruct``) or ``--model PATH``.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -22,33 +20,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anthropic
-import httpx
 import openai
-from server_vs_inprocess import start_server, timings
-
-from lmscli import catalog
+from common import Timing, header, load, openai_chat, parse_args, start_server, stop, timings
 
 PROMPT = "Run {tag}: write a long, detailed story about a lighthouse keeper and a storm."
 APIS = ("chat", "responses", "messages")
-Runner = Callable[[str, int], tuple[float, float]]  # (prompt, max tokens) -> (ttft, tok/s)
+Runner = Callable[[str, int], Timing]  # (prompt, max tokens) -> (ttft, tok/s)
 
 
 def chat_runner(client: openai.OpenAI, model: str) -> Runner:
-    def run(prompt: str, max_tokens: int) -> tuple[float, float]:
-        started, times, tokens = time.perf_counter(), [], 0
-        for chunk in client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
-                max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}):
-            if chunk.choices and chunk.choices[0].delta.content:
-                times.append(time.perf_counter())
-            if chunk.usage:
-                tokens = chunk.usage.completion_tokens
-        return timings(times, started, tokens)
-    return run
+    return lambda prompt, max_tokens: openai_chat(client, model, prompt, max_tokens)
 
 
 def responses_runner(client: openai.OpenAI, model: str) -> Runner:
-    def run(prompt: str, max_tokens: int) -> tuple[float, float]:
+    def run(prompt: str, max_tokens: int) -> Timing:
         started, times, tokens = time.perf_counter(), [], 0
         for event in client.responses.create(model=model, input=prompt, temperature=0,
                                              max_output_tokens=max_tokens, stream=True):
@@ -61,7 +46,7 @@ def responses_runner(client: openai.OpenAI, model: str) -> Runner:
 
 
 def messages_runner(client: anthropic.Anthropic, model: str) -> Runner:
-    def run(prompt: str, max_tokens: int) -> tuple[float, float]:
+    def run(prompt: str, max_tokens: int) -> Timing:
         started, times, tokens = time.perf_counter(), [], 0
         for event in client.messages.create(
                 model=model, max_tokens=max_tokens, stream=True,
@@ -76,10 +61,10 @@ def messages_runner(client: anthropic.Anthropic, model: str) -> Runner:
 
 
 def measure(runners: dict[str, Runner], runs: int, max_tokens: int
-            ) -> dict[str, list[tuple[float, float]]]:
+            ) -> dict[str, list[Timing]]:
     for name, run in runners.items():  # warm-up: the first request of each path
         run(PROMPT.format(tag=f"w-{name[0]}"), 8)
-    out: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    out: dict[str, list[Timing]] = {name: [] for name in runners}
     for i in range(runs):
         order = APIS[i % 3:] + APIS[:i % 3]
         for name in order:
@@ -88,22 +73,12 @@ def measure(runners: dict[str, Runner], runs: int, max_tokens: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--ctx", type=int, default=8192)
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--port", type=int, default=18235)
-    args = parser.parse_args()
-    model_file = args.model or catalog.find_model(catalog.DEFAULT_MODEL).abs_path
+    args = parse_args(port=18235)
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(model_file, Path(tmp), args.port)
+        server = start_server(args.model, Path(tmp), args.port)
         try:
             base = f"http://127.0.0.1:{args.port}"
-            key = catalog.store.base_key(model_file.name)
-            httpx.post(f"{base}/lmscli/models/load", json={"model": key,
-                                                            "context_length": args.ctx},
-                       timeout=120).raise_for_status()
+            key = load(base, args.model, args.ctx)
             oai = openai.OpenAI(base_url=base + "/v1", api_key="bench", max_retries=0)
             claude = anthropic.Anthropic(base_url=base, api_key="bench", max_retries=0)
             results = measure({"chat": chat_runner(oai, key),
@@ -111,17 +86,14 @@ def main() -> None:
                                "messages": messages_runner(claude, key)},
                               args.runs, args.max_tokens)
         finally:
-            server.terminate()
-            server.wait(timeout=20)
-    report(results, model_file, args)
+            stop(server)
+    print(header(args))
+    report(results)
 
 
-def report(results: dict[str, list[tuple[float, float]]], model: Path,
-           args: argparse.Namespace) -> None:
+def report(results: dict[str, list[Timing]]) -> None:
     med = statistics.median
     chat = results["chat"]
-    print(f"model: {model.name}  runs: {args.runs}  max_tokens: {args.max_tokens}  "
-          f"ctx: {args.ctx}  cores: {os.cpu_count()}  load: {os.getloadavg()[0]:.2f}")
     print(f"{'API':<22} {'TTFT ms':>9} {'tok/s':>8} {'TTFT/chat':>10} {'tok/s/chat':>11}")
     for name, path in zip(APIS, ("/v1/chat/completions", "/v1/responses", "/v1/messages"),
                           strict=True):

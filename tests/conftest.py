@@ -8,9 +8,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -213,3 +213,30 @@ def real_server(tmp_path_factory: pytest.TempPathFactory,
     server = ProcessServer(home)
     yield server
     server.stop()
+
+
+def read_call_stream(stream: Iterable[Any]) -> tuple[str, str, str, str | None]:
+    """A streamed chat completion (OpenAI SDK chunks) as its text, the name and arguments of
+    its tool call(s) joined, and the finish reason."""
+    text, name, arguments, finish = "", "", "", None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        text += delta.content or ""
+        for tc in delta.tool_calls or []:
+            name += tc.function.name or ""
+            arguments += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return text, name, arguments, finish
+
+
+@pytest.fixture
+def no_sdk_complaints(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """The lmstudio SDK logs what it didn't expect (unknown messages, messages for closed
+    channels, protocol warnings) instead of failing: none of that may happen."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    yield
+    complaints = [r.getMessage() for r in caplog.records
+                  if "lmstudio" in r.pathname and r.levelno >= logging.WARNING]
+    assert complaints == []

@@ -1,8 +1,10 @@
-"""Tool definitions from LM Studio's tool-use docs, shared by the tests."""
+"""Tools and loops from LM Studio's docs, shared by the tests."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 # the docs' curl example
@@ -48,3 +50,72 @@ def is_prime(n: int) -> bool:
         if n % i == 0:
             return False
     return True
+
+
+def create_file(name: str, content: str):  # noqa: ANN201 - as in the docs
+    """Create a file with the given name and content."""
+    dest_path = Path(name)
+    if dest_path.exists():
+        return "Error: File already exists."
+    try:
+        dest_path.write_text(content, encoding="utf-8")
+    except Exception as exc:
+        return f"Error: {exc!r}"
+    return "File created."
+
+
+# the docs' interactive loops, run with ``lms`` as either SDK (lmscli's or the official one):
+# the tests feed ``input`` and read what they printed
+
+def print_fragment(fragment, round_index=0):  # noqa: ANN001, ANN201 - as in the docs
+    print(fragment.content, end="", flush=True)
+
+
+def docs_chat_loop(lms: ModuleType) -> Any:
+    """The docs' multi-turn chat (000_…): returns the chat it built."""
+    model = lms.llm()
+    chat = lms.Chat("You are a task focused AI assistant")
+
+    while True:
+        try:
+            user_input = input("You (leave blank to exit): ")
+        except EOFError:
+            print()
+            break
+        if not user_input:
+            break
+        chat.add_user_message(user_input)
+        prediction_stream = model.respond_stream(
+            chat,
+            on_message=chat.append,
+        )
+        print("Bot: ", end="", flush=True)
+        for fragment in prediction_stream:
+            print(fragment.content, end="", flush=True)
+        print()
+    return chat
+
+
+def docs_act_loop(lms: ModuleType) -> Any:
+    """The docs' create_file chat loop (004_…): returns the chat it built."""
+    model = lms.llm()
+    chat = lms.Chat("You are a task focused AI assistant")
+
+    while True:
+        try:
+            user_input = input("You (leave blank to exit): ")
+        except EOFError:
+            print()
+            break
+        if not user_input:
+            break
+        chat.add_user_message(user_input)
+        print("Bot: ", end="", flush=True)
+        model.act(
+            chat,
+            [create_file],
+            on_message=chat.append,
+            on_prediction_fragment=print_fragment,
+        )
+        print()
+    return chat

@@ -14,6 +14,7 @@ import lmscli as lms
 from lmscli.client import default
 from lmscli.engine.fake import DEFAULT_REPLY
 from tests.conftest import ThreadServer
+from tests.doc_tools import docs_chat_loop
 
 
 @pytest.fixture(autouse=True)
@@ -78,22 +79,7 @@ def test_progress_callback(model: lms.LLM, capsys) -> None:
 def test_multi_turn_loop_with_on_message(model: lms.LLM, monkeypatch, capsys) -> None:
     answers = iter(["Hello", "How are you?", ""])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(answers))
-    model = lms.llm()
-    chat = lms.Chat("You are a task focused AI assistant")
-    while True:
-        try:
-            user_input = input("You (leave blank to exit): ")
-        except EOFError:
-            print()
-            break
-        if not user_input:
-            break
-        chat.add_user_message(user_input)
-        prediction_stream = model.respond_stream(chat, on_message=chat.append)
-        print("Bot: ", end="", flush=True)
-        for fragment in prediction_stream:
-            print(fragment.content, end="", flush=True)
-        print()
+    chat = docs_chat_loop(lms)
     roles = [m["role"] for m in chat.messages]
     assert roles == ["system", "user", "assistant", "user", "assistant"]
     assert capsys.readouterr().out.count("Bot: " + DEFAULT_REPLY) == 2

@@ -15,7 +15,7 @@ import pytest
 import lmscli as lms
 from lmscli.cli import log as log_cli
 from lmscli.client import default
-from tests.conftest import ThreadServer
+from tests.conftest import ThreadServer, read_call_stream
 
 DELIVERY = {"type": "function", "function": {
     "name": "get_delivery_date", "description": "Get the delivery date for a customer's order",
@@ -51,14 +51,7 @@ def test_streamed_clients_get_a_tool_call_and_never_the_json_as_text(
         fake_server: ThreadServer) -> None:
     reply = "Let me check that for you.\n" + FENCED
     stream = ask(fake_server, reply, tools=[DELIVERY], stream=True)
-    text, name, arguments, finish = "", "", "", None
-    for chunk in stream:
-        delta = chunk.choices[0].delta
-        text += delta.content or ""
-        for tc in delta.tool_calls or []:
-            name += tc.function.name or ""
-            arguments += tc.function.arguments or ""
-        finish = chunk.choices[0].finish_reason or finish
+    text, name, arguments, finish = read_call_stream(stream)
     assert text == "Let me check that for you.\n"
     assert name == "get_delivery_date" and json.loads(arguments) == {"order_id": "1017"}
     assert finish == "tool_calls"

@@ -4,7 +4,6 @@ the protocol itself, frame by frame, where the package would hide what the serve
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -24,17 +23,7 @@ from tests.conftest import ThreadServer
 
 AUTH = {"authVersion": 1, "clientIdentifier": "test-client", "clientPasskey": "secret"}
 QUERY = {"type": "query", "query": {"identifier": "tiny-chat"}}
-
-
-@pytest.fixture(autouse=True)
-def no_sdk_complaints(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """The SDK logs what it didn't expect (unknown messages, messages for closed channels,
-    protocol warnings) instead of failing: none of that may happen."""
-    caplog.set_level(logging.WARNING)
-    yield
-    complaints = [r.getMessage() for r in caplog.records
-                  if "lmstudio" in r.pathname and r.levelno >= logging.WARNING]
-    assert complaints == []
+pytestmark = pytest.mark.usefixtures("no_sdk_complaints")
 
 
 def client(server: ThreadServer) -> lmstudio.Client:

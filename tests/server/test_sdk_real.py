@@ -8,7 +8,6 @@ from __future__ import annotations
 import builtins
 import itertools
 import json
-import logging
 import subprocess
 import sys
 import threading
@@ -24,23 +23,12 @@ from lmstudio.history import ToolCallRequest
 from websockets.sync.client import connect
 
 from tests.conftest import ProcessServer, link_default_model
-from tests.doc_tools import add, is_prime, multiply
+from tests.doc_tools import add, docs_act_loop, docs_chat_loop, is_prime, multiply
 from tests.server.test_tooluse_real import QWEN_TEMPLATE
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("no_sdk_complaints")]
 MODEL = "smollm2-135m-instruct"
 QWEN = "smol-qwen"  # the default model with a Hermes/Qwen tool template: native <tool_call>
-
-
-@pytest.fixture(autouse=True)
-def no_sdk_complaints(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """The SDK logs what it didn't expect (unknown messages, messages for closed channels,
-    protocol warnings) instead of failing: none of that may happen."""
-    caplog.set_level(logging.WARNING)
-    yield
-    complaints = [r.getMessage() for r in caplog.records
-                  if "lmstudio" in r.pathname and r.levelno >= logging.WARNING]
-    assert complaints == []
 
 
 @pytest.fixture(scope="module")
@@ -137,26 +125,7 @@ def test_docs_multi_turn_chat(chat_host: str, capsys: pytest.CaptureFixture[str]
                               monkeypatch: pytest.MonkeyPatch) -> None:
     answers = iter(["Hello! Who are you?", ""])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(answers))
-    model = lms.llm()
-    chat = lms.Chat("You are a task focused AI assistant")
-
-    while True:
-        try:
-            user_input = input("You (leave blank to exit): ")
-        except EOFError:
-            print()
-            break
-        if not user_input:
-            break
-        chat.add_user_message(user_input)
-        prediction_stream = model.respond_stream(
-            chat,
-            on_message=chat.append,
-        )
-        print("Bot: ", end="", flush=True)
-        for fragment in prediction_stream:
-            print(fragment.content, end="", flush=True)
-        print()
+    chat = docs_chat_loop(lms)
     reply = capsys.readouterr().out.partition("Bot: ")[2].strip()
     assert [m["role"] for m in chat._get_history()["messages"]] == \
         ["system", "user", "assistant"]
@@ -209,39 +178,7 @@ def test_docs_create_file_chat_loop(act_host: str, monkeypatch: pytest.MonkeyPat
     answers = iter(["Create a file named hello.txt that says hi", ""])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(answers))
 
-    def create_file(name: str, content: str):  # noqa: ANN202 - as in the docs
-        """Create a file with the given name and content."""
-        dest_path = Path(name)
-        if dest_path.exists():
-            return "Error: File already exists."
-        try:
-            dest_path.write_text(content, encoding="utf-8")
-        except Exception as exc:
-            return f"Error: {exc!r}"
-        return "File created."
-
-    def print_fragment(fragment, round_index=0):  # noqa: ANN001, ANN202 - as in the docs
-        print(fragment.content, end="", flush=True)
-
-    model = lms.llm()
-    chat = lms.Chat("You are a task focused AI assistant")
-    while True:
-        try:
-            user_input = input("You (leave blank to exit): ")
-        except EOFError:
-            print()
-            break
-        if not user_input:
-            break
-        chat.add_user_message(user_input)
-        print("Bot: ", end="", flush=True)
-        model.act(
-            chat,
-            [create_file],
-            on_message=chat.append,
-            on_prediction_fragment=print_fragment,
-        )
-        print()
+    chat = docs_act_loop(lms)
     assert capsys.readouterr().out.startswith("Bot: ")
     roles = [m["role"] for m in chat._get_history()["messages"]]
     assert roles[:3] == ["system", "user", "assistant"] and roles[-1] == "assistant"

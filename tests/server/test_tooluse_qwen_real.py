@@ -19,7 +19,7 @@ import pytest
 import lmscli as lms
 from lmscli.client import default
 from lmscli.prompting.tools import detect_format
-from tests.conftest import QWEN_MODEL, QWEN_MODEL_REL, ProcessServer, link_model
+from tests.conftest import QWEN_MODEL, QWEN_MODEL_REL, ProcessServer, link_model, read_call_stream
 from tests.doc_tools import add, is_prime, multiply
 from tests.server.test_tooluse_real import DELIVERY
 
@@ -95,14 +95,7 @@ def test_delivery_call_streams_as_tool_call_deltas(qwen_server: ProcessServer) -
     stream = client(qwen_server).chat.completions.create(
         model=QWEN_MODEL, messages=DOCS_MESSAGES, tools=[DELIVERY], temperature=0,
         max_tokens=80, stream=True)
-    text, name, arguments, finish = "", "", "", None
-    for chunk in stream:
-        delta = chunk.choices[0].delta
-        text += delta.content or ""
-        for tc in delta.tool_calls or []:
-            name += tc.function.name or ""
-            arguments += tc.function.arguments or ""
-        finish = chunk.choices[0].finish_reason or finish
+    text, name, arguments, finish = read_call_stream(stream)
     assert "{" not in text and "```" not in text  # the JSON came as a call, not as text
     assert name == "get_delivery_date" and json.loads(arguments) == {"order_id": "1017"}
     assert finish == "tool_calls"

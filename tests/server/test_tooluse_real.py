@@ -16,7 +16,7 @@ import pytest
 import lmscli as lms
 from lmscli.client import default
 from tests.conftest import ProcessServer
-from tests.doc_tools import add, is_prime, multiply
+from tests.doc_tools import add, docs_act_loop, is_prime, multiply
 
 pytestmark = pytest.mark.real
 MODEL = "smollm2-135m-instruct"
@@ -273,35 +273,7 @@ def test_act_docs_create_file_chat_loop(sdk_env: None, monkeypatch, tmp_path: Pa
     answers = iter(["Create a file named hello.txt that says hi", ""])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(answers))
 
-    def create_file(name: str, content: str):  # noqa: ANN202 - as in the docs
-        """Create a file with the given name and content."""
-        dest_path = Path(name)
-        if dest_path.exists():
-            return "Error: File already exists."
-        try:
-            dest_path.write_text(content, encoding="utf-8")
-        except Exception as exc:
-            return f"Error: {exc!r}"
-        return "File created."
-
-    def print_fragment(fragment, round_index=0):  # noqa: ANN001, ANN202
-        print(fragment.content, end="", flush=True)
-
-    model = lms.llm()
-    chat = lms.Chat("You are a task focused AI assistant")
-    while True:
-        try:
-            user_input = input("You (leave blank to exit): ")
-        except EOFError:
-            print()
-            break
-        if not user_input:
-            break
-        chat.add_user_message(user_input)
-        print("Bot: ", end="", flush=True)
-        model.act(chat, [create_file], on_message=chat.append,
-                  on_prediction_fragment=print_fragment)
-        print()
+    chat = docs_act_loop(lms)
     assert capsys.readouterr().out.startswith("Bot: ")
     assert [m["role"] for m in chat.messages][:3] == ["system", "user", "assistant"]
     assert chat.messages[-1]["role"] == "assistant"
