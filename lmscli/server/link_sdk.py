@@ -18,7 +18,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from lmscli.server.errors import APIError, Body
+from lmscli.server.errors import Body
 from lmscli.server.forward import (
     Attempt,
     Forwarder,
@@ -26,10 +26,11 @@ from lmscli.server.forward import (
     RelayResponse,
     logged,
     next_hop,
+    refusal,
     until_disconnected,
     upstream_body,
 )
-from lmscli.server.links import LinkedModel, Target, describe, error_text
+from lmscli.server.links import LinkedModel, Target, describe
 from lmscli.server.upstream import DONE, Completion, SseDecoder
 
 NDJSON = "application/x-ndjson"
@@ -73,11 +74,7 @@ async def predict(request: Request, body: Body, target: Target, model: LinkedMod
         if log is not None:
             completion.error = f"HTTP {status}"
             log.end(stopped=False)
-        raise APIError(status if status < 500 else 502,
-                       f"The linked engine {attempt.link.name} refused the request: "
-                       f"{error_text(attempt.first, attempt.response.reason_phrase)}",
-                       type_="invalid_request_error" if status < 500 else "server_error",
-                       code="upstream_error")
+        raise refusal(attempt)
     prediction_id = secrets.token_hex(8)
     prediction = predictions[prediction_id] = LinkedPrediction(attempt, model, completion, log)
     return RelayResponse(attempt, prediction.lines(prediction_id), log=log,
