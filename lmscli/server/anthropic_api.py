@@ -15,16 +15,18 @@ from lmscli.engine import PredictionStats
 from lmscli.server.errors import Body, bad_request, shorten
 from lmscli.server.parsing import model_for, read_json, sampling, schema_grammar
 from lmscli.server.turns import (
+    AnyTurn,
     Block,
     Closed,
     Failure,
     Finished,
     Grew,
     Opened,
-    Turn,
     TurnInput,
+    chat_response_format,
     check_tool_name,
     count_tokens,
+    open_turn,
     prepare,
     sse_event,
 )
@@ -52,8 +54,10 @@ def turn_input(body: Body) -> TurnInput:
     if last["role"] == "assistant" and not last.get("tool_calls"):
         prefill = messages.pop()["content"]
     tools = chat_tools(body)
-    return TurnInput(messages, tools, chat_tool_choice(body, tools), output_grammar(body),
-                     "output_config.format", prefill)
+    fmt, where = output_format(body)
+    grammar = schema_grammar(fmt["schema"], f"{where}.schema") if fmt else None
+    return TurnInput(messages, tools, chat_tool_choice(body, tools), grammar, where, prefill,
+                     chat_response_format(fmt))
 
 
 def chat_messages(body: Body) -> list[dict[str, Any]]:
@@ -176,19 +180,21 @@ def chat_tool_choice(body: Body, tools: list[dict[str, Any]] | None
     return CHOICES[kind]
 
 
-def output_grammar(body: Body) -> str | None:
-    """Structured output: ``output_config.format`` (or the older ``output_format``)."""
+def output_format(body: Body) -> tuple[dict[str, Any] | None, str]:
+    """Structured output: ``output_config.format`` (or the older ``output_format``), checked,
+    and where it was found."""
     config = Body(body.get("output_config", dict, {}), "output_config")
     where = "output_config.format"
     fmt = config.get("format", dict)
     if fmt is None and body.data.get("output_format") is not None:
         where, fmt = "output_format", body.get("output_format", dict)
     if fmt is None:
-        return None
+        return None, where
     spec = Body(fmt, where)
     if spec.get("type", str, required=True) != "json_schema":
         raise bad_request(f"'{where}.type' must be json_schema.", f"{where}.type")
-    return schema_grammar(spec.get("schema", dict, required=True), f"{where}.schema")
+    spec.get("schema", dict, required=True)
+    return fmt, where
 
 
 def params_of(body: Body) -> Any:
@@ -224,7 +230,7 @@ def content_block(block: Block) -> dict[str, Any]:
 class Reply:
     """One message: the whole body, or Anthropic's event sequence."""
 
-    def __init__(self, model: str, turn: Turn) -> None:
+    def __init__(self, model: str, turn: AnyTurn) -> None:
         self.id = "msg_" + secrets.token_hex(12)
         self.model, self.turn = model, turn
 
@@ -294,10 +300,9 @@ async def messages(request: Request) -> Any:
     wanted = turn_input(body)
     params = params_of(body)  # before a load: a bad field shouldn't cost one
     stream = body.get("stream", bool, False)
-    entry = await model_for(request, body)
-    turn = Turn(request, await prepare(entry, wanted), params, call_id_prefix="toolu_")
-    await turn.start()  # from here on, only the turn's own end may end the request
-    reply = Reply(entry.identifier, turn)
+    # from here on, only the turn's own end may end the request
+    model, turn = await open_turn(request, body, wanted, params, call_id_prefix="toolu_")
+    reply = Reply(model, turn)
     if stream:
         return StreamingResponse(reply.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

@@ -21,13 +21,30 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from lmscli.engine import Done, Failed, Fragment, PredictionRequest, PromptProgress
+from lmscli.engine import (
+    Done,
+    Failed,
+    Fragment,
+    PredictionRequest,
+    PredictionStats,
+    PromptProgress,
+)
 from lmscli.server.errors import APIError, Body, bad_request, shorten
 from lmscli.server.models import JIT_TTL_S, Loaded, LoadProgress
 from lmscli.server.openai_api import STREAM_COALESCE_S
 from lmscli.server.parsing import manager, parse_messages, read_json, sampling
 from lmscli.server.predict import Running, collect, failure
 from lmscli.server.tooluse import ToolUse, chat_prompt
+from lmscli.server.turns import (
+    AnyTurn,
+    BlockEvent,
+    Failure,
+    Finished,
+    Grew,
+    Opened,
+    TurnInput,
+    open_linked_turn,
+)
 
 log = logging.getLogger("lmscli.server")
 
@@ -213,6 +230,10 @@ def remember(request: Request, messages: list[dict[str, Any]]) -> str:
 @v1_errors
 async def chat(request: Request) -> Response:
     chat_request = ChatRequest(request, await read_json(request))
+    linked = await open_linked_turn(request, TurnInput(chat_request.messages),
+                                    chat_request.params)
+    if linked is not None:
+        return await linked_chat(chat_request, *linked)
     models = manager(request)
     entry = models.find_loaded(chat_request.name)
     if chat_request.stream:
@@ -226,7 +247,8 @@ async def chat(request: Request) -> Response:
         load_s = time.perf_counter() - started
     running = await start(chat_request, entry)
     text, done = await collect(running, request)
-    return JSONResponse(result(chat_request, entry, text, done, load_s))
+    return JSONResponse(result(chat_request, entry.identifier, message_items(text),
+                               done.stats, load_s))
 
 
 async def jit_load(chat_request: ChatRequest) -> Loaded:
@@ -256,20 +278,26 @@ async def start(chat_request: ChatRequest, entry: Loaded) -> Running:
     return running
 
 
-def result(chat_request: ChatRequest, entry: Loaded, text: str, done: Done,
-           load_s: float | None) -> dict[str, Any]:
-    stats = done.stats
+def message_items(text: str, reasoning: str = "") -> list[dict[str, Any]]:
+    reasoned = [{"type": "reasoning", "content": reasoning}] if reasoning else []
+    return [*reasoned, {"type": "message", "content": text}]
+
+
+def result(chat_request: ChatRequest, identifier: str, output: list[dict[str, Any]],
+           stats: PredictionStats, load_s: float | None, reasoning_tokens: int = 0
+           ) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "model_instance_id": entry.identifier,
-        "output": [{"type": "message", "content": text}],
+        "model_instance_id": identifier,
+        "output": output,
         "stats": {"input_tokens": stats.prompt_tokens,
                   "total_output_tokens": stats.predicted_tokens,
-                  "reasoning_output_tokens": 0,
+                  "reasoning_output_tokens": reasoning_tokens,
                   "tokens_per_second": stats.tokens_per_second or 0.0,
                   "time_to_first_token_seconds": stats.time_to_first_token_s or 0.0}}
     if load_s is not None:
         out["stats"]["model_load_time_seconds"] = round(load_s, 3)
     if chat_request.store:
+        text = "".join(item["content"] for item in output if item["type"] == "message")
         history = [*chat_request.messages, {"role": "assistant", "content": text}]
         out["response_id"] = remember(chat_request.request, history)
     return out
@@ -353,5 +381,56 @@ class Chat:
             elif isinstance(item, Done):
                 if not parts:
                     yield event("prompt_processing.end") + event("message.start")
-                body = result(self.req, self.entry, "".join(parts), item, self.load_s)
+                body = result(self.req, self.entry.identifier, message_items("".join(parts)),
+                              item.stats, self.load_s)
                 yield event("message.end") + event("chat.end", result=body)
+
+
+# -- a linked model ---------------------------------------------------------------------------
+
+async def linked_chat(chat_request: ChatRequest, identifier: str, turn: AnyTurn) -> Response:
+    """A chat on a linked engine (the turn already started there): nothing loads here."""
+    if chat_request.stream:
+        return StreamingResponse(linked_events(chat_request, identifier, turn),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    finished = await turn.whole()
+    return JSONResponse(linked_result(chat_request, identifier, turn, finished))
+
+
+def linked_result(chat_request: ChatRequest, identifier: str, turn: AnyTurn,
+                  finished: Finished) -> dict[str, Any]:
+    blocks = turn.blocks.all
+    text = "".join(b.text for b in blocks if b.kind == "text")
+    reasoning = "".join(b.text for b in blocks if b.kind == "reasoning")
+    return result(chat_request, identifier, message_items(text, reasoning), finished.stats,
+                  None, turn.reasoning_tokens)
+
+
+async def linked_events(chat_request: ChatRequest, identifier: str, turn: AnyTurn
+                        ) -> AsyncIterator[bytes]:
+    # the upstream read the prompt before its first chunk: progress is all or nothing
+    yield event("chat.start", model_instance_id=identifier) + \
+        event("prompt_processing.start") + event("prompt_processing.end")
+    said = False
+    async for item in turn.stream():
+        if isinstance(item, Failure):
+            yield event("error", error=v1_error_body(APIError(
+                502, item.message, type_="server_error", code="upstream_failed"))["error"])
+        elif isinstance(item, Finished):
+            if not said:  # an empty answer is still a message
+                yield event("message.start") + event("message.end")
+            body = linked_result(chat_request, identifier, turn, item)
+            yield event("chat.end", result=body)
+        elif item.block.kind != "call":  # v1 chat sends no client tools: none are called
+            said = said or item.block.kind == "text"
+            yield block_event(item)
+
+
+def block_event(item: BlockEvent) -> bytes:
+    kind = "message" if item.block.kind == "text" else "reasoning"
+    if isinstance(item, Opened):
+        return event(f"{kind}.start")
+    if isinstance(item, Grew):
+        return event(f"{kind}.delta", content=item.text)
+    return event(f"{kind}.end")

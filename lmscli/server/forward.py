@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 from lmscli.logbus import LogBus
 from lmscli.logbus.events import prediction_input, prediction_output
 from lmscli.server.errors import APIError, Body
-from lmscli.server.links import Link, Links, Target, describe
+from lmscli.server.links import Link, Links, Target, describe, error_text
 from lmscli.server.upstream import Completion, SseDecoder
 
 CONNECT_TIMEOUT_S = 3.0
@@ -263,6 +263,17 @@ def next_hop(request: Request) -> int:
                        "back at a server it came from. Check the links with: lms link ls",
                        type_="server_error", code="link_loop")
     return hops + 1
+
+
+def refusal(attempt: Attempt) -> APIError:
+    """An upstream's error answer as ours: its 4xx stays the caller's fault, anything else
+    is a bad gateway."""
+    status = attempt.response.status_code
+    return APIError(status if status < 500 else 502,
+                    f"The linked engine {attempt.link.name} refused the request: "
+                    f"{error_text(attempt.first, attempt.response.reason_phrase)}",
+                    type_="invalid_request_error" if status < 500 else "server_error",
+                    code="upstream_error")
 
 
 def sse_error(message: str) -> bytes:

@@ -18,15 +18,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from lmscli import catalog, linkstore
+from lmscli.engine import SamplingParams
 from lmscli.logbus import LogBus
-from lmscli.server import link_sdk
+from lmscli.server import anthropic_api, link_sdk
 from lmscli.server.errors import APIError, Body, bad_request, parse_json
 from lmscli.server.forward import Forwarder, http_client
+from lmscli.server.link_turn import LinkedTurn, chat_payload
 from lmscli.server.links import REFRESH_EVERY_S, LinkedModel, Links, Target
 from lmscli.server.models import MAX_NAME_CHARS, ModelManager
+from lmscli.server.turns import AnyTurn, TurnInput
 
 Handler = Callable[[Request], Awaitable[Any]]
 DOWNLOADED_TTL_S = 2.0
+CHARS_PER_TOKEN = 4
 
 
 class Linked:
@@ -91,6 +95,18 @@ class Linked:
         target = self.links.resolve(name)
         return (target, Body(data)) if target else (None, None)
 
+    async def open_turn(self, request: Request, wanted: TurnInput, params: SamplingParams,
+                        call_id_prefix: str) -> tuple[str, AnyTurn] | None:
+        """An agent API turn (Responses, Messages, v1 chat) on the linked engine that serves
+        the request's model, started; None when the model is not a linked one."""
+        target, _ = await self.target_of(request)
+        if target is None:
+            return None
+        turn = LinkedTurn(request, self.forwarder, target,
+                          chat_payload(target, wanted, params), call_id_prefix)
+        await turn.start()
+        return target.identifier, turn
+
     # -- wrapping the route table ---------------------------------------------------------
 
     def wrap(self, routes: list[BaseRoute]) -> list[BaseRoute]:
@@ -108,6 +124,7 @@ class Linked:
             "/lmscli/models/load": self._load,
             "/lmscli/models/unload": self._unload,
             "/lmscli/predict": self._predict,
+            "/v1/messages/count_tokens": self._count_tokens,
             "/lmscli/predict/{prediction_id}/cancel": self._cancel,
         }
         out: list[BaseRoute] = []
@@ -201,6 +218,16 @@ class Linked:
 
         return endpoint
 
+    def _count_tokens(self, handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Any:
+            target, body = await self.target_of(request)
+            if target is None or body is None:
+                return await handler(request)
+            wanted = anthropic_api.turn_input(body)  # the same checks as for a local model
+            return JSONResponse({"input_tokens": estimate_tokens(wanted)})
+
+        return endpoint
+
     def _cancel(self, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Any:
             prediction = self.predictions.get(request.path_params["prediction_id"])
@@ -210,6 +237,13 @@ class Linked:
             return JSONResponse({"cancelled": True})
 
         return endpoint
+
+
+def estimate_tokens(wanted: TurnInput) -> int:
+    """About four characters a token: chat upstreams have no way to count a prompt without
+    running it, and clients use the count to budget, not to bill."""
+    text = json.dumps([wanted.messages, wanted.tools, wanted.prefill], ensure_ascii=False)
+    return max(1, round(len(text) / CHARS_PER_TOKEN))
 
 
 def add_entries(response: Response, entries: list[dict[str, Any]]) -> Response:

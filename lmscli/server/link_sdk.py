@@ -18,7 +18,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from lmscli.server.errors import APIError, Body
+from lmscli.server.errors import Body
 from lmscli.server.forward import (
     Attempt,
     Forwarder,
@@ -26,10 +26,11 @@ from lmscli.server.forward import (
     RelayResponse,
     logged,
     next_hop,
+    refusal,
     until_disconnected,
     upstream_body,
 )
-from lmscli.server.links import LinkedModel, Target, describe, error_text
+from lmscli.server.links import LinkedModel, Target, describe
 from lmscli.server.upstream import DONE, Completion, SseDecoder
 
 NDJSON = "application/x-ndjson"
@@ -59,30 +60,34 @@ def sdk_payload(body: Body, target: Target) -> dict[str, Any]:
 async def predict(request: Request, body: Body, target: Target, model: LinkedModel,
                   forwarder: Forwarder, predictions: dict[str, LinkedPrediction]) -> Response:
     hops = next_hop(request)
-    payload = sdk_payload(body, target)
+    prediction = await until_disconnected(request, open_prediction(
+        forwarder, target, model, sdk_payload(body, target), hops))
+    if prediction is None:
+        return Response(status_code=499)
+    attempt, log = prediction.attempt, prediction.log
+    prediction_id = secrets.token_hex(8)
+    predictions[prediction_id] = prediction
+    return RelayResponse(attempt, prediction.lines(prediction_id), log=log,
+                         on_close=lambda: predictions.pop(prediction_id, None),
+                         media_type=NDJSON)
+
+
+async def open_prediction(forwarder: Forwarder, target: Target, model: LinkedModel,
+                          payload: dict[str, Any], hops: int = 1) -> LinkedPrediction:
+    """The upstream stream for an SDK prediction (a ``prompt`` goes to ``/completions``),
+    on the log bus; no replica answering, or a refusal, is an APIError."""
     path = "/completions" if "prompt" in payload else "/chat/completions"
     completion = Completion()
     log = PredictionLog.begin(forwarder.bus, target, payload, completion)
-    attempt = await logged(log, until_disconnected(request, forwarder.open(
-        target, path, payload, whole=False, hops=hops)))
-    if attempt is None:
-        return Response(status_code=499)
+    attempt = await logged(log, forwarder.open(target, path, payload, whole=False, hops=hops))
     status = attempt.response.status_code
     if status >= 400:
         await attempt.close()
         if log is not None:
             completion.error = f"HTTP {status}"
             log.end(stopped=False)
-        raise APIError(status if status < 500 else 502,
-                       f"The linked engine {attempt.link.name} refused the request: "
-                       f"{error_text(attempt.first, attempt.response.reason_phrase)}",
-                       type_="invalid_request_error" if status < 500 else "server_error",
-                       code="upstream_error")
-    prediction_id = secrets.token_hex(8)
-    prediction = predictions[prediction_id] = LinkedPrediction(attempt, model, completion, log)
-    return RelayResponse(attempt, prediction.lines(prediction_id), log=log,
-                         on_close=lambda: predictions.pop(prediction_id, None),
-                         media_type=NDJSON)
+        raise refusal(attempt)
+    return LinkedPrediction(attempt, model, completion, log)
 
 
 class LinkedPrediction:
@@ -103,12 +108,18 @@ class LinkedPrediction:
     async def lines(self, prediction_id: str) -> AsyncIterator[bytes]:
         yield ndjson({"type": "started", "predictionId": prediction_id,
                       "modelInfo": self.info})
+        async for message in self.messages():
+            yield ndjson(message)
+
+    async def messages(self) -> AsyncIterator[dict[str, Any]]:
+        """The predict messages (also the SDK websocket channel's): fragments, tool-call
+        generation, then success or error. The caller closes the attempt if it stops early."""
         decoder = SseDecoder()
         try:
             async for chunk in self._chunks():
                 for event in decoder.feed(chunk):
                     for out in self._convert(event):
-                        yield ndjson(out)
+                        yield out
         except httpx.TransportError as exc:
             self.completion.error = (f"The linked engine {self.attempt.link.name} failed "
                                      f"mid-answer: {describe(exc)}")
@@ -116,7 +127,7 @@ class LinkedPrediction:
         stopped = self._cancelled.is_set()
         await self.attempt.close()
         for out in self._ending(stopped):
-            yield ndjson(out)
+            yield out
         if self.log is not None:
             self.log.end(stopped)
 
@@ -156,7 +167,9 @@ class LinkedPrediction:
     def _ending(self, stopped: bool) -> list[dict[str, Any]]:
         c = self.completion
         if c.error and not stopped:
-            return [{"type": "error", "error": {"message": f"Prediction failed: {c.error}",
+            message = f"Prediction failed: {c.error}"
+            # "title" is what the lmstudio SDK reads, "message" lmscli.client
+            return [{"type": "error", "error": {"title": message, "message": message,
                                                 "type": "server_error",
                                                 "code": "prediction_failed"}}]
         ends = [] if stopped else [

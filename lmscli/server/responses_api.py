@@ -17,19 +17,20 @@ from starlette.responses import JSONResponse, StreamingResponse
 from lmscli.engine import PredictionStats
 from lmscli.prompting.grammar import any_json_grammar
 from lmscli.server.errors import APIError, Body, bad_request, shorten
-from lmscli.server.parsing import model_for, read_json, sampling, schema_grammar
+from lmscli.server.parsing import read_json, sampling, schema_grammar
 from lmscli.server.turns import (
+    AnyTurn,
     Block,
     Closed,
     Failure,
     Finished,
     Grew,
     Opened,
-    Turn,
     TurnInput,
     assistant_message,
+    chat_response_format,
     check_tool_name,
-    prepare,
+    open_turn,
     sse_event,
 )
 
@@ -292,7 +293,7 @@ def usage(stats: PredictionStats, reasoning_tokens: int) -> dict[str, Any]:
 class EventStream:
     """The typed server-sent events, numbered in order, of one streamed response."""
 
-    def __init__(self, draft: Draft, turn: Turn,
+    def __init__(self, draft: Draft, turn: AnyTurn,
                  on_final: Callable[[Finished], dict[str, Any]]) -> None:
         self.draft, self.turn, self.on_final = draft, turn, on_final
         self.seq = 0
@@ -383,13 +384,10 @@ async def create(request: Request) -> Any:
     instructions = body.text("instructions")
     system = [{"role": "system", "content": instructions}] if instructions else []
     draft = Draft(body, tools, fmt, params)  # every field is checked before a load
-    entry = await model_for(request, body)
-    draft.model = entry.identifier
-    prepared = await prepare(entry, TurnInput(
-        system + history + new, chat_tools or None, chat_tool_choice(body), grammar,
-        "text.format"))
-    turn = Turn(request, prepared, params)
-    await turn.start()  # from here on, only the turn's own end may end the request
+    wanted = TurnInput(system + history + new, chat_tools or None, chat_tool_choice(body),
+                       grammar, "text.format", response_format=chat_response_format(fmt))
+    # from here on, only the turn's own end may end the request
+    draft.model, turn = await open_turn(request, body, wanted, params)
 
     def on_final(finished: Finished) -> dict[str, Any]:
         final = draft.final(turn.blocks.all, finished, turn.reasoning_tokens)

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from starlette.requests import Request
 
@@ -37,6 +37,7 @@ from lmscli.prompting.tools import (
 from lmscli.server.errors import Body, bad_request
 from lmscli.server.models import Loaded
 from lmscli.server.openai_api import STREAM_COALESCE_S
+from lmscli.server.parsing import model_for
 from lmscli.server.predict import Running, _cancel_on_disconnect, check_grammar, failure
 from lmscli.server.tooluse import MAX_TOOL_NAME_CHARS, ToolUse, chat_prompt, tool_use
 
@@ -55,6 +56,22 @@ class TurnInput:
     schema_grammar: str | None = None  # structured output
     schema_param: str = "response_format"  # where the schema came from, for errors
     prefill: str = ""  # the start of the answer, written by the caller (Anthropic prefill)
+    # the same structured output as OpenAI chat's response_format: a linked engine gets the
+    # schema itself, since it builds its own grammar
+    response_format: dict[str, Any] | None = None
+
+
+def chat_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A Responses ``text.format`` or an Anthropic ``output_config.format`` (flat: ``type``,
+    ``schema``, ``name``) as chat's ``response_format``; None for plain text."""
+    if fmt is None or fmt.get("type") not in ("json_schema", "json_object"):
+        return None
+    if fmt["type"] == "json_object":
+        return {"type": "json_object"}
+    spec: dict[str, Any] = {"name": fmt.get("name") or "response", "schema": fmt.get("schema")}
+    if isinstance(fmt.get("strict"), bool):
+        spec["strict"] = fmt["strict"]
+    return {"type": "json_schema", "json_schema": spec}
 
 
 @dataclass
@@ -384,6 +401,50 @@ class Turn:
             stats = dataclasses.replace(stats, stop_reason="toolCalls")
         self.prompt_tokens, self.cached_tokens = stats.prompt_tokens, stats.cached_tokens
         return Finished(stats)
+
+
+class AnyTurn(Protocol):
+    """What the renderers use of a turn: a local ``Turn``, or a linked engine's."""
+
+    blocks: Blocks
+    finished: Finished | None
+    prompt_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+
+    def stream(self) -> AsyncIterator[BlockEvent | Finished | Failure]: ...
+
+    async def whole(self) -> Finished: ...
+
+
+class LinkedTurns(Protocol):
+    """Turns on linked engines (the app's ``state.linked``): a started turn and the name the
+    model is listed under, or None when the request's model is not a linked one."""
+
+    async def open_turn(self, request: Request, wanted: TurnInput, params: SamplingParams,
+                        call_id_prefix: str) -> tuple[str, AnyTurn] | None: ...
+
+
+async def open_linked_turn(request: Request, wanted: TurnInput, params: SamplingParams,
+                           call_id_prefix: str = "call_") -> tuple[str, AnyTurn] | None:
+    """The started turn and the model's name when the request's model is a linked one."""
+    linked: LinkedTurns | None = getattr(request.app.state, "linked", None)
+    if linked is None:
+        return None
+    return await linked.open_turn(request, wanted, params, call_id_prefix)
+
+
+async def open_turn(request: Request, body: Body, wanted: TurnInput, params: SamplingParams,
+                    call_id_prefix: str = "call_") -> tuple[str, AnyTurn]:
+    """The started turn for the request's model, linked or local (loaded on demand), and
+    the model's identifier. Errors up to the first output are HTTP errors."""
+    opened = await open_linked_turn(request, wanted, params, call_id_prefix)
+    if opened is not None:
+        return opened
+    entry = await model_for(request, body)
+    turn = Turn(request, await prepare(entry, wanted), params, call_id_prefix)
+    await turn.start()
+    return entry.identifier, turn
 
 
 def sse_event(name: str, data: dict[str, Any]) -> bytes:

@@ -51,16 +51,22 @@ async def prepare(entry: Loaded, config: PredictionConfig) -> Prepared:
     return Prepared(prompt, params, grammar, use)
 
 
-def _request(ctx: Context, parameter: Any, specifier_key: str,
-             stack_key: str) -> tuple[Loaded, PredictionConfig]:
+def request_config(parameter: Any, stack_key: str) -> PredictionConfig:
+    """The prediction a ``predict`` (or ``applyPromptTemplate``) parameter asks for."""
     p = Body(parameter, "parameter")
     preset = p.get("fuzzyPresetIdentifier", str)
     if preset:
         raise SdkError(f'Preset "{preset[:100]}" not found: lmscli has no presets. Pass the '
                        "settings in config= instead.", code=PRESET_NOT_FOUND)
-    entry = find_instance(ctx, p.get(specifier_key, dict, required=True), specifier_key)
     stack = collapse(p.get(stack_key, dict), stack_key)
-    return entry, prediction_config(stack, p.data.get("history"))
+    return prediction_config(stack, p.data.get("history"))
+
+
+def _request(ctx: Context, parameter: Any, specifier_key: str,
+             stack_key: str) -> tuple[Loaded, PredictionConfig]:
+    config = request_config(parameter, stack_key)
+    p = Body(parameter, "parameter")
+    return find_instance(ctx, p.get(specifier_key, dict, required=True), specifier_key), config
 
 
 async def predict(ctx: Context, channel: Channel, parameter: Any) -> None:

@@ -13,6 +13,7 @@ from starlette.websockets import WebSocket
 import lmscli
 from lmscli.logbus import now_ms
 from lmscli.logbus.events import server_log
+from lmscli.server.sdk import linked_ch
 from lmscli.server.sdk import models_ns as m
 from lmscli.server.sdk.predict_ch import apply_prompt_template, predict
 from lmscli.server.sdk.protocol import Channel, Connection, Context, Namespace
@@ -63,6 +64,7 @@ def _model_namespace(name: str) -> Namespace:
     if name == "llm":
         rpc["applyPromptTemplate"] = apply_prompt_template
         channels["predict"] = predict
+        linked_ch.wrap(rpc, channels)  # models that links serve answer here too
     else:
         rpc["embedString"] = m.embed_string
     return Namespace(name, rpc, channels)
