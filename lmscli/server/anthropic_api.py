@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
 from lmscli.engine import PredictionStats
 from lmscli.server.errors import Body, bad_request, shorten
@@ -23,6 +23,7 @@ from lmscli.server.turns import (
     Grew,
     Opened,
     TurnInput,
+    TurnStream,
     chat_response_format,
     check_tool_name,
     count_tokens,
@@ -304,8 +305,7 @@ async def messages(request: Request) -> Any:
     model, turn = await open_turn(request, body, wanted, params, call_id_prefix="toolu_")
     reply = Reply(model, turn)
     if stream:
-        return StreamingResponse(reply.events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return TurnStream(turn, reply.events())
     return JSONResponse(reply.whole(await turn.whole()))
 
 

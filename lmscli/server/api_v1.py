@@ -43,6 +43,7 @@ from lmscli.server.turns import (
     Grew,
     Opened,
     TurnInput,
+    TurnStream,
     open_linked_turn,
 )
 
@@ -391,9 +392,7 @@ class Chat:
 async def linked_chat(chat_request: ChatRequest, identifier: str, turn: AnyTurn) -> Response:
     """A chat on a linked engine (the turn already started there): nothing loads here."""
     if chat_request.stream:
-        return StreamingResponse(linked_events(chat_request, identifier, turn),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return TurnStream(turn, linked_events(chat_request, identifier, turn))
     finished = await turn.whole()
     return JSONResponse(linked_result(chat_request, identifier, turn, finished))
 

@@ -148,6 +148,12 @@ class LinkedTurn:
                     return event
         raise AssertionError("a linked turn ends with Finished or Failure")
 
+    async def close(self) -> None:
+        """Close the upstream request (the client left, or the turn ended); idempotent."""
+        if self._attempt is not None:
+            await self._attempt.close()
+        self._end_log(None, stopped=self.finished is None and not self.completion.error)
+
     # -- chat chunks → turn events ------------------------------------------------------------
 
     def _convert(self, event: Any) -> list[TurnEvent]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
 from lmscli.engine import PredictionStats
 from lmscli.prompting.grammar import any_json_grammar
@@ -27,6 +27,7 @@ from lmscli.server.turns import (
     Grew,
     Opened,
     TurnInput,
+    TurnStream,
     assistant_message,
     chat_response_format,
     check_tool_name,
@@ -397,9 +398,7 @@ async def create(request: Request) -> Any:
         return final
 
     if draft.stream:
-        return StreamingResponse(EventStream(draft, turn, on_final).run(),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return TurnStream(turn, EventStream(draft, turn, on_final).run())
     return JSONResponse(on_final(await turn.whole()))
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from lmscli.engine import (
     Done,
@@ -384,6 +386,11 @@ class Turn:
             watcher.cancel()
         raise AssertionError("a prediction ends with Done or Failed")
 
+    async def close(self) -> None:
+        """Cancel the prediction if it still runs (the client left); safe to call twice."""
+        if self._running is not None:
+            self._running.close()
+
     def _parse(self, fragment: Fragment) -> list[TurnEvent]:
         events = self.parser.feed(fragment.text)
         thought = sum(len(e.text) for e in events if isinstance(e, ReasoningDelta))
@@ -415,6 +422,24 @@ class AnyTurn(Protocol):
     def stream(self) -> AsyncIterator[BlockEvent | Finished | Failure]: ...
 
     async def whole(self) -> Finished: ...
+
+    async def close(self) -> None: ...
+
+
+class TurnStream(StreamingResponse):
+    """A turn's SSE stream that ends the turn whatever happens, even when the client leaves
+    before the first event is sent (the body generator then never starts)."""
+
+    def __init__(self, turn: AnyTurn, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.turn = turn
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.turn.close()
 
 
 class LinkedTurns(Protocol):
