@@ -246,3 +246,31 @@ def test_cors_is_off_by_default_and_on_with_the_flag(fake_models: Path) -> None:
         assert r.headers.get("access-control-allow-origin") in ("*", "http://evil.example")
     finally:
         cors.stop()
+
+
+def test_the_servers_connections_send_small_writes_at_once() -> None:
+    """The listening socket says it is TCP, so asyncio turns Nagle off on each connection:
+    else a stream's first chunk after its headers waits ~40 ms for the client's ACK whenever
+    a request follows another on one keep-alive connection."""
+    import asyncio
+    import socket
+
+    from lmscli.server.run import bind
+
+    async def accept_one() -> int:
+        sock = bind("127.0.0.1", 0)
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_connect(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conn = writer.get_extra_info("socket")
+            accepted.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            nodelay = await asyncio.wait_for(accepted, 5)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(accept_one()) != 0
