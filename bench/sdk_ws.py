@@ -29,11 +29,11 @@ from common import (
 )
 
 
-def run_lmstudio(model: object, i: int, max_tokens: int) -> Timing:
+def run_lmstudio(model: object, prompt: str, max_tokens: int) -> Timing:
     started = time.perf_counter()
     times = []
     stream = model.respond_stream(  # type: ignore[attr-defined]
-        PROMPT.format(i=i), config={"temperature": 0, "maxTokens": max_tokens})
+        prompt, config={"temperature": 0, "maxTokens": max_tokens})
     for fragment in stream:
         if fragment.content:
             times.append(time.perf_counter())
@@ -53,12 +53,16 @@ def main() -> None:
             client = openai.OpenAI(base_url=base + "/v1", api_key="bench")
             with lmstudio.Client(f"127.0.0.1:{args.port}") as sdk:
                 model = sdk.llm.model(key)
-                openai_chat(client, key, PROMPT.format(i=-1), 8)  # warm-up both
-                run_lmstudio(model, -1, 8)
+                openai_chat(client, key, PROMPT.format(i="w-a"), 8)  # warm-up both
+                run_lmstudio(model, PROMPT.format(i="w-b"), 8)
                 a, b = [], []
                 for i in range(args.runs):
-                    a.append(openai_chat(client, key, PROMPT.format(i=i), args.max_tokens))
-                    b.append(run_lmstudio(model, i, args.max_tokens))
+                    # prompts of the same length that differ: neither path finds the other's
+                    # prompt in the KV cache
+                    a.append(openai_chat(client, key, PROMPT.format(i=f"{i:02d}-a"),
+                                         args.max_tokens))
+                    b.append(run_lmstudio(model, PROMPT.format(i=f"{i:02d}-b"),
+                                          args.max_tokens))
         finally:
             stop(server)
     print(header(args))
