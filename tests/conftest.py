@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -240,3 +240,31 @@ def no_sdk_complaints(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     complaints = [r.getMessage() for r in caplog.records
                   if "lmstudio" in r.pathname and r.levelno >= logging.WARNING]
     assert complaints == []
+
+
+def prediction_logs(base_url: str, count: int, action: Callable[[], object]) -> list[dict]:
+    """The first ``count`` prediction events (``llm.prediction.*``) on the server's log
+    stream while ``action`` runs."""
+    import threading
+
+    from lmscli.client.logs import stream_logs
+
+    events: list[dict] = []
+    subscribed = threading.Event()
+
+    def follow() -> None:
+        for message in stream_logs(base_url):
+            if message["type"] == "subscribed":
+                subscribed.set()
+            elif message["type"] == "log" and \
+                    message["log"]["data"]["type"].startswith("llm.prediction."):
+                events.append(message["log"]["data"])
+                if len(events) == count:
+                    return
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    assert subscribed.wait(5)
+    action()
+    reader.join(5)
+    return events

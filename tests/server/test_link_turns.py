@@ -6,8 +6,6 @@ test_link_turns_real.py."""
 from __future__ import annotations
 
 import json
-import threading
-from typing import Any
 
 import anthropic
 import httpx
@@ -15,13 +13,12 @@ import lmstudio
 import openai
 import pytest
 
-from lmscli.client.logs import stream_logs
 from lmscli.server.errors import Body
 from lmscli.server.link_turn import chat_payload
 from lmscli.server.links import Target
 from lmscli.server.parsing import sampling
 from lmscli.server.turns import TurnInput
-from tests.conftest import ThreadServer
+from tests.conftest import ThreadServer, prediction_logs
 from tests.server.test_links import (  # noqa: F401  (fixtures)
     Engines,
     engines,
@@ -172,24 +169,8 @@ def test_v1_chat_whole_and_streamed(linked: ThreadServer) -> None:
 # -- the log bus ------------------------------------------------------------------------------
 
 def test_a_linked_turn_is_on_the_log_stream(linked: ThreadServer) -> None:
-    events: list[dict[str, Any]] = []
-    subscribed = threading.Event()
-
-    def follow() -> None:
-        for message in stream_logs(linked.base_url):
-            if message["type"] == "subscribed":
-                subscribed.set()
-            elif message["type"] == "log" and \
-                    message["log"]["data"]["type"].startswith("llm.prediction."):
-                events.append(message["log"]["data"])
-                if len(events) == 2:
-                    return
-
-    reader = threading.Thread(target=follow, daemon=True)
-    reader.start()
-    assert subscribed.wait(5)
-    oai(linked).responses.create(model="tiny-chat", input="[[reply: logged turn]]")
-    reader.join(5)
+    events = prediction_logs(linked.base_url, 2, lambda: oai(linked).responses.create(
+        model="tiny-chat", input="[[reply: logged turn]]"))
     given, produced = events
     assert json.loads(given["input"]) == [{"role": "user", "content": "[[reply: logged turn]]"}]
     assert given["modelPath"] == "up/tiny-chat"

@@ -24,11 +24,10 @@ from lmscli import paths
 from lmscli.cli import connect
 from lmscli.cli.app import run
 from lmscli.client import default
-from lmscli.client.logs import stream_logs
 from lmscli.engine.fake import FakeEngine
 from lmscli.server import link_routes
 from tests.cli.test_chat import repl
-from tests.conftest import ProcessServer, ThreadServer
+from tests.conftest import ProcessServer, ThreadServer, prediction_logs
 from tests.gguf_factory import make_gguf
 
 SAY_HELLO = {"type": "function", "function": {
@@ -410,25 +409,12 @@ def test_an_unreachable_link_never_slows_local_models(fake_server: ThreadServer,
 def test_log_stream_shows_forwarded_predictions(front: ThreadServer, engines: Engines,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     link(capsys, "up", engines("up"))
-    events: list[dict[str, Any]] = []
-    subscribed = threading.Event()
 
-    def follow() -> None:
-        for message in stream_logs(front.base_url):
-            if message["type"] == "subscribed":
-                subscribed.set()
-            elif message["type"] == "log" and \
-                    message["log"]["data"]["type"].startswith("llm.prediction."):
-                events.append(message["log"]["data"])
-                if len(events) == 4:
-                    return
+    def ask_twice() -> None:
+        chat(front, "[[reply: logged answer]]", max_tokens=20)
+        list(chat(front, "[[reply: streamed answer]]", stream=True))
 
-    reader = threading.Thread(target=follow, daemon=True)
-    reader.start()
-    assert subscribed.wait(5)
-    chat(front, "[[reply: logged answer]]", max_tokens=20)
-    list(chat(front, "[[reply: streamed answer]]", stream=True))
-    reader.join(5)
+    events = prediction_logs(front.base_url, 4, ask_twice)
     given, produced, _, streamed = events
     assert given["type"] == "llm.prediction.input" and given["modelIdentifier"] == "tiny-chat"
     assert json.loads(given["input"]) == [{"role": "user", "content": "[[reply: logged answer]]"}]
