@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+# setuptools warns on every editable install that a folder named like the package may shadow
+# it: that folder is the package itself, here
+PYTHONWARNINGS="ignore:Editable installation" \
+    .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
