@@ -23,13 +23,13 @@ from lmscli.server.turns import (
     Grew,
     Opened,
     TurnInput,
-    TurnStream,
     chat_response_format,
     check_tool_name,
     count_tokens,
     open_turn,
     prepare,
     sse_event,
+    turn_stream,
 )
 
 STOP_REASONS = {"eosFound": "end_turn", "stopStringFound": "stop_sequence",
@@ -305,7 +305,7 @@ async def messages(request: Request) -> Any:
     model, turn = await open_turn(request, body, wanted, params, call_id_prefix="toolu_")
     reply = Reply(model, turn)
     if stream:
-        return TurnStream(turn, reply.events())
+        return turn_stream(turn, reply.events())
     return JSONResponse(reply.whole(await turn.whole()))
 
 

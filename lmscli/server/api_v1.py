@@ -43,8 +43,8 @@ from lmscli.server.turns import (
     Grew,
     Opened,
     TurnInput,
-    TurnStream,
     open_linked_turn,
+    turn_stream,
 )
 
 log = logging.getLogger("lmscli.server")
@@ -392,7 +392,7 @@ class Chat:
 async def linked_chat(chat_request: ChatRequest, identifier: str, turn: AnyTurn) -> Response:
     """A chat on a linked engine (the turn already started there): nothing loads here."""
     if chat_request.stream:
-        return TurnStream(turn, linked_events(chat_request, identifier, turn))
+        return turn_stream(turn, linked_events(chat_request, identifier, turn))
     finished = await turn.whole()
     return JSONResponse(linked_result(chat_request, identifier, turn, finished))
 

@@ -13,20 +13,21 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
 import httpx
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import Response
 
 from lmscli.logbus import LogBus
 from lmscli.logbus.events import prediction_input, prediction_output
 from lmscli.server.errors import APIError, Body
 from lmscli.server.links import Link, Links, Target, describe, error_text
+from lmscli.server.streams import ClosingStream
 from lmscli.server.upstream import Completion, SseDecoder
 
 CONNECT_TIMEOUT_S = 3.0
@@ -144,7 +145,7 @@ class Forwarder:
             if log is not None:
                 log.whole(attempt)
             return Response(attempt.first, status_code=status, media_type=media_type)
-        return RelayResponse(attempt, self._relay(attempt, log), log=log,
+        return ClosingStream(self._relay(attempt, log), partial(end_stream, attempt, log),
                              media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     async def _relay(self, attempt: Attempt, log: PredictionLog | None
@@ -167,27 +168,12 @@ class Forwarder:
             log.end(stopped=False)
 
 
-class RelayResponse(StreamingResponse):
-    """A stream that closes its upstream whatever happens, even when the client leaves
-    before the first chunk is sent (the body generator then never starts)."""
-
-    def __init__(self, attempt: Attempt, content: AsyncIterator[bytes], *,
-                 log: PredictionLog | None = None, on_close: Callable[[], None] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.attempt = attempt
-        self.log = log
-        self.on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.attempt.close()
-            if self.log is not None:  # the client left before the end (else a no-op)
-                self.log.end(stopped=True)
-            if self.on_close is not None:
-                self.on_close()
+async def end_stream(attempt: Attempt, log: PredictionLog | None) -> None:
+    """Close a relayed stream's upstream request; its log, if it has not ended, ends as
+    stopped by the client."""
+    await attempt.close()
+    if log is not None:
+        log.end(stopped=True)  # a no-op after a normal end
 
 
 class PredictionLog:

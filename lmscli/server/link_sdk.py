@@ -23,7 +23,7 @@ from lmscli.server.forward import (
     Attempt,
     Forwarder,
     PredictionLog,
-    RelayResponse,
+    end_stream,
     logged,
     next_hop,
     refusal,
@@ -31,6 +31,7 @@ from lmscli.server.forward import (
     upstream_body,
 )
 from lmscli.server.links import LinkedModel, Target, describe
+from lmscli.server.streams import ClosingStream
 from lmscli.server.upstream import DONE, Completion, SseDecoder
 
 NDJSON = "application/x-ndjson"
@@ -64,12 +65,14 @@ async def predict(request: Request, body: Body, target: Target, model: LinkedMod
         forwarder, target, model, sdk_payload(body, target), hops))
     if prediction is None:
         return Response(status_code=499)
-    attempt, log = prediction.attempt, prediction.log
     prediction_id = secrets.token_hex(8)
     predictions[prediction_id] = prediction
-    return RelayResponse(attempt, prediction.lines(prediction_id), log=log,
-                         on_close=lambda: predictions.pop(prediction_id, None),
-                         media_type=NDJSON)
+
+    async def on_close() -> None:
+        predictions.pop(prediction_id, None)
+        await prediction.close()
+
+    return ClosingStream(prediction.lines(prediction_id), on_close, media_type=NDJSON)
 
 
 async def open_prediction(forwarder: Forwarder, target: Target, model: LinkedModel,
@@ -104,6 +107,10 @@ class LinkedPrediction:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    async def close(self) -> None:
+        """Close the upstream request (the client left, or the prediction ended)."""
+        await end_stream(self.attempt, self.log)
 
     async def lines(self, prediction_id: str) -> AsyncIterator[bytes]:
         yield ndjson({"type": "started", "predictionId": prediction_id,

@@ -27,12 +27,12 @@ from lmscli.server.turns import (
     Grew,
     Opened,
     TurnInput,
-    TurnStream,
     assistant_message,
     chat_response_format,
     check_tool_name,
     open_turn,
     sse_event,
+    turn_stream,
 )
 
 MAX_STORED = 500  # responses kept for previous_response_id and GET; the oldest go first
@@ -398,7 +398,7 @@ async def create(request: Request) -> Any:
         return final
 
     if draft.stream:
-        return TurnStream(turn, EventStream(draft, turn, on_final).run())
+        return turn_stream(turn, EventStream(draft, turn, on_final).run())
     return JSONResponse(on_final(await turn.whole()))
 
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from lmscli.engine import (
     Done,
@@ -41,6 +39,7 @@ from lmscli.server.models import Loaded
 from lmscli.server.openai_api import STREAM_COALESCE_S
 from lmscli.server.parsing import model_for
 from lmscli.server.predict import Running, _cancel_on_disconnect, check_grammar, failure
+from lmscli.server.streams import ClosingStream
 from lmscli.server.tooluse import MAX_TOOL_NAME_CHARS, ToolUse, chat_prompt, tool_use
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -426,20 +425,11 @@ class AnyTurn(Protocol):
     async def close(self) -> None: ...
 
 
-class TurnStream(StreamingResponse):
-    """A turn's SSE stream that ends the turn whatever happens, even when the client leaves
-    before the first event is sent (the body generator then never starts)."""
-
-    def __init__(self, turn: AnyTurn, content: AsyncIterator[bytes]) -> None:
-        super().__init__(content, media_type="text/event-stream",
+def turn_stream(turn: AnyTurn, content: AsyncIterator[bytes]) -> ClosingStream:
+    """A turn's SSE stream; the turn ends with it, even if the client leaves before the
+    first event (a linked turn closes its upstream, a local one cancels its prediction)."""
+    return ClosingStream(content, turn.close, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})
-        self.turn = turn
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.turn.close()
 
 
 class LinkedTurns(Protocol):

@@ -143,6 +143,4 @@ async def predict(ctx: Context, channel: Channel, config: PredictionConfig, targ
         # the connection closed mid-answer: closing the upstream stops its generation
         with contextlib.suppress(Exception):
             await messages.aclose()
-        await prediction.attempt.close()
-        if prediction.log is not None:
-            prediction.log.end(stopped=True)  # a no-op when it ended normally
+        await prediction.close()
