@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -39,36 +38,9 @@ MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]
 CONFIG = {"maxTokens": 300}
 MAX_ROUNDS = 5
 DATE = "2024-11-19 13:03:17"
-
-
-def multiply(a: float, b: float) -> float:
-    """Given two numbers a and b. Returns the product of them."""
-    return a * b
-
-
-def add(a: int, b: int) -> int:
-    """Given two numbers a and b, returns the sum of them."""
-    return a + b
-
-
-def is_prime(n: int) -> bool:
-    """Given a number n, returns True if n is a prime number."""
-    if n < 2:
-        return False
-    sqrt = int(math.sqrt(n))
-    for i in range(2, sqrt):  # noqa: SIM110 - the docs example, as written
-        if n % i == 0:
-            return False
-    return True
-
-
-def create_file(name: str, content: str) -> str:
-    """Create a file with the given name and content."""
-    dest_path = Path(name)
-    if dest_path.exists():
-        return "Error: File already exists."
-    dest_path.write_text(content, encoding="utf-8")
-    return "File created."
+# the docs' tools, as the tests run them (the repository root is not on the path of a script)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.doc_tools import add, create_file, is_prime, multiply  # noqa: E402
 
 
 def digits(text: str) -> str:

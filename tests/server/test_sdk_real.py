@@ -8,8 +8,6 @@ from __future__ import annotations
 import builtins
 import itertools
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from websockets.sync.client import connect
 
 from tests.conftest import ProcessServer, link_default_model
 from tests.doc_tools import add, docs_act_loop, docs_chat_loop, is_prime, multiply
-from tests.server.test_tooluse_real import QWEN_TEMPLATE
+from tests.server.test_tooluse_real import add_smol_qwen
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("no_sdk_complaints")]
 MODEL = "smollm2-135m-instruct"
@@ -36,13 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory,
            default_model_file: Path) -> Iterator[ProcessServer]:
     home = tmp_path_factory.mktemp("sdk-home")
     link_default_model(home, default_model_file)
-    template = home / "template.jinja"
-    template.write_text(QWEN_TEMPLATE)
-    target = home / "models/test/smol-qwen-GGUF/smol-qwen.Q4_1.gguf"
-    target.parent.mkdir(parents=True)
-    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata",
-                    str(default_model_file), str(target), "--chat-template-file",
-                    str(template), "--force"], check=True, capture_output=True)
+    add_smol_qwen(home, default_model_file)
     server = ProcessServer(home)
     yield server
     server.stop()

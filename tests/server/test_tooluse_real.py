@@ -142,10 +142,9 @@ def test_streaming_accumulator(real_server: ProcessServer) -> None:
 
 # -- the native path: a tool-aware Qwen-style template --------------------------------------
 
-@pytest.fixture(scope="module")
-def qwen_server(tmp_path_factory: pytest.TempPathFactory,
-                default_model_file: Path) -> Iterator[ProcessServer]:
-    home = tmp_path_factory.mktemp("qwen-home")
+def add_smol_qwen(home: Path, default_model_file: Path) -> None:
+    """``smol-qwen``: the default model with a Hermes/Qwen tool template, for the native
+    ``<tool_call>`` path (SmolLM2's own template has no tools)."""
     template = home / "template.jinja"
     template.write_text(QWEN_TEMPLATE)
     target = home / "models/test/smol-qwen-GGUF/smol-qwen.Q4_1.gguf"
@@ -153,6 +152,13 @@ def qwen_server(tmp_path_factory: pytest.TempPathFactory,
     subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata",
                     str(default_model_file), str(target), "--chat-template-file",
                     str(template), "--force"], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory: pytest.TempPathFactory,
+                default_model_file: Path) -> Iterator[ProcessServer]:
+    home = tmp_path_factory.mktemp("qwen-home")
+    add_smol_qwen(home, default_model_file)
     server = ProcessServer(home)
     yield server
     server.stop()
