@@ -124,8 +124,7 @@ class LinkedTurn:
         except BaseException:
             # the client left (the stream was cancelled or closed): closing the upstream
             # request stops the generation there
-            await self._attempt.close()
-            self._end_log(None, stopped=True)
+            await self.close()
             raise
         await self._attempt.close()
         for event in self._ending():
