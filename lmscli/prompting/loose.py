@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -194,32 +194,41 @@ def _call(item: Any, offered: Collection[str]) -> LooseCall | None:
 
 def close_json(text: str) -> str | None:
     """``text``, an array or object cut short outside a string, with its closers added."""
-    closers, in_string, escaped = [], False, False
-    for char in text:
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
+    closers: list[str] = []
+    for _, char in _brackets(text):
+        if char == '"':
+            return None  # cut inside a string
+        if char in "[{":
             closers.append("]" if char == "[" else "}")
-        elif char in "]}" and closers:
+        elif closers:
             closers.pop()
-    return None if in_string or not closers else text + "".join(reversed(closers))
+    return text + "".join(reversed(closers)) if closers else None
 
 
 def json_end(text: str, start: int) -> int | None:
     """Index just past the JSON array/object opening at ``start``, or None if it's open."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        char = text[i]
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
+    depth = 0
+    for i, char in _brackets(text, start):
+        if char in "[{":
             depth += 1
         elif char in "]}":
             depth -= 1
             if depth == 0:
                 return i + 1
     return None
+
+
+def _brackets(text: str, start: int = 0) -> Iterator[tuple[int, str]]:
+    """The brackets from ``start`` on that stand outside JSON strings, then ``(len(text),
+    '"')`` if the text ends inside a string."""
+    in_string, escaped = False, False
+    for i in range(start, len(text)):
+        char = text[i]
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[]{}":
+            yield i, char
+    if in_string:
+        yield len(text), '"'
