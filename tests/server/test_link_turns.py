@@ -6,6 +6,7 @@ test_link_turns_real.py."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import anthropic
 import httpx
@@ -19,6 +20,7 @@ from lmscli.server.links import Target
 from lmscli.server.parsing import sampling
 from lmscli.server.turns import TurnInput
 from tests.conftest import ThreadServer, prediction_logs
+from tests.server.test_agent_apis import CALL, CLAUDE_WEATHER, WEATHER
 from tests.server.test_links import (  # noqa: F401  (fixtures)
     Engines,
     engines,
@@ -28,13 +30,6 @@ from tests.server.test_links import (  # noqa: F401  (fixtures)
     upstream_status,
     wait_until,
 )
-
-WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                          "required": ["city"]}}
-CLAUDE_WEATHER = {"name": "get_weather", "description": "The weather in a city",
-                  "input_schema": WEATHER["parameters"]}
-CALL = '[TOOL_REQUEST]{"name": "get_weather", "arguments": {"city": "Paris"}}[END_TOOL_REQUEST]'
 
 
 def oai(server: ThreadServer) -> openai.OpenAI:
@@ -152,14 +147,8 @@ def test_v1_chat_whole_and_streamed(linked: ThreadServer) -> None:
     again = httpx.post(url, json={"model": "tiny-chat", "input": "[[reply: again]]",
                                   "previous_response_id": body["response_id"]})
     assert again.json()["output"][0]["content"] == "again"
-    kinds, deltas = [], []
-    with httpx.stream("POST", url, json={"model": "tiny-chat", "stream": True,
-                                         "input": "[[reply: <think>so</think>v1 stream]]"}) as s:
-        for line in s.iter_lines():
-            if line.startswith("data: "):
-                data = json.loads(line[6:])
-                kinds.append(data["type"])
-                deltas += [data["content"]] if data["type"] == "message.delta" else []
+    kinds, deltas, data = v1_stream(url, {"model": "tiny-chat", "stream": True,
+                                          "input": "[[reply: <think>so</think>v1 stream]]"})
     assert kinds[0] == "chat.start" and kinds[-1] == "chat.end"
     assert kinds.index("reasoning.delta") < kinds.index("message.start")
     assert "".join(deltas) == "v1 stream"
@@ -208,3 +197,17 @@ def test_lmstudio_sdk_respond_stream_cancel_and_act(
             "[END_TOOL_REQUEST]"
         act = client.llm.model("tiny-chat").act(f"[[reply: {call}]]", [say_hello])
         assert act.rounds == 2 and greeted == ["Bob"]
+
+
+def v1_stream(url: str, body: dict[str, Any], timeout: float = 5
+              ) -> tuple[list[str], list[str], dict[str, Any]]:
+    """A streamed /api/v1/chat: its event types in order, the message's deltas, and the
+    last event."""
+    kinds, deltas, data = [], [], {}
+    with httpx.stream("POST", url, json=body, timeout=timeout) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                data = json.loads(line[6:])
+                kinds.append(data["type"])
+                deltas += [data["content"]] if data["type"] == "message.delta" else []
+    return kinds, deltas, data

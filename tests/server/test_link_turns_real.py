@@ -15,6 +15,8 @@ import openai
 import pytest
 
 from tests.conftest import ProcessServer
+from tests.server.test_agent_apis import CLAUDE_WEATHER, WEATHER
+from tests.server.test_link_turns import v1_stream
 from tests.server.test_links_real import (  # noqa: F401  (fixtures)
     LINKS,
     MODEL,
@@ -25,11 +27,6 @@ from tests.server.test_links_real import (  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.real
 QUESTION = "What is the capital of France?"
-WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                          "required": ["city"]}}
-CLAUDE_WEATHER = {"name": "get_weather", "description": "The weather in a city",
-                  "input_schema": WEATHER["parameters"]}
 
 
 def oai(server: ProcessServer) -> openai.OpenAI:
@@ -128,14 +125,8 @@ def test_v1_chat(front: ProcessServer, link: str) -> None:  # noqa: F811
     (message,) = body["output"]
     assert message["type"] == "message" and message["content"]
     assert 0 < body["stats"]["total_output_tokens"] <= 8
-    kinds, deltas = [], []
-    with httpx.stream("POST", front.base_url + "/api/v1/chat", json=ask | {"stream": True},
-                      timeout=120) as s:
-        for line in s.iter_lines():
-            if line.startswith("data: "):
-                data = json.loads(line[6:])
-                kinds.append(data["type"])
-                deltas += [data["content"]] if data["type"] == "message.delta" else []
+    kinds, deltas, _ = v1_stream(front.base_url + "/api/v1/chat", ask | {"stream": True},
+                                 timeout=120)
     assert kinds[0] == "chat.start" and kinds[-1] == "chat.end"
     assert "".join(deltas) == message["content"]
 
