@@ -296,7 +296,7 @@ def list_models(models_dir: Path | None = None) -> list[LocalModel]:
 def find_model(query: str, models_dir: Path | None = None) -> LocalModel | None:
     """The model whose key, relative path or absolute path equals ``query`` (any case)."""
     q = query.strip()
-    if not q:
+    if not q or "\0" in q:  # no path holds a NUL (and expanduser would raise on one)
         return None
     ql = q.lower()
     abs_q = os.path.normcase(os.path.abspath(os.path.expanduser(q)))

@@ -202,6 +202,7 @@ def test_find_model(models: Path) -> None:
     assert find_model("smol") is None
     assert find_model("") is None
     assert find_model("/nowhere/x.gguf") is None
+    assert find_model("~nobody\0x") is None  # a NUL is no path (the fuzz test's 500)
 
 
 # --- metadata cache -------------------------------------------------------------------------
