@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -194,6 +195,19 @@ class ProcessServer:
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "lmscli", *args], env=self.env,
                               input=input, capture_output=True, text=True, timeout=timeout)
+
+    @contextlib.contextmanager
+    def short_model(self, identifier: str, context_length: int = 256) -> Iterator[str]:
+        """The default model loaded as `identifier` with a small context, unloaded after.
+        `lms chat -p` sets no token limit, and a small model can talk until its context is
+        full: at the default model's 8192 tokens, minutes on a slow machine."""
+        r = self.lms("load", "smollm2-135m-instruct", "-c", str(context_length),
+                     "--identifier", identifier, "-y")
+        assert r.returncode == 0, r.stderr
+        try:
+            yield identifier
+        finally:
+            self.lms("unload", identifier)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

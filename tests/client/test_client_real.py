@@ -120,7 +120,8 @@ def test_chat_fetches_and_loads_the_default_model(tmp_path: Path,
 
 
 def test_chat_with_a_named_model_and_stats(real_server: ProcessServer) -> None:
-    r = real_server.lms("chat", "smollm2-135m-instruct", "-p", "What is 2+2?", "--stats")
+    with real_server.short_model("short-chat") as short:
+        r = real_server.lms("chat", short, "-p", "What is 2+2?", "--stats")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
     assert "Prediction Stats:" in r.stderr and "Tokens/Second:" in r.stderr

@@ -120,10 +120,11 @@ def test_cli_chat_with_a_server_of_another_home(real_server: ProcessServer,
     here.mkdir()
     where = ["--host", "127.0.0.1", "--port", str(real_server.port)]
     env = os.environ | {"LMSCLI_HOME": str(here)}
-    r = subprocess.run([sys.executable, "-m", "lmscli", "chat", MODEL, "-p",
-                        "What is the capital of France?", "--stats", *where],
-                       env=env, capture_output=True, text=True, timeout=120,
-                       stdin=subprocess.DEVNULL)
+    with real_server.short_model("short-chat") as short:
+        r = subprocess.run([sys.executable, "-m", "lmscli", "chat", short, "-p",
+                            "What is the capital of France?", "--stats", *where],
+                           env=env, capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and "Tokens/Second" in r.stderr
     # nothing was started or fetched here
