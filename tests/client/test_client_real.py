@@ -108,7 +108,7 @@ def test_chat_fetches_and_loads_the_default_model(tmp_path: Path,
     try:
         r = subprocess.run([sys.executable, "-m", "lmscli", "chat", "-p",
                             "Say hello in five words."], env=env, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=600)  # a ramble to the full context: ~250 s
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() and r.stdout.endswith("\n")
         assert "fetching smollm2-135m-instruct" in r.stderr
