@@ -196,14 +196,17 @@ class ProcessServer:
         return subprocess.run([sys.executable, "-m", "lmscli", *args], env=self.env,
                               input=input, capture_output=True, text=True, timeout=timeout)
 
+    def load_default(self, context_length: int, *options: str) -> None:
+        """The default model with a bounded context. `lms chat -p`, `lms act` and the docs'
+        examples set no token limit, and a small model can talk until its context is full:
+        at the default model's 8192 tokens, four minutes on a 2-core machine."""
+        r = self.lms("load", "smollm2-135m-instruct", "-c", str(context_length), "-y", *options)
+        assert r.returncode == 0, r.stderr
+
     @contextlib.contextmanager
     def short_model(self, identifier: str, context_length: int = 256) -> Iterator[str]:
-        """The default model loaded as `identifier` with a small context, unloaded after.
-        `lms chat -p` sets no token limit, and a small model can talk until its context is
-        full: at the default model's 8192 tokens, minutes on a slow machine."""
-        r = self.lms("load", "smollm2-135m-instruct", "-c", str(context_length),
-                     "--identifier", identifier, "-y")
-        assert r.returncode == 0, r.stderr
+        """The default model loaded as `identifier` with a small context, unloaded after."""
+        self.load_default(context_length, "--identifier", identifier)
         try:
             yield identifier
         finally:

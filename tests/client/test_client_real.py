@@ -96,9 +96,10 @@ def test_cancel_on_the_real_engine() -> None:
                 stream.cancel()
         result = stream.result()
     assert result.stats.stop_reason == "userStopped"
-    assert result.stats.predicted_tokens_count < 15
+    assert result.stats.predicted_tokens_count < 50  # of 400; the rest is the CPU's speed
 
 
+@pytest.mark.timeout(700)
 def test_chat_fetches_and_loads_the_default_model(tmp_path: Path,
                                                   default_model_file: Path) -> None:
     home = tmp_path / "fresh"

@@ -58,7 +58,8 @@ def test_prompt_progress_then_fragments_then_stats(instance: ModelInstance) -> N
     assert all(a < b for a, b in zip(progress, progress[1:], strict=False))
     assert last_progress < first_fragment
     stats = events[-1].stats
-    assert stats.stop_reason == "maxPredictedTokensReached" and stats.predicted_tokens == 16
+    assert (stats.stop_reason, stats.predicted_tokens) == ("maxPredictedTokensReached", 16) \
+        or stats.stop_reason == "eosFound" and 0 < stats.predicted_tokens < 16
     assert stats.prompt_tokens > 700 and stats.time_to_first_token_s > 0
     assert stats.tokens_per_second and stats.tokens_per_second > 0  # any: the machine may be busy
     assert text.strip()

@@ -23,7 +23,7 @@ DELIVERY_SCHEMA = {"type": "object", "properties": {"order_id": {
     "type": "string", "pattern": "^[0-9]{1,8}$"}}, "required": ["order_id"]}
 ASK = "Give me the delivery date for order number 1017."
 RESULT = json.dumps({"order_id": "1017", "delivery_date": "2024-03-15"})
-CITY = {"type": "object", "properties": {"city": {"type": "string"},
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
                                          "population": {"type": "integer"}},
         "required": ["city", "population"], "additionalProperties": False}
 # anthropic 2.x dropped the sampling arguments from messages.create; the API still has them
@@ -86,7 +86,7 @@ def test_responses_two_round_tool_call(tool_server: tuple[ProcessServer, str]) -
     assert call.type == "function_call" and call.name == "get_delivery_date"
     assert "order_id" in json.loads(call.arguments)
     # the second round continues the stored conversation: only the tool's answer is sent
-    answer = c.responses.create(model=model, tools=tools, temperature=0,
+    answer = c.responses.create(model=model, tools=tools, temperature=0, tool_choice="none",
                                 max_output_tokens=40, previous_response_id=asked.id,
                                 input=[{"type": "function_call_output",
                                         "call_id": call.call_id, "output": RESULT}])
@@ -157,7 +157,7 @@ def test_messages_two_round_tool_call(tool_server: tuple[ProcessServer, str]) ->
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
                                                "content": RESULT}]}]
     answer = c.messages.create(model=model, max_tokens=40, extra_body=GREEDY, tools=tools,
-                               messages=messages)
+                               tool_choice={"type": "none"}, messages=messages)
     assert answer.stop_reason in ("end_turn", "max_tokens")
     assert [b.type for b in answer.content] == ["text"] and answer.content[0].text.strip()
 

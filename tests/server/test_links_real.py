@@ -73,9 +73,7 @@ def llamacpp(tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, real_server: ProcessServer,
           llamacpp: LlamaCppServer) -> Iterator[ProcessServer]:
-    # The context llama_cpp.server has: `lms chat` through the link sets no token limit.
-    loaded = real_server.lms("load", MODEL, "-c", "2048", "-y")
-    assert loaded.returncode == 0, loaded.stderr
+    real_server.load_default(2048)  # as llama_cpp.server's: `lms chat` below sets no limit
     server = ProcessServer(tmp_path_factory.mktemp("front-home"))
     for name, url in zip(LINKS, (real_server.base_url, llamacpp.base_url), strict=True):
         done = server.lms("link", "add", name, url)

@@ -69,7 +69,7 @@ def chat_host(host: str) -> str:
 
 @pytest.fixture
 def act_host(host: str) -> str:
-    only_loaded(640)  # the tool prompts of the act() examples take 430 to 540 tokens
+    only_loaded(1024)  # the tool prompts of the act() examples take 430 to 540 tokens
     return host
 
 
@@ -265,12 +265,14 @@ def test_act_two_tools_over_several_rounds(host: str) -> None:
     assert [part.tool_call_request.name for m in replies for part in m.content[1:]] == \
         ["add", "is_prime"]
     flow = [(e[0], type(e[1]).__name__) if e[0] == "message" else e for e in events]
+    stop = events[11][-1]  # round 2's answer may fill its 60 tokens
+    assert stop in ("eosFound", "maxPredictedTokensReached")
     assert flow == [
         ("round_start", 0), ("completed", 0, "toolCalls"), ("message", "AssistantResponse"),
         ("message", "ToolResultMessage"), ("round_end", 0),
         ("round_start", 1), ("completed", 1, "toolCalls"), ("message", "AssistantResponse"),
         ("message", "ToolResultMessage"), ("round_end", 1),
-        ("round_start", 2), ("completed", 2, "eosFound"), ("message", "AssistantResponse"),
+        ("round_start", 2), ("completed", 2, stop), ("message", "AssistantResponse"),
         ("round_end", 2)]
 
 

@@ -68,6 +68,11 @@ QWEN_TEMPLATE = (
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def bounded(real_server: ProcessServer) -> None:
+    real_server.load_default(2048)  # room for the tools' prompts, not for minutes of talk
+
+
 def client(server: ProcessServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="lm-studio", max_retries=0)
 
