@@ -27,6 +27,7 @@ from tests.server.test_links import (  # noqa: F401  (fixtures)
     fresh_clients,
     front,
     link,
+    respond_cancel_and_act,
     upstream_status,
     wait_until,
 )
@@ -174,29 +175,7 @@ def test_lmstudio_sdk_respond_stream_cancel_and_act(
     up = engines("up")
     link(capsys, "up", up)
     with lmstudio.Client(f"127.0.0.1:{front.port}") as client:
-        model = client.llm.model("up/tiny-chat")
-        assert model.get_info().model_key == "tiny-chat"
-        result = model.respond("[[reply: hi over the websocket]]")
-        assert result.content == "hi over the websocket"
-        assert result.stats.stop_reason == "eosFound"
-        assert result.stats.predicted_tokens_count == 4
-        stream = model.respond_stream("[[slow]] [[count: 400]]")
-        for i, _ in enumerate(stream):
-            if i == 2:
-                stream.cancel()
-        assert stream.result().stats.stop_reason == "userStopped"
-        assert wait_until(lambda: upstream_status(up) == ["idle"], timeout=3)
-        greeted: list[str] = []
-
-        def say_hello(name: str) -> str:
-            """Says hello to someone"""
-            greeted.append(name)
-            return f"Hello, {name}!"
-
-        call = '[TOOL_REQUEST]{"name": "say_hello", "arguments": {"name": "Bob"}}' \
-            "[END_TOOL_REQUEST]"
-        act = client.llm.model("tiny-chat").act(f"[[reply: {call}]]", [say_hello])
-        assert act.rounds == 2 and greeted == ["Bob"]
+        respond_cancel_and_act(client, up, "hi over the websocket")
 
 
 def v1_stream(url: str, body: dict[str, Any], timeout: float = 5

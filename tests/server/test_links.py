@@ -428,15 +428,13 @@ def test_log_stream_shows_forwarded_predictions(front: ThreadServer, engines: En
 
 # -- the SDK surface and lms chat -------------------------------------------------------------
 
-def test_sdk_respond_cancel_and_act(front: ThreadServer, engines: Engines,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
-    up = engines("up")
-    link(capsys, "up", up)
-    client = lms.Client(f"127.0.0.1:{front.port}")
+def respond_cancel_and_act(client: Any, up: ProcessServer, reply: str) -> None:
+    """respond, a cancelled respond_stream and a two-round act on a model of the link ``up``,
+    through either SDK's client: lmscli's and the official lmstudio one share this surface."""
     model = client.llm.model("up/tiny-chat")
     assert model.get_info().model_key == "tiny-chat"
-    result = model.respond("[[reply: hi from the link]]")
-    assert result.content == "hi from the link"
+    result = model.respond(f"[[reply: {reply}]]")
+    assert result.content == reply
     assert result.stats.stop_reason == "eosFound" and result.stats.predicted_tokens_count == 4
     stream = model.respond_stream("[[slow]] [[count: 400]]")
     for i, _ in enumerate(stream):
@@ -453,6 +451,13 @@ def test_sdk_respond_cancel_and_act(front: ThreadServer, engines: Engines,
 
     act = client.llm.model("tiny-chat").act(f"[[reply: {CALL}]]", [say_hello])
     assert act.rounds == 2 and greeted == ["Bob"]
+
+
+def test_sdk_respond_cancel_and_act(front: ThreadServer, engines: Engines,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    up = engines("up")
+    link(capsys, "up", up)
+    respond_cancel_and_act(lms.Client(f"127.0.0.1:{front.port}"), up, "hi from the link")
 
 
 def test_lms_chat_and_unload_know_linked_models(front: ThreadServer, engines: Engines,
