@@ -45,13 +45,18 @@ def start_server(model_file: Path, home: Path, port: int, *extra: str) -> subpro
     env = os.environ | {"LMSCLI_HOME": str(home)}
     proc = subprocess.Popen([sys.executable, "-m", "lmscli.server", "--port", str(port), *extra],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
+    return greeted(proc, port)
+
+
+def greeted(server: subprocess.Popen, port: int, wait_s: float = 20) -> subprocess.Popen:
+    """The server once it answers its greeting; it is killed if it does not within wait_s."""
+    for _ in range(int(wait_s * 10)):
         try:
             httpx.get(f"http://127.0.0.1:{port}/lmstudio-greeting", timeout=0.5)
-            return proc
+            return server
         except httpx.HTTPError:
             time.sleep(0.1)
-    proc.kill()
+    server.kill()
     raise SystemExit("the server did not start")
 
 

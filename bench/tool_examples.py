@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+from common import greeted
 
 CACHE = Path(os.environ.get("LMSCLI_TEST_MODELS",
                             Path.home() / ".cache" / "lmscli-test" / "models"))
@@ -131,14 +131,7 @@ def start_server(home: Path, port: int, source: str | None) -> subprocess.Popen[
         env["PYTHONPATH"] = source
     server = subprocess.Popen([sys.executable, "-m", "lmscli.server", "--port", str(port)],
                               env=env, stderr=subprocess.DEVNULL, cwd=source or None)
-    for _ in range(300):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/lmstudio-greeting", timeout=0.5)
-            return server
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    server.terminate()
-    raise SystemExit("the server did not start")
+    return greeted(server, port, wait_s=30)
 
 
 def link_models(home: Path) -> None:
