@@ -108,6 +108,22 @@ class Forwarder:
         raise APIError(502, f'{what} for "{target.identifier}" answered: ' + "; ".join(errors),
                        type_="server_error", code="upstream_unavailable")
 
+    async def open_stream(self, target: Target, path: str, payload: dict[str, Any],
+                          completion: Completion, hops: int = 1
+                          ) -> tuple[Attempt, PredictionLog | None]:
+        """A streamed request that we read and translate (not passed through), on the log
+        bus; no replica answering, or an error answer, is an APIError, and ends the log."""
+        log = PredictionLog.begin(self.bus, target, payload, completion)
+        attempt = await logged(log, self.open(target, path, payload, whole=False, hops=hops))
+        status = attempt.response.status_code
+        if status >= 400:
+            await attempt.close()
+            if log is not None:
+                completion.error = f"HTTP {status}"
+                log.end(stopped=False)
+            raise refusal(attempt)
+        return attempt, log
+
     async def _try(self, link: Link, path: str, content: bytes, whole: bool,
                    hops: int) -> Attempt:
         headers = link.headers() | {"Content-Type": "application/json", HOPS_HEADER: str(hops)}

@@ -24,9 +24,7 @@ from lmscli.server.forward import (
     Forwarder,
     PredictionLog,
     end_stream,
-    logged,
     next_hop,
-    refusal,
     until_disconnected,
     upstream_body,
 )
@@ -81,15 +79,7 @@ async def open_prediction(forwarder: Forwarder, target: Target, model: LinkedMod
     on the log bus; no replica answering, or a refusal, is an APIError."""
     path = "/completions" if "prompt" in payload else "/chat/completions"
     completion = Completion()
-    log = PredictionLog.begin(forwarder.bus, target, payload, completion)
-    attempt = await logged(log, forwarder.open(target, path, payload, whole=False, hops=hops))
-    status = attempt.response.status_code
-    if status >= 400:
-        await attempt.close()
-        if log is not None:
-            completion.error = f"HTTP {status}"
-            log.end(stopped=False)
-        raise refusal(attempt)
+    attempt, log = await forwarder.open_stream(target, path, payload, completion, hops)
     return LinkedPrediction(attempt, model, completion, log)
 
 

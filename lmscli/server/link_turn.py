@@ -23,9 +23,7 @@ from lmscli.server.forward import (
     Attempt,
     Forwarder,
     PredictionLog,
-    logged,
     next_hop,
-    refusal,
     until_disconnected,
 )
 from lmscli.server.links import Target, describe
@@ -96,18 +94,12 @@ class LinkedTurn:
 
     async def start(self) -> None:
         """Open the upstream stream; no replica answering, or a refusal, is an HTTP error."""
-        hops = next_hop(self.request)
-        self.log = PredictionLog.begin(self.forwarder.bus, self.target, self.payload,
-                                       self.completion)
-        attempt = await logged(self.log, until_disconnected(self.request, self.forwarder.open(
-            self.target, "/chat/completions", self.payload, whole=False, hops=hops)))
-        if attempt is None:
+        opened = await until_disconnected(self.request, self.forwarder.open_stream(
+            self.target, "/chat/completions", self.payload, self.completion,
+            next_hop(self.request)))
+        if opened is None:
             raise APIError(499, "The client disconnected.", code="client_disconnected")
-        if attempt.response.status_code >= 400:
-            await attempt.close()
-            self._end_log(f"HTTP {attempt.response.status_code}")
-            raise refusal(attempt)
-        self._attempt = attempt
+        self._attempt, self.log = opened
 
     async def stream(self) -> AsyncIterator[BlockEvent | Finished | Failure]:
         assert self._attempt is not None
