@@ -20,7 +20,7 @@ import lmscli as lms
 from lmscli.client import default
 from lmscli.prompting.tools import detect_format
 from tests.conftest import QWEN_MODEL, QWEN_MODEL_REL, ProcessServer, link_model, read_call_stream
-from tests.doc_tools import add, is_prime, multiply
+from tests.doc_tools import add, create_file, is_prime, multiply
 from tests.server.test_tooluse_real import DELIVERY
 
 pytestmark = pytest.mark.real
@@ -125,15 +125,6 @@ def test_act_add_and_is_prime_example_calls_its_tools(sdk_env: None) -> None:
 def test_act_create_file_chat_loop(sdk_env: None, monkeypatch: pytest.MonkeyPatch,
                                    tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-
-    def create_file(name: str, content: str):  # noqa: ANN202 - as in the docs
-        """Create a file with the given name and content."""
-        dest_path = Path(name)
-        if dest_path.exists():
-            return "Error: File already exists."
-        dest_path.write_text(content, encoding="utf-8")
-        return "File created."
-
     chat = lms.Chat("You are a task focused AI assistant")
     chat.add_user_message("Create a file named hello.txt that says hi")
     lms.llm(QWEN_MODEL).act(chat, [create_file], on_message=chat.append,

@@ -267,8 +267,6 @@ def test_lms_act_without_a_tty_denies_writing_tools(real_server: ProcessServer,
     assert [p.name for p in tmp_path.iterdir()] == ["home"]  # nothing was written
 
 
-
-
 def test_act_docs_example_add_and_is_prime(sdk_env: None, capsys) -> None:
     model = lms.llm(MODEL)
     model.act("Is the result of 12345 + 45668 a prime? Think step by step.",
