@@ -147,8 +147,6 @@ def test_docs_progress_callbacks_in_order(chat_host: str) -> None:
 
 # -- the docs' act() examples (shared/seeds/004_…) ----------------------------------------------
 
-
-
 def test_docs_act_examples(act_host: str, capsys: pytest.CaptureFixture[str]) -> None:
     model = lms.llm(MODEL)
     model.act(
