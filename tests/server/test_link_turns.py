@@ -95,6 +95,28 @@ def test_responses_whole_streamed_and_a_tool_round(linked: ThreadServer) -> None
     assert answered.output_text == "it is sunny"
 
 
+def test_an_upstream_refusal_is_the_callers_error_and_logged(linked: ThreadServer) -> None:
+    """The upstream (a 256-token model) refuses a longer prompt: the caller gets that 4xx,
+    through the agent APIs and the lmstudio SDK alike, and the log shows the failure."""
+    long = "word " * 600
+
+    def ask() -> None:
+        with pytest.raises(openai.BadRequestError) as info:
+            oai(linked).responses.create(model="up/tiny-chat", input=long)
+        assert "The linked engine up refused the request" in info.value.message
+
+    given, produced = prediction_logs(linked.base_url, 2, ask)
+    assert given["type"] == "llm.prediction.input"
+    assert produced["type"] == "llm.prediction.output"
+    assert produced["stats"]["stopReason"] == "failed"
+    with lmstudio.Client(f"127.0.0.1:{linked.port}") as client, \
+            pytest.raises(lmstudio.LMStudioServerError, match="refused the request"):
+        client.llm.model("up/tiny-chat").respond(long)
+    assert oai(linked).responses.create(model="up/tiny-chat",
+                                        input="[[reply: still here]]").output_text == \
+        "still here"
+
+
 def test_a_client_that_leaves_a_response_stream_stops_the_upstream(
         front: ThreadServer, engines: Engines,  # noqa: F811
         capsys: pytest.CaptureFixture[str]) -> None:
