@@ -117,3 +117,44 @@ def private_uses(path: Path) -> list[str]:
 def test_no_private_attribute_used_from_outside() -> None:
     wrong = [use for path in sorted(ROOT.rglob("*.py")) for use in private_uses(path)]
     assert not wrong, wrong
+
+
+def calls_of(path: Path, names: set[str]) -> list[str]:
+    """Where ``path`` calls one of ``names`` (as ``name(...)`` or ``x.name(...)``)."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else \
+            func.attr if isinstance(func, ast.Attribute) else None
+        if name in names:
+            found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {name}")
+    return found
+
+
+def test_only_the_pipeline_prepares_and_submits_local_predictions() -> None:
+    """One place builds prompts and starts predictions, so every API gets the same prompt,
+    grammar, tool use and events (server/pipeline.py; predict.py is its engine bridge)."""
+    allowed = {"lmscli/server/pipeline.py", "lmscli/server/predict.py",
+               "lmscli/server/tooluse.py"}  # where chat_prompt is defined
+    server = ROOT / "server"
+    wrong = [call for path in sorted(server.rglob("*.py"))
+             if str(path.relative_to(ROOT.parent)) not in allowed
+             for call in calls_of(path, {"chat_prompt", "Running", "submit", "render_chat",
+                                         "check_grammar"})]
+    assert not wrong, wrong
+
+
+def private_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    return [f"{path.relative_to(ROOT.parent)}:{node.lineno} {alias.name}"
+            for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+            if alias.name.startswith("_") and not alias.name.startswith("__")]
+
+
+def test_no_module_imports_private_names() -> None:
+    wrong = [use for path in sorted(ROOT.rglob("*.py")) for use in private_imports(path)]
+    assert not wrong, wrong

@@ -1,8 +1,8 @@
 """The lmscli client: LM Studio's Python SDK surface over lmscli's HTTP server.
 
 Imports httpx and the standard library only. ``import lmscli as lms`` re-exports all of it.
-Each name loads its module on first use, so that a command that only lists models does not
-pay for prediction and act().
+Each name loads its module on first use, so that a command that needs only ``Chat`` or the
+errors pays for neither httpx nor the client (whose model handles bring prediction and act()).
 """
 
 from __future__ import annotations

@@ -6,22 +6,29 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lmscli.client.history import AssistantResponse, Chat, ToolResultMessage
-from lmscli.client.prediction import Callbacks, safe_call
+from lmscli.client.prediction import Callbacks, PredictionStream, safe_call
 from lmscli.client.results import ActResult, PredictionRoundResult
 from lmscli.client.tools import ArgumentError, ToolDef, convert_arguments, tool_def
 from lmscli.errors import PredictionError, UserInputError
 
-if TYPE_CHECKING:
-    from lmscli.client.handles import LLM
-
 InvalidHandler = Callable[[Exception, "dict[str, Any] | None"], "str | None"]
 
 
+class ChatModel(Protocol):
+    """What the loop needs of a model: one streamed chat round with tools offered. ``LLM`` is
+    one; naming it would put this module above the handles, which build on it."""
+
+    def stream_chat(self, chat: Chat, *, callbacks: Callbacks, response_format: Any = None,
+                    config: Mapping[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None,
+                    tool_choice: Any = None) -> PredictionStream: ...
+
+
 class ActLoop:
-    def __init__(self, model: LLM, chat: Any, tools: Iterable[Any], *,
+    def __init__(self, model: ChatModel, chat: Any, tools: Iterable[Any], *,
                  max_prediction_rounds: int | None, max_parallel_tool_calls: int | None,
                  config: Mapping[str, Any] | None, tool_choice: Any,
                  callbacks: dict[str, Any]) -> None:

@@ -1,17 +1,19 @@
-"""A synchronous client for the lmscli server (httpx and the standard library only)."""
+"""A synchronous client for the lmscli server (httpx and the standard library only).
+
+``Client`` sits above the model handles it returns: handles.py knows it only as the
+``ModelServer`` protocol, so that neither module has to hide an import of the other.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmscli import serverstate
+from lmscli.client.handles import LLM, DownloadedModel, LlmNamespace
 from lmscli.client.transport import Transport, error_from_body, parse_api_host
 from lmscli.errors import ServerError, ServerNotRunningError
-
-if TYPE_CHECKING:
-    from lmscli.client.handles import LLM, DownloadedModel, LlmNamespace
 
 
 class Client:
@@ -32,9 +34,6 @@ class Client:
 
     @functools.cached_property
     def llm(self) -> LlmNamespace:
-        # the handles bring prediction and act(): commands such as `lms ps` never need them
-        from lmscli.client.handles import LlmNamespace
-
         return LlmNamespace(self)
 
     def __enter__(self) -> Client:
@@ -65,14 +64,10 @@ class Client:
         return self.transport.request("GET", "/lmscli/models/loaded")
 
     def list_downloaded_models(self, namespace: str | None = None) -> list[DownloadedModel]:
-        from lmscli.client.handles import DownloadedModel
-
         return [DownloadedModel(self, i) for i in self.downloaded_models_info()
                 if namespace in (None, i["type"])]
 
     def list_loaded_models(self, namespace: str | None = None) -> list[LLM]:
-        from lmscli.client.handles import LLM
-
         return [LLM(self, i["identifier"]) for i in self.loaded_models_info()
                 if namespace in (None, i.get("type", "llm"))]
 

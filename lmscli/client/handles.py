@@ -1,19 +1,38 @@
-"""Model handles (``LLM``) and the convenience API: ``lms.llm()``, ``lms.list_*_models()``."""
+"""Model handles: ``LLM``, ``DownloadedModel`` and ``client.llm`` (``LlmNamespace``)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from lmscli.client.act import ActLoop
 from lmscli.client.history import Chat, to_openai_message
 from lmscli.client.prediction import Callbacks, PredictionStream
 from lmscli.client.results import ActResult, LlmInfo, PredictionResult
+from lmscli.client.transport import Transport
 from lmscli.errors import ModelNotFoundError, UserInputError
 
-if TYPE_CHECKING:
-    from lmscli.client.client import Client
+
+class ModelServer(Protocol):
+    """What a handle needs of its client; ``Client`` is one. The handles name this rather than
+    ``Client`` because ``Client`` builds them: this module stays below client.py."""
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def llm(self) -> LlmNamespace: ...
+
+    def loaded_models_info(self) -> list[dict[str, Any]]: ...
+
+    def load(self, model_key: str, *, identifier: str | None = None,
+             context_length: int | None = None, gpu: float | str | None = None,
+             ttl: int | None = None, get_or_load: bool = False, parallel: int | None = None,
+             on_progress: Callable[[float], None] | None = None) -> dict[str, Any]: ...
+
+    def unload(self, identifier: str) -> None: ...
+
 
 # SDK prediction config keys (snake_case form) → the server's request fields
 _PREDICTION_KEYS = {
@@ -87,7 +106,7 @@ def openai_messages(chat: Chat) -> list[dict[str, Any]]:
 class LLM:
     """A handle on one loaded model instance."""
 
-    def __init__(self, client: Client, identifier: str) -> None:
+    def __init__(self, client: ModelServer, identifier: str) -> None:
         self._client = client
         self.identifier = identifier
 
@@ -95,7 +114,7 @@ class LLM:
         return f"LLM(identifier={self.identifier!r})"
 
     @property
-    def client(self) -> Client:
+    def client(self) -> ModelServer:
         """The client this model is reached through (to load another model on it)."""
         return self._client
 
@@ -203,7 +222,7 @@ class LLM:
 class DownloadedModel:
     """A model on disk, from ``list_downloaded_models()``."""
 
-    def __init__(self, client: Client, info: dict[str, Any]) -> None:
+    def __init__(self, client: ModelServer, info: dict[str, Any]) -> None:
         self._client = client
         self.info = info
         self.model_key: str = info["modelKey"]
@@ -226,7 +245,7 @@ class DownloadedModel:
 class LlmNamespace:
     """``client.llm``: get, load, list and unload LLM instances."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: ModelServer) -> None:
         self._client = client
 
     def model(self, model_key: str | None = None, *, ttl: int | None = 3600,

@@ -14,6 +14,9 @@ from starlette.responses import JSONResponse
 from lmscli.engine import PredictionStats
 from lmscli.server.errors import Body, bad_request, shorten
 from lmscli.server.parsing import model_for, read_json, sampling, schema_grammar
+from lmscli.server.pipeline import count_tokens, open_turn, prepare
+from lmscli.server.streams import sse_event, sse_stream
+from lmscli.server.tooluse import function_tool
 from lmscli.server.turns import (
     AnyTurn,
     Block,
@@ -25,11 +28,6 @@ from lmscli.server.turns import (
     TurnInput,
     chat_response_format,
     check_tool_name,
-    count_tokens,
-    open_turn,
-    prepare,
-    sse_event,
-    turn_stream,
 )
 
 STOP_REASONS = {"eosFound": "end_turn", "stopStringFound": "stop_sequence",
@@ -157,9 +155,8 @@ def chat_tools(body: Body) -> list[dict[str, Any]] | None:
             raise bad_request(f"'tools[{i}].type' {shorten(kind)!r} is a server tool, which "
                               "this server does not run; define it as a custom tool.",
                               f"tools[{i}].type")
-        tools.append({"type": "function", "function": {
-            "name": check_tool_name(tool), "description": tool.get("description", str, ""),
-            "parameters": tool.get("input_schema", dict, required=True)}})
+        tools.append(function_tool(check_tool_name(tool), tool.get("description", str),
+                                   tool.get("input_schema", dict, required=True)))
     return tools or None
 
 
@@ -260,7 +257,7 @@ class Reply:
             elif isinstance(event, Failure):
                 yield sse_event("error", {"type": "error", "error": {
                     "type": "api_error", "message": f"Prediction failed: {event.message}"}})
-            else:
+            elif isinstance(event, Opened | Grew | Closed):
                 yield self._block_event(event)
 
     def _block_event(self, event: Opened | Grew | Closed) -> bytes:
@@ -305,7 +302,7 @@ async def messages(request: Request) -> Any:
     model, turn = await open_turn(request, body, wanted, params, call_id_prefix="toolu_")
     reply = Reply(model, turn)
     if stream:
-        return turn_stream(turn, reply.events())
+        return sse_stream(reply.events(), turn.close)
     return JSONResponse(reply.whole(await turn.whole()))
 
 

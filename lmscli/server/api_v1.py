@@ -9,7 +9,6 @@ internal_error).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -19,32 +18,24 @@ from functools import wraps
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
-from lmscli.engine import (
-    Done,
-    Failed,
-    Fragment,
-    PredictionRequest,
-    PredictionStats,
-    PromptProgress,
-)
+from lmscli.engine import PromptProgress
 from lmscli.server.errors import APIError, Body, bad_request, shorten
 from lmscli.server.models import JIT_TTL_S, Loaded, LoadProgress
-from lmscli.server.openai_api import STREAM_COALESCE_S
 from lmscli.server.parsing import manager, parse_messages, read_json, sampling
-from lmscli.server.predict import Running, collect, failure
-from lmscli.server.tooluse import ToolUse, chat_prompt
+from lmscli.server.pipeline import open_linked_turn, start_turn
+from lmscli.server.streams import sse_event, sse_stream
 from lmscli.server.turns import (
     AnyTurn,
+    Block,
     BlockEvent,
     Failure,
     Finished,
     Grew,
+    Idle,
     Opened,
     TurnInput,
-    open_linked_turn,
-    turn_stream,
 )
 
 log = logging.getLogger("lmscli.server")
@@ -231,25 +222,24 @@ def remember(request: Request, messages: list[dict[str, Any]]) -> str:
 @v1_errors
 async def chat(request: Request) -> Response:
     chat_request = ChatRequest(request, await read_json(request))
-    linked = await open_linked_turn(request, TurnInput(chat_request.messages),
-                                    chat_request.params)
+    wanted = TurnInput(chat_request.messages)
+    linked = await open_linked_turn(request, wanted, chat_request.params)
+    reply = Reply(chat_request)
     if linked is not None:
-        return await linked_chat(chat_request, *linked)
-    models = manager(request)
-    entry = models.find_loaded(chat_request.name)
+        reply.identifier, reply.turn = linked
+        if chat_request.stream:
+            return sse_stream(reply.events(), reply.close)
+        return JSONResponse(await reply.whole())
+    reply.entry = manager(request).find_loaded(chat_request.name)
     if chat_request.stream:
-        return StreamingResponse(Chat(chat_request, entry).sse(),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    load_s = None
-    if entry is None:
+        # the load and the prompt's progress are events of the stream
+        return sse_stream(reply.local_events(wanted), reply.close)
+    if reply.entry is None:
         started = time.perf_counter()
-        entry = await jit_load(chat_request)
-        load_s = time.perf_counter() - started
-    running = await start(chat_request, entry)
-    text, done = await collect(running, request)
-    return JSONResponse(result(chat_request, entry.identifier, message_items(text),
-                               done.stats, load_s))
+        reply.entry = await jit_load(chat_request)
+        reply.load_s = time.perf_counter() - started
+    await reply.start(wanted)
+    return JSONResponse(await reply.whole())
 
 
 async def jit_load(chat_request: ChatRequest) -> Loaded:
@@ -268,57 +258,66 @@ async def jit_load(chat_request: ChatRequest) -> Loaded:
                                  ttl_s=float(JIT_TTL_S), jit=True)
 
 
-async def start(chat_request: ChatRequest, entry: Loaded) -> Running:
-    if entry.model.type != "llm":
-        raise bad_request(f'"{entry.identifier}" is an embedding model: it cannot chat.',
-                          "model")
-    use = ToolUse(None, "default", None)  # v1 chat takes no client-defined tools
-    prompt = await chat_prompt(entry, parse_messages(chat_request.openai), use)
-    running = Running(entry, PredictionRequest(prompt, chat_request.params))
-    await running.first()
-    return running
-
-
-def message_items(text: str, reasoning: str = "") -> list[dict[str, Any]]:
+def message_items(blocks: list[Block]) -> list[dict[str, Any]]:
+    """The reply's output items: its reasoning, then its message (an empty answer is still
+    a message). v1 chat offers no client tools, so none are called."""
+    reasoning = "".join(b.text for b in blocks if b.kind == "reasoning")
+    text = "".join(b.text for b in blocks if b.kind == "text")
     reasoned = [{"type": "reasoning", "content": reasoning}] if reasoning else []
     return [*reasoned, {"type": "message", "content": text}]
 
 
-def result(chat_request: ChatRequest, identifier: str, output: list[dict[str, Any]],
-           stats: PredictionStats, load_s: float | None, reasoning_tokens: int = 0
-           ) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "model_instance_id": identifier,
-        "output": output,
-        "stats": {"input_tokens": stats.prompt_tokens,
-                  "total_output_tokens": stats.predicted_tokens,
-                  "reasoning_output_tokens": reasoning_tokens,
-                  "tokens_per_second": stats.tokens_per_second or 0.0,
-                  "time_to_first_token_seconds": stats.time_to_first_token_s or 0.0}}
-    if load_s is not None:
-        out["stats"]["model_load_time_seconds"] = round(load_s, 3)
-    if chat_request.store:
-        text = "".join(item["content"] for item in output if item["type"] == "message")
-        history = [*chat_request.messages, {"role": "assistant", "content": text}]
-        out["response_id"] = remember(chat_request.request, history)
-    return out
-
-
 def event(kind: str, **data: Any) -> bytes:
-    payload = json.dumps({"type": kind, **data}, ensure_ascii=False)
-    return f"event: {kind}\ndata: {payload}\n\n".encode()
+    return sse_event(kind, {"type": kind, **data})
 
 
-class Chat:
-    """One streamed chat: chat.start, a JIT load's model_load.*, prompt_processing.*,
-    message.*, then chat.end with the whole result (or an error event)."""
+class Reply:
+    """One chat's answer, local or linked: whole, or streamed as chat.start, a JIT load's
+    model_load.*, prompt_processing.*, reasoning.* and message.*, then chat.end with the
+    whole result (or an error event)."""
 
-    def __init__(self, chat_request: ChatRequest, entry: Loaded | None) -> None:
+    def __init__(self, chat_request: ChatRequest) -> None:
         self.req = chat_request
-        self.entry = entry
+        self.entry: Loaded | None = None  # a local model, once known
+        self.identifier = ""
+        self.turn: AnyTurn | None = None
         self.load_s: float | None = None
 
-    async def sse(self) -> AsyncIterator[bytes]:
+    async def start(self, wanted: TurnInput) -> None:
+        assert self.entry is not None
+        self.identifier = self.entry.identifier
+        self.turn = await start_turn(self.entry, wanted, self.req.params,
+                                     request=self.req.request)
+
+    async def whole(self) -> dict[str, Any]:
+        assert self.turn is not None
+        return self.result(await self.turn.whole())
+
+    async def close(self) -> None:
+        if self.turn is not None:
+            await self.turn.close()
+
+    def result(self, finished: Finished) -> dict[str, Any]:
+        assert self.turn is not None
+        stats, output = finished.stats, message_items(self.turn.blocks.all)
+        out: dict[str, Any] = {
+            "model_instance_id": self.identifier,
+            "output": output,
+            "stats": {"input_tokens": stats.prompt_tokens,
+                      "total_output_tokens": stats.predicted_tokens,
+                      "reasoning_output_tokens": self.turn.reasoning_tokens,
+                      "tokens_per_second": stats.tokens_per_second or 0.0,
+                      "time_to_first_token_seconds": stats.time_to_first_token_s or 0.0}}
+        if self.load_s is not None:
+            out["stats"]["model_load_time_seconds"] = round(self.load_s, 3)
+        if self.req.store:
+            text = output[-1]["content"]
+            history = [*self.req.messages, {"role": "assistant", "content": text}]
+            out["response_id"] = remember(self.req.request, history)
+        return out
+
+    async def local_events(self, wanted: TurnInput) -> AsyncIterator[bytes]:
+        """A local chat's stream: the JIT load, if any, and the turn's start are in it."""
         try:
             if self.entry is None:
                 # a name that matches no model is an error event alone: no chat starts
@@ -328,16 +327,47 @@ class Chat:
                     yield chunk
             else:
                 yield event("chat.start", model_instance_id=self.entry.identifier)
-            assert self.entry is not None
-            running = await start(self.req, self.entry)
-            async for chunk in self._predict(running):
-                yield chunk
+            yield event("prompt_processing.start")
+            await self.start(wanted)
         except APIError as exc:
             yield event("error", error=v1_error_body(exc)["error"])
+            return
         except Exception as exc:  # the stream has begun: the error goes in it
             log.exception("/api/v1/chat failed")
             yield event("error", error=v1_error_body(APIError(
                 500, f"Internal server error: {type(exc).__name__}: {exc}"))["error"])
+            return
+        async for chunk in self._turn_events():
+            yield chunk
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """A linked chat's stream: its turn has started upstream."""
+        yield event("chat.start", model_instance_id=self.identifier) + \
+            event("prompt_processing.start")
+        async for chunk in self._turn_events():
+            yield chunk
+
+    async def _turn_events(self) -> AsyncIterator[bytes]:
+        assert self.turn is not None
+        reading, said = True, False  # the prompt is being read; a message was sent
+        async for item in self.turn.stream():
+            if isinstance(item, PromptProgress):
+                yield event("prompt_processing.progress", progress=item.progress)
+                continue
+            if reading and not isinstance(item, Idle):
+                reading = False
+                yield event("prompt_processing.end")
+            if isinstance(item, Failure):
+                yield event("error", error=v1_error_body(APIError(
+                    500, f"Prediction failed: {item.message}", type_="server_error",
+                    code="prediction_failed"))["error"])
+            elif isinstance(item, Finished):
+                if not said:  # an empty answer is still a message
+                    yield event("message.start") + event("message.end")
+                yield event("chat.end", result=self.result(item))
+            elif not isinstance(item, Idle) and item.block.kind != "call":
+                said = said or item.block.kind == "text"
+                yield block_event(item)
 
     async def _load(self, model: Any) -> AsyncIterator[bytes]:
         models = manager(self.req.request)
@@ -364,66 +394,6 @@ class Chat:
             assert self.entry is not None
             yield event("model_load.end", model_instance_id=self.entry.identifier,
                         load_time_seconds=round(self.load_s or 0.0, 3))
-
-    async def _predict(self, running: Running) -> AsyncIterator[bytes]:
-        assert self.entry is not None
-        yield event("prompt_processing.start")
-        parts: list[str] = []
-        async for item in running.events(coalesce_s=STREAM_COALESCE_S):
-            if isinstance(item, PromptProgress):
-                yield event("prompt_processing.progress", progress=item.progress)
-            elif isinstance(item, Fragment):
-                if not parts:
-                    yield event("prompt_processing.end") + event("message.start")
-                parts.append(item.text)
-                yield event("message.delta", content=item.text)
-            elif isinstance(item, Failed):
-                raise failure(item)
-            elif isinstance(item, Done):
-                if not parts:
-                    yield event("prompt_processing.end") + event("message.start")
-                body = result(self.req, self.entry.identifier, message_items("".join(parts)),
-                              item.stats, self.load_s)
-                yield event("message.end") + event("chat.end", result=body)
-
-
-# -- a linked model ---------------------------------------------------------------------------
-
-async def linked_chat(chat_request: ChatRequest, identifier: str, turn: AnyTurn) -> Response:
-    """A chat on a linked engine (the turn already started there): nothing loads here."""
-    if chat_request.stream:
-        return turn_stream(turn, linked_events(chat_request, identifier, turn))
-    finished = await turn.whole()
-    return JSONResponse(linked_result(chat_request, identifier, turn, finished))
-
-
-def linked_result(chat_request: ChatRequest, identifier: str, turn: AnyTurn,
-                  finished: Finished) -> dict[str, Any]:
-    blocks = turn.blocks.all
-    text = "".join(b.text for b in blocks if b.kind == "text")
-    reasoning = "".join(b.text for b in blocks if b.kind == "reasoning")
-    return result(chat_request, identifier, message_items(text, reasoning), finished.stats,
-                  None, turn.reasoning_tokens)
-
-
-async def linked_events(chat_request: ChatRequest, identifier: str, turn: AnyTurn
-                        ) -> AsyncIterator[bytes]:
-    # the upstream read the prompt before its first chunk: progress is all or nothing
-    yield event("chat.start", model_instance_id=identifier) + \
-        event("prompt_processing.start") + event("prompt_processing.end")
-    said = False
-    async for item in turn.stream():
-        if isinstance(item, Failure):
-            yield event("error", error=v1_error_body(APIError(
-                502, item.message, type_="server_error", code="upstream_failed"))["error"])
-        elif isinstance(item, Finished):
-            if not said:  # an empty answer is still a message
-                yield event("message.start") + event("message.end")
-            body = linked_result(chat_request, identifier, turn, item)
-            yield event("chat.end", result=body)
-        elif item.block.kind != "call":  # v1 chat sends no client tools: none are called
-            said = said or item.block.kind == "text"
-            yield block_event(item)
 
 
 def block_event(item: BlockEvent) -> bytes:

@@ -9,7 +9,6 @@ its OpenAI chunks become the same NDJSON events a local prediction sends: ``star
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,14 +28,11 @@ from lmscli.server.forward import (
     upstream_body,
 )
 from lmscli.server.links import LinkedModel, Target, describe
-from lmscli.server.streams import ClosingStream
+from lmscli.server.sdk.events import failure_event, fragment_event
+from lmscli.server.streams import ndjson, ndjson_stream
 from lmscli.server.upstream import DONE, Completion, SseDecoder
 
 NDJSON = "application/x-ndjson"
-
-
-def ndjson(data: dict[str, Any]) -> bytes:
-    return (json.dumps(data, ensure_ascii=False) + "\n").encode()
 
 
 def load_answer(model: LinkedModel) -> Response:
@@ -70,7 +66,7 @@ async def predict(request: Request, body: Body, target: Target, model: LinkedMod
         predictions.pop(prediction_id, None)
         await prediction.close()
 
-    return ClosingStream(prediction.lines(prediction_id), on_close, media_type=NDJSON)
+    return ndjson_stream(prediction.lines(prediction_id), on_close)
 
 
 async def open_prediction(forwarder: Forwarder, target: Target, model: LinkedModel,
@@ -150,7 +146,8 @@ class LinkedPrediction:
         if event == DONE:
             return []
         text, changes = self.completion.feed_chunk(event)
-        out = [fragment(text)] if text else []
+        # an OpenAI chunk carries one token on the engines we know
+        out = [fragment_event(text, 1)] if text else []
         for kind, _index, value in changes:
             if kind == "start":
                 out.append({"type": "toolCallGenerationStart", "toolCallId": value})
@@ -164,11 +161,7 @@ class LinkedPrediction:
     def _ending(self, stopped: bool) -> list[dict[str, Any]]:
         c = self.completion
         if c.error and not stopped:
-            message = f"Prediction failed: {c.error}"
-            # "title" is what the lmstudio SDK reads, "message" lmscli.client
-            return [{"type": "error", "error": {"title": message, "message": message,
-                                                "type": "server_error",
-                                                "code": "prediction_failed"}}]
+            return [failure_event(c.error)]
         ends = [] if stopped else [
             {"type": "toolCallGenerationEnd",
              "toolCallRequest": {"type": "function", "id": call.id, "name": call.name,
@@ -177,9 +170,3 @@ class LinkedPrediction:
             for call in c.calls.values()]
         return [*ends, {"type": "success", "stats": c.stats(stopped), "modelInfo": self.info}]
 
-
-def fragment(text: str) -> dict[str, Any]:
-    # an OpenAI chunk carries one token on the engines we know
-    return {"type": "fragment", "fragment": {
-        "content": text, "tokensCount": 1, "containsDrafted": False,
-        "reasoningType": "none", "isStructural": False}}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,18 @@ class Loaded:
 
     def touch(self) -> None:
         self.last_used = time.time()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Loaded]:
+        """The model is in use meanwhile: the TTL reaper leaves it alone, and its idle time
+        counts from the end."""
+        self.active += 1
+        self.touch()
+        try:
+            yield self
+        finally:
+            self.active -= 1
+            self.touch()
 
     def ttl_remaining(self) -> float | None:
         if self.ttl_s is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -12,20 +11,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 import lmscli
-from lmscli.engine import PredictionRequest
 from lmscli.server.errors import APIError, Body, bad_request
 from lmscli.server.models import MAX_PARALLEL, Loaded, LoadEvent, LoadProgress
 from lmscli.server.parsing import (
+    chat_input,
     manager,
-    parse_messages,
     predict_model,
     read_json,
-    request_grammar,
+    response_grammar,
     sampling,
 )
-from lmscli.server.predict import Running, check_grammar
+from lmscli.server.pipeline import Turn, start_turn
 from lmscli.server.sdk.events import SdkEvents
-from lmscli.server.tooluse import Quiet, chat_prompt, tool_use
+from lmscli.server.streams import NDJSON_KEEPALIVE, ndjson, ndjson_stream
+from lmscli.server.turns import Idle, TurnInput
 
 
 async def greeting(request: Request) -> Any:
@@ -139,53 +138,43 @@ async def predict(request: Request) -> Any:
     or ``error``."""
     body = await read_json(request)
     params = sampling(body)  # before a load: a bad number shouldn't cost one
+    wanted = raw_input(body) if "prompt" in body.data else chat_input(body)
     entry = await predict_model(request, body)
-    use = None
-    if "prompt" in body.data:
-        prompt = body.get("prompt", str, required=True)
-        if not prompt:
-            raise bad_request("Field 'prompt' must not be empty: there is nothing to complete.",
-                              "prompt")
-    else:
-        use = tool_use(body, entry)
-        prompt = await chat_prompt(entry, parse_messages(body), use)
-    grammar = request_grammar(body, use)
-    await check_grammar(entry, grammar, "tools" if use and use.grammar else "response_format")
-    running = Running(entry, PredictionRequest(prompt, params, grammar),
-                      use.recovered_calls if use and use.tools else None)
-    await running.first()
+    turn = await start_turn(entry, wanted, params)
     prediction_id = secrets.token_hex(8)
-    predictions: dict[str, Running] = request.app.state.predictions
-    predictions[prediction_id] = running
-    events = SdkEvents(entry, use.parser() if use else None, mark_recovered=True)
+    predictions: dict[str, Turn] = request.app.state.predictions
+    predictions[prediction_id] = turn
+    events = SdkEvents(entry.info, mark_recovered=True)
 
     async def lines() -> AsyncIterator[bytes]:
-        try:
-            yield ndjson({"type": "started", "predictionId": prediction_id,
-                          "modelInfo": entry.info()})
-            quiet = Quiet()
-            async for event in running.events():
-                converted = events.convert(event)
-                for out in converted:
-                    yield ndjson(out)
-                if converted:
-                    quiet.sent()
-                elif quiet.due():
-                    yield b"\n"  # a call is being read: clients skip blank lines
-        finally:
-            predictions.pop(prediction_id, None)
+        yield ndjson({"type": "started", "predictionId": prediction_id,
+                      "modelInfo": entry.info()})
+        async for event in turn.stream(coalesce_s=0.0):
+            if isinstance(event, Idle):
+                yield NDJSON_KEEPALIVE  # a call is being read
+            for out in events.convert(event):
+                yield ndjson(out)
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    async def on_close() -> None:
+        predictions.pop(prediction_id, None)
+        await turn.close()
+
+    return ndjson_stream(lines(), on_close)
 
 
-def ndjson(data: dict[str, Any]) -> bytes:
-    return (json.dumps(data, ensure_ascii=False) + "\n").encode()
+def raw_input(body: Body) -> TurnInput:
+    """Text to complete, as it is (``lms.llm().complete()``)."""
+    prompt = body.get("prompt", str, required=True)
+    if not prompt:
+        raise bad_request("Field 'prompt' must not be empty: there is nothing to complete.",
+                          "prompt")
+    return TurnInput([], schema_grammar=response_grammar(body), prompt=prompt)
 
 
 async def cancel(request: Request) -> Any:
     """Stop a prediction between tokens; its stream still ends with ``success`` (userStopped)."""
-    running = request.app.state.predictions.get(request.path_params["prediction_id"])
-    if running is None:
+    turn = request.app.state.predictions.get(request.path_params["prediction_id"])
+    if turn is None:
         raise APIError(404, "No such prediction is running.", code="prediction_not_found")
-    running.prediction.cancel()
+    turn.cancel()
     return JSONResponse({"cancelled": True})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import secrets
 import time
@@ -11,31 +10,26 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
-from lmscli.engine import Done, Failed, Fragment, PredictionRequest, PredictionStats
-from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta, ParseEvent
+from lmscli.engine import PredictionStats
 from lmscli.server.errors import APIError, Body, bad_request, shorten
 from lmscli.server.models import Loaded
 from lmscli.server.parsing import (
+    chat_input,
     manager,
     model_for,
-    parse_messages,
     read_json,
-    request_grammar,
+    response_grammar,
     sampling,
 )
-from lmscli.server.predict import Running, check_grammar, collect, sse
-from lmscli.server.tooluse import Quiet, ToolUse, chat_prompt, tool_use
+from lmscli.server.pipeline import Turn, start_turn
+from lmscli.server.streams import SSE_KEEPALIVE, sse, sse_stream
+from lmscli.server.turns import Block, Failure, Finished, Grew, Idle, Opened, TurnInput
 
-# Tokens that arrive within this long of the previous chunk share the next one: on a small
-# machine a write and a client-side parse per token slow decoding down (see bench/).
-STREAM_COALESCE_S = 0.025
 FINISH = {"eosFound": "stop", "stopStringFound": "stop", "userStopped": "stop",
           "maxPredictedTokensReached": "length", "contextLengthReached": "length",
           "toolCalls": "tool_calls", "modelUnloaded": "stop", "failed": "stop"}
-
-
 
 
 # -- responses ------------------------------------------------------------------------------
@@ -63,144 +57,120 @@ def lmstudio_extras(entry: Loaded, stats: PredictionStats, engine: Any) -> dict[
 
 
 class Completion:
-    """One chat or text completion request, answered whole or as an SSE stream."""
+    """Renders one chat or text completion, whole or as an SSE stream of chunks."""
 
-    def __init__(self, request: Request, entry: Loaded, prompt: str, body: Body, *,
-                 chat: bool, rest: bool, use: ToolUse | None = None) -> None:
-        self.request, self.entry, self.prompt, self.chat, self.rest = (
-            request, entry, prompt, chat, rest)
-        self.params = sampling(body)
-        self.grammar = request_grammar(body, use)
-        self.grammar_param = "tools" if use and use.grammar else "response_format"
-        self.use = use
-        self.parser = use.parser() if use else None
+    def __init__(self, request: Request, body: Body, *, chat: bool, rest: bool) -> None:
+        self.request, self.chat, self.rest = request, chat, rest
         self.stream = bool(body.get("stream", bool, False))
         opts = body.get("stream_options", dict, {})
         self.include_usage = bool(Body(opts, "stream_options").get("include_usage", bool, False))
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
-    async def respond(self) -> Any:
-        await check_grammar(self.entry, self.grammar, self.grammar_param)
-        running = Running(self.entry, PredictionRequest(self.prompt, self.params, self.grammar),
-                          self.use.recovered_calls if self.parser and self.use else None)
-        await running.first()  # errors before the first event become proper HTTP errors
+    async def respond(self, entry: Loaded, turn: Turn) -> Any:
         if self.stream:
-            return StreamingResponse(self._stream(running), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        text, done = await collect(running, self.request)
-        return JSONResponse(self._whole(text, done))
+            return sse_stream(self._stream(entry, turn), turn.close)
+        finished = await turn.whole()
+        return JSONResponse(self._whole(entry, turn.blocks.all, finished))
 
-    def _base(self) -> dict[str, Any]:
+    def _base(self, entry: Loaded) -> dict[str, Any]:
         return {"id": self.id, "object": self.object, "created": self.created,
-                "model": self.entry.identifier, "system_fingerprint": self.entry.identifier}
+                "model": entry.identifier, "system_fingerprint": entry.identifier}
 
-    def _whole(self, text: str, done: Done) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if self.parser:
-            events = self.parser.feed(text) + self.parser.finish()
-            content = "".join(e.text for e in events if isinstance(e, ContentDelta))
-            calls = [openai_call(c) for c in self.parser.calls]
-            message = {"role": "assistant", "content": content or (None if calls else "")}
-            if calls:
-                message["tool_calls"] = calls
-        done = self._with_tool_stop(done)
+    def _whole(self, entry: Loaded, blocks: list[Block], finished: Finished) -> dict[str, Any]:
+        stats = finished.stats
+        text = "".join(b.text for b in blocks if b.kind == "text")
         choice: dict[str, Any] = {"index": 0, "logprobs": None,
-                                  "finish_reason": FINISH[done.stats.stop_reason]}
+                                  "finish_reason": FINISH[stats.stop_reason]}
         if self.chat:
-            choice["message"] = message
+            choice["message"] = chat_message(blocks)
         else:
             choice["text"] = text
-        out = self._base() | {"choices": [choice], "usage": usage(done.stats)}
+        out = self._base(entry) | {"choices": [choice], "usage": usage(stats)}
         if self.rest:
-            out |= lmstudio_extras(self.entry, done.stats, self.request.app.state.engine)
+            out |= lmstudio_extras(entry, stats, self.request.app.state.engine)
         return out
 
-    def _chunk(self, delta: dict[str, Any] | str, finish: str | None = None) -> dict[str, Any]:
-        chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
+    def _chunk(self, entry: Loaded, delta: dict[str, Any] | str, finish: str | None = None
+               ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
         if self.chat:
             choice["delta"] = delta
         else:
             choice["text"] = delta
-        return self._base() | {"object": chunk_object, "choices": [choice]}
+        return self._base(entry) | {"object": self.chunk_object, "choices": [choice]}
 
-    async def _stream(self, running: Running) -> AsyncIterator[bytes]:
+    async def _stream(self, entry: Loaded, turn: Turn) -> AsyncIterator[bytes]:
         if self.chat:
-            yield sse(self._chunk({"role": "assistant", "content": ""}))
-        quiet = Quiet()
-        async for event in running.events(coalesce_s=STREAM_COALESCE_S):
-            if isinstance(event, Fragment):
-                text = event.text
-                if self.parser:
-                    chunks = self._tool_chunks(self.parser.feed(text))
-                    for chunk in chunks:
-                        yield chunk
-                    if chunks:
-                        quiet.sent()
-                    elif quiet.due():
-                        yield b": keep-alive\n\n"  # an SSE comment while a call is read
-                else:
-                    yield sse(self._chunk({"content": text} if self.chat else text))
-            elif isinstance(event, Done):
-                if self.parser:
-                    for chunk in self._tool_chunks(self.parser.finish()):
-                        yield chunk
-                event = self._with_tool_stop(event)
-                yield sse(self._final_chunk(event))
+            yield sse(self._chunk(entry, {"role": "assistant", "content": ""}))
+        async for event in turn.stream():
+            if isinstance(event, Opened | Grew):
+                delta = block_delta(event)
+                if delta is not None:
+                    yield sse(self._chunk(entry, delta if self.chat else delta["content"]))
+            elif isinstance(event, Idle):
+                yield SSE_KEEPALIVE  # a call is being read
+            elif isinstance(event, Finished):
+                yield sse(self._final_chunk(entry, event.stats))
                 if self.include_usage:
-                    yield sse(self._base() | {"object": "chat.completion.chunk" if self.chat
-                                              else "text_completion", "choices": [],
-                                              "usage": usage(event.stats)})
-            elif isinstance(event, Failed):
-                yield sse({"error": {"message": event.message,
-                                     "type": "server_error"}})
+                    yield sse(self._base(entry) | {"object": self.chunk_object, "choices": [],
+                                                   "usage": usage(event.stats)})
+            elif isinstance(event, Failure):
+                yield sse({"error": {"message": event.message, "type": "server_error"}})
         yield sse("[DONE]")
 
-    def _tool_chunks(self, events: list[ParseEvent]) -> list[bytes]:
-        """Parser events as SSE chunks (events that change nothing send nothing)."""
-        return [sse(self._chunk(delta)) for delta in map(tool_delta, events) if delta]
-
-    def _with_tool_stop(self, done: Done) -> Done:
-        if self.parser and self.parser.calls:
-            return Done(dataclasses.replace(done.stats, stop_reason="toolCalls"))
-        return done
-
-    def _final_chunk(self, done: Done) -> dict[str, Any]:
-        chunk = self._chunk({} if self.chat else "", FINISH[done.stats.stop_reason])
+    def _final_chunk(self, entry: Loaded, stats: PredictionStats) -> dict[str, Any]:
+        chunk = self._chunk(entry, {} if self.chat else "", FINISH[stats.stop_reason])
         if self.rest:
-            chunk |= lmstudio_extras(self.entry, done.stats, self.request.app.state.engine)
+            chunk |= lmstudio_extras(entry, stats, self.request.app.state.engine)
         return chunk
+
+
+def chat_message(blocks: list[Block]) -> dict[str, Any]:
+    """The reply as chat's ``message``: reasoning apart (``reasoning_content``, as
+    llama-server and LM Studio send it), then the text and the calls."""
+    text = "".join(b.text for b in blocks if b.kind == "text")
+    calls = [openai_call(b) for b in blocks if b.kind == "call"]
+    message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+    reasoning = "".join(b.text for b in blocks if b.kind == "reasoning")
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def openai_call(block: Block) -> dict[str, Any]:
+    return {"id": block.call_id, "type": "function",
+            "function": {"name": block.name, "arguments": json.dumps(block.arguments)}}
+
+
+def block_delta(event: Opened | Grew) -> dict[str, Any] | None:
+    """A block event as an OpenAI chat delta (the SDK accumulates tool_calls by index)."""
+    block = event.block
+    if block.kind == "call":
+        index = block.call_index
+        if isinstance(event, Opened):
+            return {"tool_calls": [{"index": index, "id": block.call_id, "type": "function",
+                                    "function": {"name": block.name, "arguments": ""}}]}
+        return {"tool_calls": [{"index": index, "function": {"arguments": event.text}}]}
+    if isinstance(event, Opened) or not event.text:
+        return None
+    return {"reasoning_content" if block.kind == "reasoning" else "content": event.text}
 
 
 # -- handlers -------------------------------------------------------------------------------
 
 async def chat_completions(request: Request, rest: bool = False) -> Any:
     body = await read_json(request)
-    messages = parse_messages(body)
+    wanted = chat_input(body)
+    params = sampling(body)
+    completion = Completion(request, body, chat=True, rest=rest)
     entry = await model_for(request, body)
-    use = tool_use(body, entry)
-    prompt = await chat_prompt(entry, messages, use)
-    return await Completion(request, entry, prompt, body, chat=True, rest=rest,
-                            use=use).respond()
-
-
-def openai_call(call: CallEnd) -> dict[str, Any]:
-    return {"id": call.id, "type": "function",
-            "function": {"name": call.name, "arguments": json.dumps(call.arguments)}}
-
-
-def tool_delta(event: ParseEvent) -> dict[str, Any] | None:
-    """A parser event as an OpenAI chat delta (the SDK accumulates tool_calls by index)."""
-    if isinstance(event, ContentDelta):
-        return {"content": event.text} if event.text else None
-    if isinstance(event, CallStart):
-        return {"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
-                                "function": {"name": event.name, "arguments": ""}}]}
-    if isinstance(event, CallArgs):
-        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
-    return None
+    turn = await start_turn(entry, wanted, params, request=request)
+    return await completion.respond(entry, turn)
 
 
 async def completions(request: Request, rest: bool = False) -> Any:
@@ -214,22 +184,23 @@ async def completions(request: Request, rest: bool = False) -> Any:
     if not prompt:
         raise bad_request("Field 'prompt' must not be empty: there is nothing to complete.",
                           "prompt")
+    wanted = TurnInput([], schema_grammar=response_grammar(body), prompt=prompt)
+    params = sampling(body)
+    completion = Completion(request, body, chat=False, rest=rest)
     entry = await model_for(request, body)
-    return await Completion(request, entry, prompt, body, chat=False, rest=rest).respond()
+    turn = await start_turn(entry, wanted, params, request=request)
+    return await completion.respond(entry, turn)
 
 
 async def embeddings(request: Request) -> Any:
     body = await read_json(request)
     texts = embedding_inputs(body)
     entry = await model_for(request, body)
-    entry.active += 1
     try:
-        vectors = await asyncio.to_thread(entry.instance.embed, texts)
+        with entry.lease():
+            vectors = await asyncio.to_thread(entry.instance.embed, texts)
     except ValueError as exc:  # llama-cpp-python: an input longer than the context
         raise bad_request(f"Cannot embed this input: {exc}", "input") from None
-    finally:
-        entry.active -= 1
-        entry.touch()
     tokens = sum(len(t.split()) for t in texts)
     return JSONResponse({
         "object": "list", "model": entry.identifier,

@@ -11,7 +11,8 @@ from lmscli.engine import SamplingParams
 from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
 from lmscli.server.errors import APIError, Body, bad_request, parse_json, shorten
 from lmscli.server.models import Loaded, ModelManager
-from lmscli.server.tooluse import ToolUse, check_message_tool_fields
+from lmscli.server.tooluse import check_message_tool_fields, parse_tool_choice, parse_tools
+from lmscli.server.turns import TurnInput
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOPS = 32
@@ -149,6 +150,15 @@ def schema_grammar(schema: dict[str, Any], where: str) -> str:
                           "invalid_schema") from None
 
 
+def chat_input(body: Body, schema_param: str = "response_format") -> TurnInput:
+    """An OpenAI chat body (chat completions, /api/v0, lmscli's and the SDK's predictions)
+    as a turn, checked before any load: messages, tools, tool_choice, response_format."""
+    tools = parse_tools(body)
+    parse_tool_choice(body, tools)
+    return TurnInput(parse_messages(body), tools, body.data.get("tool_choice"),
+                     response_grammar(body), schema_param)
+
+
 def ttl_of(body: Body) -> float | None:
     ttl = body.integer("ttl", low=1)
     return float(ttl) if ttl is not None else None
@@ -157,15 +167,6 @@ def ttl_of(body: Body) -> float | None:
 async def model_for(request: Request, body: Body) -> Loaded:
     name = body.get("model", str, required=True)
     return await manager(request).get_or_load(name, ttl_s=ttl_of(body))
-
-
-def request_grammar(body: Body, use: ToolUse | None) -> str | None:
-    """At most one constraint: a forced tool call, or a response_format schema."""
-    schema = response_grammar(body)
-    if schema and use and use.grammar:
-        raise bad_request("response_format cannot be combined with a required tool call.",
-                          "response_format")
-    return (use.grammar if use else None) or schema
 
 
 async def predict_model(request: Request, body: Body) -> Loaded:

@@ -1,15 +1,15 @@
-"""Running one prediction from an async handler: engine events cross into the event loop."""
+"""Running one prediction from an async handler: engine events cross into the event loop.
+
+Only the pipeline (``pipeline.py``) submits predictions; everything here is its insides.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
-
-from starlette.requests import Request
 
 from lmscli.engine import (
     Done,
@@ -41,15 +41,15 @@ class Running:
         self._lock = threading.Lock()
         self._waiter: asyncio.Future[None] | None = None
         self.entry = entry
-        entry.active += 1
-        entry.touch()
+        self._lease = contextlib.ExitStack()
+        self._lease.enter_context(entry.lease())
         # before submit: the engine may answer at once (an unloaded model ends it on the spot)
         self._log = PredictionLog.begin(entry.bus, entry.identifier, entry.model.path,
                                         request.prompt, recovered_calls)
         try:
             self.prediction: Prediction = entry.instance.submit(request, self._put)
         except QueueFull as exc:
-            entry.active -= 1
+            self._lease.close()
             raise APIError(503, f"The server is busy: {exc} Try again in a moment.",
                            type_="server_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
@@ -135,8 +135,7 @@ class Running:
         self._closed = True
         if not self.prediction.finished.is_set():
             self.prediction.cancel()
-        self.entry.active -= 1
-        self.entry.touch()
+        self._lease.close()
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -154,35 +153,6 @@ def failure(event: Failed) -> APIError:
                     code="prediction_failed")
 
 
-async def collect(running: Running, request: Request | None = None) -> tuple[str, Done]:
-    """The whole text and the final event. With ``request``, a client that disconnects
-    meanwhile cancels the prediction: nobody is left to read the answer."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, running)) if request else None
-    parts: list[str] = []
-    done: Done | None = None
-    try:
-        async for event in running.events():
-            if isinstance(event, Fragment):
-                parts.append(event.text)
-            elif isinstance(event, Done):
-                done = event
-            elif isinstance(event, Failed):
-                raise failure(event)
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-    assert done is not None
-    return "".join(parts), done
-
-
-async def _cancel_on_disconnect(request: Request, running: Running) -> None:
-    # The body has been read, so the server's next ASGI message is the disconnect; the pause
-    # only guards against a receive that would answer at once, again and again.
-    while (await request.receive())["type"] != "http.disconnect":
-        await asyncio.sleep(0.1)
-    running.prediction.cancel()
-
-
 async def check_grammar(entry: Loaded, grammar: str | None, param: str) -> None:
     """A 400 for a grammar the engine would reject: sampling with it could crash it."""
     if grammar is None:
@@ -191,8 +161,3 @@ async def check_grammar(entry: Loaded, grammar: str | None, param: str) -> None:
     if reason is not None:
         raise APIError(400, f"The grammar for this request was rejected: {reason}",
                        param=param, code="invalid_grammar")
-
-
-def sse(data: Any) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n".encode()

@@ -18,6 +18,9 @@ from lmscli.engine import PredictionStats
 from lmscli.prompting.grammar import any_json_grammar
 from lmscli.server.errors import APIError, Body, bad_request, shorten
 from lmscli.server.parsing import read_json, sampling, schema_grammar
+from lmscli.server.pipeline import open_turn
+from lmscli.server.streams import sse_event, sse_stream
+from lmscli.server.tooluse import function_tool
 from lmscli.server.turns import (
     AnyTurn,
     Block,
@@ -30,9 +33,6 @@ from lmscli.server.turns import (
     assistant_message,
     chat_response_format,
     check_tool_name,
-    open_turn,
-    sse_event,
-    turn_stream,
 )
 
 MAX_STORED = 500  # responses kept for previous_response_id and GET; the oldest go first
@@ -123,9 +123,8 @@ def function_tools(body: Body) -> tuple[list[dict[str, Any]], list[dict[str, Any
             raise bad_request(f"'tools[{i}].type' {shorten(kind)!r} is not supported: this "
                               "server runs function tools only.", f"tools[{i}].type")
         name = check_tool_name(tool)
-        chat.append({"type": "function", "function": {
-            "name": name, "description": tool.get("description", str, ""),
-            "parameters": tool.get("parameters", dict) or {"type": "object", "properties": {}}}})
+        chat.append(function_tool(name, tool.get("description", str),
+                                  tool.get("parameters", dict)))
     return tools, chat
 
 
@@ -316,7 +315,7 @@ class EventStream:
                 yield self.event(kind, response=final)
             elif isinstance(event, Failure):
                 yield self._failed(event)
-            else:
+            elif isinstance(event, Opened | Grew | Closed):
                 for chunk in self._block_events(event):
                     yield chunk
 
@@ -398,7 +397,7 @@ async def create(request: Request) -> Any:
         return final
 
     if draft.stream:
-        return turn_stream(turn, EventStream(draft, turn, on_final).run())
+        return sse_stream(EventStream(draft, turn, on_final).run(), turn.close)
     return JSONResponse(on_final(await turn.whole()))
 
 

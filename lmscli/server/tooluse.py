@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -23,9 +22,6 @@ if TYPE_CHECKING:
 # template that loops holds up only its own request.
 TEMPLATE_BUDGET_S = 5.0
 MAX_TOOL_NAME_CHARS = 256
-# While the parser holds text back (a call being read), a stream sends nothing; past this
-# long it sends a line that clients skip, so that their read timeouts don't fire.
-KEEPALIVE_S = 5.0
 
 
 @dataclass
@@ -55,26 +51,23 @@ class ToolUse:
         return [call.name for call in parser.calls if call.recovered]
 
 
-class Quiet:
-    """How long a stream has sent nothing; ``due()`` says when to send a keep-alive."""
-
-    def __init__(self) -> None:
-        self.since = time.monotonic()
-
-    def sent(self) -> None:
-        self.since = time.monotonic()
-
-    def due(self) -> bool:
-        if time.monotonic() - self.since < KEEPALIVE_S:
-            return False
-        self.sent()
-        return True
+def function_tool(name: str, description: str | None,
+                  parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A function tool built from another API's declaration (Responses, Messages), as chat
+    completions' ``prompt_tool`` would show it: only what tells the model how to call it."""
+    fn: dict[str, Any] = {"name": name}
+    if description:
+        fn["description"] = description
+    fn["parameters"] = parameters or {"type": "object", "properties": {}}
+    return {"type": "function", "function": fn}
 
 
 def parse_tools(body: Body) -> list[dict[str, Any]] | None:
+    """OpenAI chat's ``tools``, checked, as the prompt shows them."""
     tools = body.get("tools", list)
     if not tools:
         return None
+    out = []
     for i, raw in enumerate(tools):
         tool = Body(raw, f"tools[{i}]")
         if tool.get("type", str, "function") != "function":
@@ -86,7 +79,17 @@ def parse_tools(body: Body) -> list[dict[str, Any]] | None:
                               "printable characters.", f"tools[{i}].function.name")
         fn.get("description", str)
         fn.get("parameters", dict)
-    return tools
+        out.append(prompt_tool(tool.data, fn.data))
+    return out
+
+
+def prompt_tool(tool: dict[str, Any], fn: dict[str, Any]) -> dict[str, Any]:
+    """A chat tool as the prompt shows it: what tells the model how to call it, in the order
+    the client wrote it (a template renders it as it is, and small models follow the bytes);
+    ``strict`` and other fields for the API alone are dropped, as Responses' tools drop them."""
+    kept = {k: v for k, v in fn.items() if k in ("name", "description", "parameters")}
+    return {k: kept if k == "function" else v for k, v in tool.items()
+            if k in ("type", "function")}
 
 
 def parse_tool_choice(body: Body, tools: list[dict[str, Any]] | None) -> str | None:

@@ -1,32 +1,20 @@
-"""One assistant turn for the agent APIs (``/v1/responses``, ``/v1/messages``).
+"""A turn's input and output types, shared by every API and by local and linked engines.
 
-Each API translates its request into chat messages and OpenAI-shaped tools; from there a turn
-takes the chat route's path (tool use, chat template, grammar, engine, log bus), and splits the
-generated text into *blocks* (reasoning, text, tool calls) that open, grow and close in the
-order of the reply. Each API renders the blocks in its own shape, whole or streamed.
+Each API translates its request into a ``TurnInput`` (chat messages and OpenAI-shaped tools,
+or raw text); the pipeline (``pipeline.py``) or a linked engine (``link_turn.py``) runs it and
+the generated text is split into *blocks* (reasoning, text, tool calls) that open, grow and
+close in the order of the reply. Each API renders the blocks in its own shape, whole or
+streamed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from starlette.requests import Request
-
-from lmscli.engine import (
-    Done,
-    Failed,
-    Fragment,
-    PredictionRequest,
-    PredictionStats,
-    PromptProgress,
-    SamplingParams,
-)
+from lmscli.engine import Failed, PredictionStats, PromptProgress
 from lmscli.prompting.tools import (
     CallArgs,
     CallEnd,
@@ -35,12 +23,7 @@ from lmscli.prompting.tools import (
     ParseEvent,
 )
 from lmscli.server.errors import Body, bad_request
-from lmscli.server.models import Loaded
-from lmscli.server.openai_api import STREAM_COALESCE_S
-from lmscli.server.parsing import model_for
-from lmscli.server.predict import Running, _cancel_on_disconnect, check_grammar, failure
-from lmscli.server.streams import ClosingStream
-from lmscli.server.tooluse import MAX_TOOL_NAME_CHARS, ToolUse, chat_prompt, tool_use
+from lmscli.server.tooluse import MAX_TOOL_NAME_CHARS, ToolUse
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -60,6 +43,13 @@ class TurnInput:
     # the same structured output as OpenAI chat's response_format: a linked engine gets the
     # schema itself, since it builds its own grammar
     response_format: dict[str, Any] | None = None
+    # raw text to complete instead of messages (text completions, the SDK's complete()):
+    # no chat template, no tools, and the reply comes back unsplit
+    prompt: str | None = None
+
+    @property
+    def raw(self) -> bool:
+        return self.prompt is not None
 
 
 def chat_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -75,15 +65,6 @@ def chat_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": spec}
 
 
-@dataclass
-class Prepared:
-    entry: Loaded
-    prompt: str
-    use: ToolUse
-    grammar: str | None
-    grammar_param: str
-
-
 def check_tool_name(tool: Body, key: str = "name") -> str:
     name = tool.get(key, str, required=True)
     if not name or len(name) > MAX_TOOL_NAME_CHARS or not name.isprintable():
@@ -91,28 +72,6 @@ def check_tool_name(tool: Body, key: str = "name") -> str:
         raise bad_request(f"'{where}' must be 1 to {MAX_TOOL_NAME_CHARS} printable characters.",
                           where)
     return name
-
-
-async def prepare(entry: Loaded, turn: TurnInput) -> Prepared:
-    """Tool use, the exact prompt and the one grammar (a forced call or a schema)."""
-    use = tool_use(Body({"tools": turn.tools, "tool_choice": turn.tool_choice}), entry)
-    if use.grammar and turn.schema_grammar:
-        raise bad_request("Structured output cannot be combined with a required tool call.",
-                          turn.schema_param)
-    prompt = await chat_prompt(entry, turn.messages, use) + turn.prefill
-    if use.grammar:
-        return Prepared(entry, prompt, use, use.grammar, "tools")
-    return Prepared(entry, prompt, use, turn.schema_grammar, turn.schema_param)
-
-
-async def count_tokens(prepared: Prepared) -> int:
-    entry = prepared.entry
-    entry.active += 1  # so that the TTL reaper leaves the model alone meanwhile
-    try:
-        return await asyncio.to_thread(entry.instance.count_prompt_tokens, prepared.prompt)
-    finally:
-        entry.active -= 1
-        entry.touch()
 
 
 # -- reasoning, text and calls out of generated text -----------------------------------------
@@ -226,8 +185,11 @@ class Block:
     kind: BlockKind
     text: str = ""  # the reasoning, the text, or the call's arguments as JSON
     call_id: str = ""
+    call_index: int = 0  # a call's place among the reply's calls (OpenAI's tool_calls index)
     name: str = ""
     arguments: dict[str, Any] = field(default_factory=dict)
+    raw: str = ""  # a call as the model wrote it
+    recovered: bool = False  # a call written loosely (bare JSON, a fence), not in its format
     closed: bool = False
 
 
@@ -240,6 +202,7 @@ class Opened:
 class Grew:
     block: Block
     text: str
+    tokens: int = 1  # the tokens that made ``text``, where one fragment made just this
 
 
 @dataclass
@@ -251,8 +214,9 @@ BlockEvent = Opened | Grew | Closed
 
 
 class Blocks:
-    """Turn events as blocks that open, grow and close in the order of the reply: what both
-    APIs send (Responses' output items, Anthropic's content blocks)."""
+    """Turn events as blocks that open, grow and close in the order of the reply: what every
+    API renders (chat deltas, the SDK's fragments and tool-call events, Responses' output
+    items, Anthropic's content blocks)."""
 
     def __init__(self) -> None:
         self.all: list[Block] = []
@@ -261,17 +225,22 @@ class Blocks:
     def feed(self, events: list[TurnEvent]) -> list[BlockEvent]:
         out: list[BlockEvent] = []
         for event in events:
+            if isinstance(event, ReasoningDelta | ContentDelta) and not event.text:
+                continue  # nothing to show: no block opens for it
             if isinstance(event, ReasoningDelta):
                 self._grow(out, "reasoning", event.text)
             elif isinstance(event, ContentDelta):
                 self._grow(out, "text", event.text)
             elif isinstance(event, CallStart):
                 block = self._start(out, "call")
-                block.call_id, block.name = event.id, event.name
+                block.call_id, block.call_index, block.name = (
+                    event.id, event.index, event.name)
             elif isinstance(event, CallArgs):
                 self._grow(out, "call", event.text)
             elif isinstance(event, CallEnd) and self._open is not None:
-                self._open.arguments = event.arguments
+                block = self._open
+                block.arguments, block.raw, block.recovered = (
+                    event.arguments, event.raw, event.recovered)
                 out += self.close()
         return out
 
@@ -310,7 +279,7 @@ def assistant_message(blocks: list[Block]) -> dict[str, Any]:
     return message
 
 
-# -- running a turn ----------------------------------------------------------------------------
+# -- how a turn ends -------------------------------------------------------------------------
 
 @dataclass
 class Finished:
@@ -326,87 +295,14 @@ class Failure:
         return self.event.message
 
 
-class Turn:
-    """One prediction whose output arrives as block events, or whole."""
+@dataclass
+class Idle:
+    """Nothing could be sent for a while (a tool call is being read): a stream sends what
+    its clients skip, so that their read timeouts don't fire."""
 
-    def __init__(self, request: Request, prepared: Prepared, params: SamplingParams,
-                 call_id_prefix: str = "call_") -> None:
-        self.request, self.prepared, self.params = request, prepared, params
-        self.parser = TurnParser(prepared.use, prepared.prompt, call_id_prefix,
-                                 think=prepared.grammar is None)
-        self.blocks = Blocks()
-        self.prompt_tokens = 0  # known once started
-        self.cached_tokens = 0
-        self.reasoning_tokens = 0  # estimated from the fragments' token counts
-        self.finished: Finished | None = None  # set before the last blocks close
-        self._running: Running | None = None
 
-    async def start(self) -> None:
-        """Submit the prediction; errors up to its first event are HTTP errors."""
-        p = self.prepared
-        await check_grammar(p.entry, p.grammar, p.grammar_param)
-        self._running = Running(p.entry, PredictionRequest(p.prompt, self.params, p.grammar),
-                                p.use.log_recovered())
-        first = await self._running.first()
-        if isinstance(first, PromptProgress):
-            self.prompt_tokens, self.cached_tokens = first.total_tokens, first.cached_tokens
-
-    async def stream(self, coalesce_s: float = STREAM_COALESCE_S
-                     ) -> AsyncIterator[BlockEvent | Finished | Failure]:
-        assert self._running is not None
-        async with contextlib.aclosing(self._running.events(coalesce_s=coalesce_s)) as events:
-            async for event in events:
-                if isinstance(event, Fragment):
-                    for block_event in self.blocks.feed(self._parse(event)):
-                        yield block_event
-                elif isinstance(event, Done):
-                    closing = self._close()
-                    self.finished = self._finished(event)
-                    for block_event in closing:
-                        yield block_event
-                    yield self.finished
-                elif isinstance(event, Failed):
-                    yield Failure(event)
-
-    async def whole(self) -> Finished:
-        """Run to the end; the reply is then in ``blocks.all``. A client that disconnects
-        meanwhile cancels the prediction: nobody is left to read the answer."""
-        assert self._running is not None
-        watcher = asyncio.create_task(_cancel_on_disconnect(self.request, self._running))
-        try:
-            # closed on the way out, so that the prediction's slot is released at once
-            async with contextlib.aclosing(self.stream(coalesce_s=0.0)) as events:
-                async for event in events:
-                    if isinstance(event, Failure):
-                        raise failure(event.event)
-                    if isinstance(event, Finished):
-                        return event
-        finally:
-            watcher.cancel()
-        raise AssertionError("a prediction ends with Done or Failed")
-
-    async def close(self) -> None:
-        """Cancel the prediction if it still runs (the client left); safe to call twice."""
-        if self._running is not None:
-            self._running.close()
-
-    def _parse(self, fragment: Fragment) -> list[TurnEvent]:
-        events = self.parser.feed(fragment.text)
-        thought = sum(len(e.text) for e in events if isinstance(e, ReasoningDelta))
-        if thought:  # a fragment can straddle the end of the block: count its share
-            share = fragment.tokens * thought / max(len(fragment.text), thought)
-            self.reasoning_tokens += max(1, round(share))
-        return events
-
-    def _close(self) -> list[BlockEvent]:
-        return self.blocks.feed(self.parser.feed("", final=True)) + self.blocks.close()
-
-    def _finished(self, done: Done) -> Finished:
-        stats = done.stats
-        if self.parser.called:
-            stats = dataclasses.replace(stats, stop_reason="toolCalls")
-        self.prompt_tokens, self.cached_tokens = stats.prompt_tokens, stats.cached_tokens
-        return Finished(stats)
+# What a turn streams: the prompt's progress (local engines), blocks, then its end.
+TurnOutput = PromptProgress | BlockEvent | Idle | Finished | Failure
 
 
 class AnyTurn(Protocol):
@@ -418,50 +314,8 @@ class AnyTurn(Protocol):
     cached_tokens: int
     reasoning_tokens: int
 
-    def stream(self) -> AsyncIterator[BlockEvent | Finished | Failure]: ...
+    def stream(self) -> AsyncIterator[TurnOutput]: ...
 
     async def whole(self) -> Finished: ...
 
     async def close(self) -> None: ...
-
-
-def turn_stream(turn: AnyTurn, content: AsyncIterator[bytes]) -> ClosingStream:
-    """A turn's SSE stream; the turn ends with it, even if the client leaves before the
-    first event (a linked turn closes its upstream, a local one cancels its prediction)."""
-    return ClosingStream(content, turn.close, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
-
-
-class LinkedTurns(Protocol):
-    """Turns on linked engines (the app's ``state.linked``): a started turn and the name the
-    model is listed under, or None when the request's model is not a linked one."""
-
-    async def open_turn(self, request: Request, wanted: TurnInput, params: SamplingParams,
-                        call_id_prefix: str) -> tuple[str, AnyTurn] | None: ...
-
-
-async def open_linked_turn(request: Request, wanted: TurnInput, params: SamplingParams,
-                           call_id_prefix: str = "call_") -> tuple[str, AnyTurn] | None:
-    """The started turn and the model's name when the request's model is a linked one."""
-    linked: LinkedTurns | None = getattr(request.app.state, "linked", None)
-    if linked is None:
-        return None
-    return await linked.open_turn(request, wanted, params, call_id_prefix)
-
-
-async def open_turn(request: Request, body: Body, wanted: TurnInput, params: SamplingParams,
-                    call_id_prefix: str = "call_") -> tuple[str, AnyTurn]:
-    """The started turn for the request's model, linked or local (loaded on demand), and
-    the model's identifier. Errors up to the first output are HTTP errors."""
-    opened = await open_linked_turn(request, wanted, params, call_id_prefix)
-    if opened is not None:
-        return opened
-    entry = await model_for(request, body)
-    turn = Turn(request, await prepare(entry, wanted), params, call_id_prefix)
-    await turn.start()
-    return entry.identifier, turn
-
-
-def sse_event(name: str, data: dict[str, Any]) -> bytes:
-    """One server-sent event with its ``event:`` line (both APIs' SDKs dispatch on it)."""
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()

@@ -134,9 +134,9 @@ def test_streams_keep_alive_while_a_call_is_held_back(fake_server: ThreadServer,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A long call written as plain JSON sends nothing until it is decided: the streams send
     lines that clients skip meanwhile, so that a read timeout does not end them."""
-    from lmscli.server import tooluse
+    from lmscli.server import pipeline
 
-    monkeypatch.setattr(tooluse, "KEEPALIVE_S", 0.0)
+    monkeypatch.setattr(pipeline, "KEEPALIVE_S", 0.0)
     body = {"model": "tiny-chat", "tools": [DELIVERY],
             "messages": [{"role": "user", "content": f"[[slow]] [[reply: {FENCED}]]"}]}
     with httpx.stream("POST", fake_server.base_url + "/lmscli/predict", json=body,

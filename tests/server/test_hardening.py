@@ -14,7 +14,7 @@ import pytest
 
 from lmscli.engine.fake import FakeEngine
 from lmscli.server import models as models_module
-from lmscli.server import openai_api, tooluse
+from lmscli.server import pipeline, tooluse
 from lmscli.server.models import kv_bytes_per_token
 from tests.conftest import ThreadServer
 from tests.gguf_factory import make_gguf
@@ -106,7 +106,7 @@ def test_an_engine_failure_on_the_grammar_is_a_400_too(fake_server: ThreadServer
     async def no_check(*args: Any) -> None:
         return None
 
-    monkeypatch.setattr(openai_api, "check_grammar", no_check)
+    monkeypatch.setattr(pipeline, "check_grammar", no_check)
     r = chat(fake_server, response_format=schema_format({"const": "!invalid"}))
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "invalid_grammar"

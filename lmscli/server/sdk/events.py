@@ -1,64 +1,73 @@
-"""Engine events as the messages of LM Studio's ``predict`` channel.
+"""A turn's events as the messages of LM Studio's ``predict`` channel.
 
-Shared by the websocket channel (``sdk.endpoints``) and lmscli's own NDJSON route
+Shared by the websocket channel (``sdk/predict_ch.py``) and lmscli's own NDJSON route
 (``native.predict``), so both stream the same ``promptProcessingProgress``, ``fragment``,
 ``toolCallGeneration*`` and ``success`` messages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from lmscli.engine import Done, Event, Fragment, PromptProgress
-from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta
-from lmscli.server.models import Loaded
+from lmscli.engine import PromptProgress
+from lmscli.server.turns import Closed, Failure, Finished, Grew, Idle, Opened, TurnOutput
+
+# LM Studio marks the tags of a reasoning block as fragments of their own
+REASONING_TAGS = {Opened: ("<think>", "reasoningStartTag"),
+                  Closed: ("</think>", "reasoningEndTag")}
 
 
 class SdkEvents:
-    """Engine events → the SDK's predict messages, tool calls parsed out of the text."""
+    """Turn events → the SDK's predict messages."""
 
-    def __init__(self, entry: Loaded, parser: Any, *, mark_recovered: bool = False) -> None:
-        self.entry = entry
-        self.parser = parser
+    def __init__(self, model_info: Callable[[], dict[str, Any]], *,
+                 mark_recovered: bool = False) -> None:
+        self.model_info = model_info  # read at the end: the instance's status then
         # lmscli's own client shows recovered calls; LM Studio's SDK knows no such field
         self.mark_recovered = mark_recovered
 
-    def convert(self, event: Event) -> list[dict[str, Any]]:
+    def convert(self, event: TurnOutput) -> list[dict[str, Any]]:
         if isinstance(event, PromptProgress):
             return [progress_event(event)]
-        if isinstance(event, Fragment):
-            if self.parser is None:
-                return [fragment_event(event.text, event.tokens)]
-            return [e for p in self.parser.feed(event.text) for e in self._parsed(p)]
-        if isinstance(event, Done):
-            tail = [e for p in self.parser.finish() for e in self._parsed(p)] \
-                if self.parser else []
-            stats = event.stats.to_lms()
-            if self.parser and self.parser.calls:
-                stats["stopReason"] = "toolCalls"
-            return [*tail, {"type": "success", "stats": stats,
-                            "modelInfo": self.entry.info()}]
-        message = f"Prediction failed: {event.message}"
-        # "title" is what the SDK reads (SerializedLMSExtendedError), "message" lmscli.client
-        return [{"type": "error", "error": {"title": message, "message": message,
-                                            "type": "server_error",
-                                            "code": "prediction_failed"}}]
+        if isinstance(event, Finished):
+            return [{"type": "success", "stats": event.stats.to_lms(),
+                     "modelInfo": self.model_info()}]
+        if isinstance(event, Failure):
+            return [failure_event(event.message)]
+        if isinstance(event, Idle):
+            return []
+        block = event.block
+        if block.kind == "call":
+            return self._call(event)
+        if block.kind == "reasoning":
+            if isinstance(event, Grew):
+                return [fragment_event(event.text, event.tokens, "reasoning")]
+            text, kind = REASONING_TAGS[type(event)]
+            return [fragment_event(text, 0, kind, structural=True)]
+        return [fragment_event(event.text, event.tokens)] if isinstance(event, Grew) else []
 
-    def _parsed(self, p: Any) -> list[dict[str, Any]]:
-        if isinstance(p, ContentDelta):
-            return [fragment_event(p.text, 1)] if p.text else []
-        if isinstance(p, CallStart):
-            return [{"type": "toolCallGenerationStart", "toolCallId": p.id},
-                    {"type": "toolCallGenerationNameReceived", "name": p.name}]
-        if isinstance(p, CallArgs):
-            return [{"type": "toolCallGenerationArgumentFragmentGenerated", "content": p.text}]
-        if isinstance(p, CallEnd):
-            end = {"type": "toolCallGenerationEnd", "toolCallRequest": {
-                "type": "function", "id": p.id, "name": p.name, "arguments": p.arguments},
-                "rawContent": p.raw}
-            # lmscli's own mark: the model wrote this call as plain JSON, not in its format
-            return [end | {"recovered": True}] if p.recovered and self.mark_recovered else [end]
-        return []
+    def _call(self, event: Opened | Grew | Closed) -> list[dict[str, Any]]:
+        block = event.block
+        if isinstance(event, Opened):
+            return [{"type": "toolCallGenerationStart", "toolCallId": block.call_id},
+                    {"type": "toolCallGenerationNameReceived", "name": block.name}]
+        if isinstance(event, Grew):
+            return [{"type": "toolCallGenerationArgumentFragmentGenerated",
+                     "content": event.text}]
+        end = {"type": "toolCallGenerationEnd", "toolCallRequest": {
+            "type": "function", "id": block.call_id, "name": block.name,
+            "arguments": block.arguments}, "rawContent": block.raw}
+        # lmscli's own mark: the model wrote this call as plain JSON, not in its format
+        return [end | {"recovered": True}] if block.recovered and self.mark_recovered \
+            else [end]
+
+
+def failure_event(message: str) -> dict[str, Any]:
+    text = f"Prediction failed: {message}"
+    # "title" is what the SDK reads (SerializedLMSExtendedError), "message" lmscli.client
+    return {"type": "error", "error": {"title": text, "message": text, "type": "server_error",
+                                       "code": "prediction_failed"}}
 
 
 def progress_event(event: PromptProgress) -> dict[str, Any]:
@@ -69,7 +78,8 @@ def progress_event(event: PromptProgress) -> dict[str, Any]:
         "unprocessedPromptTokenCount": event.total_tokens - event.processed_tokens}}
 
 
-def fragment_event(text: str, tokens: int) -> dict[str, Any]:
+def fragment_event(text: str, tokens: int, reasoning: str = "none", *,
+                   structural: bool = False) -> dict[str, Any]:
     return {"type": "fragment", "fragment": {
         "content": text, "tokensCount": tokens, "containsDrafted": False,
-        "reasoningType": "none", "isStructural": False}}
+        "reasoningType": reasoning, "isStructural": structural}}

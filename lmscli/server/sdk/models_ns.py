@@ -138,14 +138,11 @@ async def embed_string(ctx: Context, parameter: Any) -> dict[str, Any]:
     entry = find_instance(ctx, p.get("modelSpecifier", dict, required=True),
                           "parameter.modelSpecifier")
     text = p.text("inputString", required=True, nonempty=True)  # llama.cpp: no empty input
-    entry.active += 1
     try:
-        (vector,) = await asyncio.to_thread(entry.instance.embed, [text])
+        with entry.lease():
+            (vector,) = await asyncio.to_thread(entry.instance.embed, [text])
     except ValueError as exc:  # llama-cpp-python: an input longer than the context
         raise SdkError(f"Cannot embed this input: {exc}") from None
-    finally:
-        entry.active -= 1
-        entry.touch()
     return {"embedding": vector}
 
 

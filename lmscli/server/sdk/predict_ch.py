@@ -3,15 +3,13 @@ and ``applyPromptTemplate``: the same prompt building, sampling and grammar chec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from lmscli.engine import PredictionRequest, SamplingParams
+from lmscli.engine import SamplingParams
 from lmscli.server.errors import Body, bad_request
 from lmscli.server.models import Loaded
-from lmscli.server.openai_api import STREAM_COALESCE_S
-from lmscli.server.parsing import parse_messages, request_grammar, sampling
-from lmscli.server.predict import Running, check_grammar
+from lmscli.server.parsing import chat_input, parse_messages, response_grammar, sampling
+from lmscli.server.pipeline import prepare, start_turn
 from lmscli.server.sdk.errors import PRESET_NOT_FOUND, SdkError
 from lmscli.server.sdk.events import SdkEvents
 from lmscli.server.sdk.kvconfig import (
@@ -23,32 +21,23 @@ from lmscli.server.sdk.kvconfig import (
 )
 from lmscli.server.sdk.models_ns import find_instance, instance_info
 from lmscli.server.sdk.protocol import Channel, Context
-from lmscli.server.tooluse import ToolUse, chat_prompt, tool_use
+from lmscli.server.turns import TurnInput
+
+STRUCTURED = "llm.prediction.structured"
 
 
-@dataclass
-class Prepared:
-    prompt: str
-    params: SamplingParams
-    grammar: str | None
-    use: ToolUse | None
-
-
-async def prepare(entry: Loaded, config: PredictionConfig) -> Prepared:
+def turn_input(config: PredictionConfig) -> tuple[TurnInput, SamplingParams]:
+    """What a prediction config asks for, as a turn and its sampling."""
     body = Body(config.body)
     params = sampling(body)
-    messages = parse_messages(body)
-    if config.raw_prompt:  # complete(): the SDK's template joins the contents, nothing else
-        prompt = "".join(m["content"] for m in messages)
-        if not prompt:
-            raise bad_request("The prompt is empty: there is nothing to complete.", "prompt")
-        use = None
-    else:
-        use = tool_use(body, entry)
-        prompt = await chat_prompt(entry, messages, use)
-    grammar = request_grammar(body, use)
-    await check_grammar(entry, grammar, "llm.prediction.structured")
-    return Prepared(prompt, params, grammar, use)
+    if not config.raw_prompt:
+        return chat_input(body, STRUCTURED), params
+    # complete(): the SDK's template joins the contents, nothing else
+    prompt = "".join(m["content"] for m in parse_messages(body))
+    if not prompt:
+        raise bad_request("The prompt is empty: there is nothing to complete.", "prompt")
+    return TurnInput([], schema_grammar=response_grammar(body), schema_param=STRUCTURED,
+                     prompt=prompt), params
 
 
 def request_config(parameter: Any, stack_key: str) -> PredictionConfig:
@@ -71,23 +60,25 @@ def _request(ctx: Context, parameter: Any, specifier_key: str,
 
 async def predict(ctx: Context, channel: Channel, parameter: Any) -> None:
     entry, config = _request(ctx, parameter, "modelSpecifier", "predictionConfigStack")
-    prepared = await prepare(entry, config)
-    running = Running(entry, PredictionRequest(prepared.prompt, prepared.params,
-                                               prepared.grammar),
-                      prepared.use.log_recovered() if prepared.use else None)
+    wanted, params = turn_input(config)
+    turn = await start_turn(entry, wanted, params)
     # the engine ends a cancelled prediction with success (userStopped), as LM Studio does
-    channel.on_cancel(running.prediction.cancel)
-    events = SdkEvents(entry, prepared.use.parser() if prepared.use else None)
+    channel.on_cancel(turn.cancel)
+    events = SdkEvents(entry.info)
     extra = {"modelInfo": instance_info(entry, "llm"),
              "loadModelConfig": {"fields": load_fields(entry, "llm")},
-             "predictionConfig": {"fields": sampling_fields(prepared.params) + config.echo}}
-    async for event in running.events(coalesce_s=STREAM_COALESCE_S):
-        for message in events.convert(event):
-            if message["type"] == "success":
-                message.update(extra)  # the client needs all four of its keys
-            await channel.send(message)
+             "predictionConfig": {"fields": sampling_fields(params) + config.echo}}
+    try:
+        async for event in turn.stream():
+            for message in events.convert(event):
+                if message["type"] == "success":
+                    message.update(extra)  # the client needs all four of its keys
+                await channel.send(message)
+    finally:
+        await turn.close()  # the socket went away mid-answer: stop the prediction
 
 
 async def apply_prompt_template(ctx: Context, parameter: Any) -> dict[str, Any]:
     entry, config = _request(ctx, parameter, "specifier", "predictionConfigStack")
-    return {"formatted": (await prepare(entry, config)).prompt}
+    wanted, _ = turn_input(config)
+    return {"formatted": (await prepare(entry, wanted)).prompt}

@@ -1,0 +1,263 @@
+"""The one way a prediction runs on a local model, whatever API asked for it.
+
+Every API turns its request into a ``TurnInput``; ``prepare`` makes it a prompt, tool use and
+at most one grammar; a ``Turn`` runs it on the engine and streams the reply as the events of
+``turns.py`` (prompt progress, blocks of reasoning, text and tool calls, then its end), which
+each API renders in its own shape, whole or streamed. ``open_turn`` also reaches linked
+engines, whose turns stream the same events. No other module builds a prompt or submits to
+the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from starlette.requests import Request
+
+from lmscli.engine import (
+    Done,
+    Failed,
+    Fragment,
+    PredictionRequest,
+    PromptProgress,
+    SamplingParams,
+)
+from lmscli.server.errors import Body, bad_request
+from lmscli.server.models import Loaded
+from lmscli.server.parsing import model_for
+from lmscli.server.predict import Running, check_grammar, failure
+from lmscli.server.streams import STREAM_COALESCE_S, watch_disconnect
+from lmscli.server.tooluse import ToolUse, chat_prompt, tool_use
+from lmscli.server.turns import (
+    AnyTurn,
+    BlockEvent,
+    Blocks,
+    Failure,
+    Finished,
+    Grew,
+    Idle,
+    ReasoningDelta,
+    TurnEvent,
+    TurnInput,
+    TurnOutput,
+    TurnParser,
+)
+
+# While the parser holds text back (a call being read), a stream sends nothing; past this
+# long it sends something that clients skip, so that their read timeouts don't fire.
+KEEPALIVE_S = 5.0
+
+
+# -- preparing ---------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    entry: Loaded
+    prompt: str  # the exact text the model reads
+    use: ToolUse
+    grammar: str | None  # a forced call or a schema: at most one
+    grammar_param: str  # where the grammar came from, for errors
+    raw: bool = False  # text to complete: the reply comes back unsplit
+
+
+async def prepare(entry: Loaded, wanted: TurnInput) -> Prepared:
+    """Tool use, the exact prompt and the one grammar (a forced call or a schema)."""
+    if entry.model.type != "llm":
+        raise bad_request(f'"{entry.identifier}" is an embedding model: it cannot chat.',
+                          "model")
+    if wanted.prompt is not None:
+        prepared = Prepared(entry, wanted.prompt, ToolUse(None, "default", None),
+                            wanted.schema_grammar, wanted.schema_param, raw=True)
+    else:
+        prepared = await _chat(entry, wanted)
+    await check_grammar(entry, prepared.grammar, prepared.grammar_param)
+    return prepared
+
+
+async def _chat(entry: Loaded, wanted: TurnInput) -> Prepared:
+    use = tool_use(Body({"tools": wanted.tools, "tool_choice": wanted.tool_choice}), entry)
+    if use.grammar and wanted.schema_grammar:
+        raise bad_request("Structured output cannot be combined with a required tool call.",
+                          wanted.schema_param)
+    prompt = await chat_prompt(entry, wanted.messages, use) + wanted.prefill
+    if use.grammar:
+        return Prepared(entry, prompt, use, use.grammar, "tools")
+    return Prepared(entry, prompt, use, wanted.schema_grammar, wanted.schema_param)
+
+
+async def count_tokens(prepared: Prepared) -> int:
+    with prepared.entry.lease():
+        return await asyncio.to_thread(prepared.entry.instance.count_prompt_tokens,
+                                       prepared.prompt)
+
+
+# -- running -----------------------------------------------------------------------------------
+
+class Quiet:
+    """How long a stream has sent nothing; ``due()`` says when to send a keep-alive."""
+
+    def __init__(self) -> None:
+        self.since = time.monotonic()
+
+    def sent(self) -> None:
+        self.since = time.monotonic()
+
+    def due(self) -> bool:
+        if time.monotonic() - self.since < KEEPALIVE_S:
+            return False
+        self.sent()
+        return True
+
+
+class Turn:
+    """One local prediction whose output arrives as turn events, or whole."""
+
+    def __init__(self, prepared: Prepared, params: SamplingParams,
+                 call_id_prefix: str = "call_", request: Request | None = None) -> None:
+        self.prepared, self.params, self.request = prepared, params, request
+        # raw text, or a grammar shaping the whole reply: nothing in it is reasoning
+        think = prepared.grammar is None and not prepared.raw
+        self.parser = TurnParser(prepared.use, prepared.prompt, call_id_prefix, think=think)
+        self.blocks = Blocks()
+        self.prompt_tokens = 0  # known once started
+        self.cached_tokens = 0
+        self.reasoning_tokens = 0  # estimated from the fragments' token counts
+        self.finished: Finished | None = None  # set before the last blocks close
+        self._running: Running | None = None
+
+    @property
+    def identifier(self) -> str:
+        return self.prepared.entry.identifier
+
+    async def start(self) -> None:
+        """Submit the prediction; errors up to its first event are HTTP errors."""
+        p = self.prepared
+        self._running = Running(p.entry, PredictionRequest(p.prompt, self.params, p.grammar),
+                                p.use.log_recovered())
+        first = await self._running.first()
+        if isinstance(first, PromptProgress):
+            self.prompt_tokens, self.cached_tokens = first.total_tokens, first.cached_tokens
+
+    async def stream(self, coalesce_s: float = STREAM_COALESCE_S
+                     ) -> AsyncIterator[TurnOutput]:
+        assert self._running is not None
+        quiet = Quiet()
+        async with contextlib.aclosing(self._running.events(coalesce_s=coalesce_s)) as events:
+            async for event in events:
+                if isinstance(event, PromptProgress):
+                    yield event
+                elif isinstance(event, Fragment):
+                    out = self._blocks(event)
+                    if out:
+                        quiet.sent()
+                    elif quiet.due():
+                        yield Idle()
+                    for block_event in out:
+                        yield block_event
+                elif isinstance(event, Done):
+                    closing = self._close()
+                    self.finished = self._finished(event)
+                    for block_event in closing:
+                        yield block_event
+                    yield self.finished
+                elif isinstance(event, Failed):
+                    yield Failure(event)
+
+    async def whole(self) -> Finished:
+        """Run to the end; the reply is then in ``blocks.all``. A client that disconnects
+        meanwhile cancels the prediction: nobody is left to read the answer."""
+        watcher = asyncio.create_task(watch_disconnect(self.request, self.cancel)) \
+            if self.request is not None else None
+        try:
+            # closed on the way out, so that the prediction's slot is released at once
+            async with contextlib.aclosing(self.stream(coalesce_s=0.0)) as events:
+                async for event in events:
+                    if isinstance(event, Failure):
+                        raise failure(event.event)
+                    if isinstance(event, Finished):
+                        return event
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        raise AssertionError("a prediction ends with Done or Failed")
+
+    def cancel(self) -> None:
+        """Stop between tokens; the turn still ends, with the stop reason userStopped."""
+        if self._running is not None:
+            self._running.prediction.cancel()
+
+    async def close(self) -> None:
+        """Cancel the prediction if it still runs (the client left); safe to call twice."""
+        if self._running is not None:
+            self._running.close()
+
+    def _blocks(self, fragment: Fragment) -> list[BlockEvent]:
+        out = self.blocks.feed(self._parse(fragment))
+        grew = [e for e in out if isinstance(e, Grew)]
+        if len(grew) == 1:  # the usual case: the fragment's tokens made just this
+            grew[0].tokens = fragment.tokens
+        return out
+
+    def _parse(self, fragment: Fragment) -> list[TurnEvent]:
+        events = self.parser.feed(fragment.text)
+        thought = sum(len(e.text) for e in events if isinstance(e, ReasoningDelta))
+        if thought:  # a fragment can straddle the end of the block: count its share
+            share = fragment.tokens * thought / max(len(fragment.text), thought)
+            self.reasoning_tokens += max(1, round(share))
+        return events
+
+    def _close(self) -> list[BlockEvent]:
+        return self.blocks.feed(self.parser.feed("", final=True)) + self.blocks.close()
+
+    def _finished(self, done: Done) -> Finished:
+        stats = done.stats
+        if self.parser.called:
+            stats = dataclasses.replace(stats, stop_reason="toolCalls")
+        self.prompt_tokens, self.cached_tokens = stats.prompt_tokens, stats.cached_tokens
+        return Finished(stats)
+
+
+async def start_turn(entry: Loaded, wanted: TurnInput, params: SamplingParams, *,
+                     call_id_prefix: str = "call_", request: Request | None = None) -> Turn:
+    """A started local turn: prepared, submitted, its prompt being read."""
+    turn = Turn(await prepare(entry, wanted), params, call_id_prefix, request)
+    await turn.start()
+    return turn
+
+
+# -- local or linked ---------------------------------------------------------------------------
+
+class LinkedTurns(Protocol):
+    """Turns on linked engines (the app's ``state.linked``): a started turn and the name the
+    model is listed under, or None when the request's model is not a linked one."""
+
+    async def open_turn(self, request: Request, wanted: TurnInput, params: SamplingParams,
+                        call_id_prefix: str) -> tuple[str, AnyTurn] | None: ...
+
+
+async def open_linked_turn(request: Request, wanted: TurnInput, params: SamplingParams,
+                           call_id_prefix: str = "call_") -> tuple[str, AnyTurn] | None:
+    """The started turn and the model's name when the request's model is a linked one."""
+    linked: LinkedTurns | None = getattr(request.app.state, "linked", None)
+    if linked is None:
+        return None
+    return await linked.open_turn(request, wanted, params, call_id_prefix)
+
+
+async def open_turn(request: Request, body: Body, wanted: TurnInput, params: SamplingParams,
+                    call_id_prefix: str = "call_") -> tuple[str, AnyTurn]:
+    """The started turn for the request's model, linked or local (loaded on demand), and
+    the model's identifier. Errors up to the first output are HTTP errors."""
+    opened = await open_linked_turn(request, wanted, params, call_id_prefix)
+    if opened is not None:
+        return opened
+    entry = await model_for(request, body)
+    turn = await start_turn(entry, wanted, params, call_id_prefix=call_id_prefix,
+                            request=request)
+    return entry.identifier, turn
