@@ -101,7 +101,7 @@ class ThreadServer:
 
     @property
     def models(self):  # noqa: ANN201 - the server's ModelManager
-        return self.app.state.models
+        return self.app.state.server.models
 
     def stop(self) -> None:
         self.server.should_exit = True

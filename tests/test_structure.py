@@ -158,3 +158,12 @@ def private_imports(path: Path) -> list[str]:
 def test_no_module_imports_private_names() -> None:
     wrong = [use for path in sorted(ROOT.rglob("*.py")) for use in private_imports(path)]
     assert not wrong, wrong
+
+
+def test_routes_are_listed_in_app_py_alone() -> None:
+    """One route table: a handler that serves local and linked models branches itself
+    (``Linked.target``), instead of a second table that wraps it by path."""
+    app = ROOT / "server" / "app.py"
+    wrong = [call for path in sorted(ROOT.rglob("*.py")) if path != app
+             for call in calls_of(path, {"Route", "WebSocketRoute", "Mount"})]
+    assert not wrong, wrong

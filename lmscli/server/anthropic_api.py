@@ -13,8 +13,10 @@ from starlette.responses import JSONResponse
 
 from lmscli.engine import PredictionStats
 from lmscli.server.errors import Body, bad_request, shorten
+from lmscli.server.linked import estimate_tokens
 from lmscli.server.parsing import model_for, read_json, sampling, schema_grammar
 from lmscli.server.pipeline import count_tokens, open_turn, prepare
+from lmscli.server.state import server_state
 from lmscli.server.streams import sse_event, sse_stream
 from lmscli.server.tooluse import function_tool
 from lmscli.server.turns import (
@@ -309,5 +311,8 @@ async def messages(request: Request) -> Any:
 async def count_tokens_route(request: Request) -> Any:
     body = await read_json(request)
     wanted = turn_input(body)
+    if server_state(request).linked.target(body.data.get("model")) is not None:
+        # an upstream can't count a prompt without running it: an estimate, for budgets
+        return JSONResponse({"input_tokens": estimate_tokens(wanted)})
     entry = await model_for(request, body)
     return JSONResponse({"input_tokens": await count_tokens(await prepare(entry, wanted))})

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import wraps
 from typing import Any
@@ -24,7 +23,8 @@ from lmscli.engine import PromptProgress
 from lmscli.server.errors import APIError, Body, bad_request, shorten
 from lmscli.server.models import JIT_TTL_S, Loaded, LoadProgress
 from lmscli.server.parsing import manager, parse_messages, read_json, sampling
-from lmscli.server.pipeline import open_linked_turn, start_turn
+from lmscli.server.pipeline import start_turn
+from lmscli.server.state import Kept, server_state
 from lmscli.server.streams import sse_event, sse_stream
 from lmscli.server.turns import (
     AnyTurn,
@@ -203,19 +203,14 @@ def _item_text(value: list[Any]) -> str:
     return "\n\n".join(parts)
 
 
-def responses(request: Request) -> OrderedDict[str, list[dict[str, Any]]]:
-    state = request.app.state
-    if not hasattr(state, "v1_responses"):
-        state.v1_responses = OrderedDict()
-    return state.v1_responses
+def responses(request: Request) -> Kept[list[dict[str, Any]]]:
+    """Each stored chat's whole history, by response id."""
+    return server_state(request).part("api_v1_chat", lambda: Kept(MAX_STORED))
 
 
 def remember(request: Request, messages: list[dict[str, Any]]) -> str:
-    stored = responses(request)
     response_id = "resp_" + secrets.token_hex(12)
-    stored[response_id] = messages
-    while len(stored) > MAX_STORED:
-        stored.popitem(last=False)
+    responses(request).put(response_id, messages)
     return response_id
 
 
@@ -223,7 +218,8 @@ def remember(request: Request, messages: list[dict[str, Any]]) -> str:
 async def chat(request: Request) -> Response:
     chat_request = ChatRequest(request, await read_json(request))
     wanted = TurnInput(chat_request.messages)
-    linked = await open_linked_turn(request, wanted, chat_request.params)
+    linked = await server_state(request).linked.open_turn(request, chat_request.name, wanted,
+                                                          chat_request.params)
     reply = Reply(chat_request)
     if linked is not None:
         reply.identifier, reply.turn = linked

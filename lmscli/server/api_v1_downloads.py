@@ -24,6 +24,7 @@ from lmscli.errors import LMSError, ModelNotFoundError, UserInputError
 from lmscli.server.api_v1 import v1_errors
 from lmscli.server.errors import APIError, shorten
 from lmscli.server.parsing import read_json
+from lmscli.server.state import server_state
 
 QUICK_S = 0.5  # how long the request waits for a download that may settle at once
 MAX_ACTIVE = 2  # downloads at a time: each can saturate the network and the disk
@@ -138,10 +139,7 @@ def _refusal(exc: LMSError) -> APIError:
 
 
 def downloads(request: Request) -> Downloads:
-    state = request.app.state
-    if not hasattr(state, "v1_downloads"):
-        state.v1_downloads = Downloads()
-    return state.v1_downloads
+    return server_state(request).part("api_v1_downloads", Downloads)
 
 
 @v1_errors

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -16,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from lmscli.engine import Engine
 from lmscli.logbus import LogBus
@@ -31,38 +30,13 @@ from lmscli.server import (
     responses_api,
 )
 from lmscli.server.errors import APIError, error_body
-from lmscli.server.link_routes import Linked
+from lmscli.server.linked import Linked
 from lmscli.server.models import ModelManager
-from lmscli.server.sdk.routes import websocket_routes
-from lmscli.server.security import (
-    DEFAULT_MAX_BODY_MB,
-    Guard,
-    GuardMiddleware,
-    HostPolicy,
-    max_body_bytes,
-)
+from lmscli.server.sdk import routes as sdk_routes
+from lmscli.server.security import GuardMiddleware
+from lmscli.server.state import ServerState, Settings
 
 log = logging.getLogger("lmscli.server")
-
-
-@dataclass
-class Settings:
-    host: str = "127.0.0.1"
-    port: int = 1234
-    cors: bool = False
-    reap_every_s: float = 1.0
-    api_key: str | None = None  # None: no key needed (start-up refuses that off loopback)
-    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides the built-in ones
-    max_body_mb: float = DEFAULT_MAX_BODY_MB
-    parallel: int = 4  # slots per model for loads that don't say (JIT loads included)
-    max_queue: int = 64  # requests that may wait for a slot, per model, before 503s
-    sdk_port: int | None = None  # the loopback port also served for lmstudio SDK discovery
-    link_refresh_s: float = 30.0  # how often linked engines are asked for their models
-
-    def guard(self) -> Guard:
-        hosts = HostPolicy.for_bind(self.host, self.allowed_hosts, keyed=bool(self.api_key))
-        return Guard(hosts, self.api_key or None, max_body_bytes(self.max_body_mb),
-                     any_origin=self.cors)
 
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -115,6 +89,9 @@ def routes() -> list[Route]:
         Route("/lmscli/shutdown", n.shutdown, methods=["POST"]),
         Route("/lmscli/predict", n.predict, methods=["POST"]),
         Route("/lmscli/predict/{prediction_id}/cancel", n.cancel, methods=["POST"]),
+        Route("/lmscli/links", n.list_links),
+        Route("/lmscli/links", n.add_link, methods=["POST"]),
+        Route("/lmscli/links/remove", n.remove_link, methods=["POST"]),
         Route(logs_http.STREAM_PATH, logs_http.stream),
         *v1_routes(),
     ]
@@ -131,6 +108,12 @@ def v1_routes() -> list[Route]:
         Route("/api/v1/models/download", d.download, methods=["POST"]),
         Route("/api/v1/models/download/status/{job_id}", d.download_status),
     ]
+
+
+def websocket_routes() -> list[WebSocketRoute]:
+    """LM Studio's SDK protocol: one websocket path per namespace."""
+    return [WebSocketRoute(f"/{name}", partial(sdk_routes.serve, namespace))
+            for name, namespace in sdk_routes.namespaces().items()]
 
 
 def create_app(engine: Engine, settings: Settings | None = None,
@@ -160,16 +143,10 @@ def create_app(engine: Engine, settings: Settings | None = None,
     # inside CORS, so that preflights pass and a page can read why it was refused
     middleware.append(Middleware(GuardMiddleware, guard=settings.guard()))
     app = Starlette(
-        routes=[*linked.wrap(routes()), *websocket_routes()], middleware=middleware,
+        routes=[*routes(), *websocket_routes()], middleware=middleware,
         lifespan=lifespan,
         exception_handlers={APIError: api_error, HTTPException: http_error,
                             Exception: internal_error},
     )
-    app.state.engine = engine
-    app.state.models = models
-    app.state.linked = linked
-    app.state.logs = logs
-    app.state.predictions = {}
-    app.state.settings = settings
-    app.state.uvicorn_server = uvicorn_server
+    app.state.server = ServerState(settings, engine, models, logs, linked, uvicorn_server)
     return app

@@ -29,6 +29,7 @@ from lmscli.server.forward import (
 )
 from lmscli.server.links import LinkedModel, Target, describe
 from lmscli.server.sdk.events import failure_event, fragment_event
+from lmscli.server.state import Cancellable
 from lmscli.server.streams import ndjson, ndjson_stream
 from lmscli.server.upstream import DONE, Completion, SseDecoder
 
@@ -53,7 +54,7 @@ def sdk_payload(body: Body, target: Target) -> dict[str, Any]:
 
 
 async def predict(request: Request, body: Body, target: Target, model: LinkedModel,
-                  forwarder: Forwarder, predictions: dict[str, LinkedPrediction]) -> Response:
+                  forwarder: Forwarder, predictions: dict[str, Cancellable]) -> Response:
     hops = next_hop(request)
     prediction = await until_disconnected(request, open_prediction(
         forwarder, target, model, sdk_payload(body, target), hops))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 import lmscli
+from lmscli import linkstore
+from lmscli.server import link_sdk
 from lmscli.server.errors import APIError, Body, bad_request
 from lmscli.server.models import MAX_PARALLEL, Loaded, LoadEvent, LoadProgress
 from lmscli.server.parsing import (
@@ -21,8 +23,9 @@ from lmscli.server.parsing import (
     response_grammar,
     sampling,
 )
-from lmscli.server.pipeline import Turn, start_turn
+from lmscli.server.pipeline import start_turn
 from lmscli.server.sdk.events import SdkEvents
+from lmscli.server.state import server_state
 from lmscli.server.streams import NDJSON_KEEPALIVE, ndjson, ndjson_stream
 from lmscli.server.turns import Idle, TurnInput
 
@@ -36,8 +39,8 @@ async def lms_status(request: Request) -> Any:
 
 
 async def status(request: Request) -> Any:
-    engine = request.app.state.engine
-    settings = request.app.state.settings
+    state = server_state(request)
+    engine, settings = state.engine, state.settings
     return JSONResponse({
         "package": "lmscli", "version": lmscli.__version__, "pid": os.getpid(),
         "host": settings.host, "port": settings.port, "cors": settings.cors,
@@ -52,8 +55,12 @@ async def downloaded(request: Request) -> Any:
 
 
 async def loaded(request: Request) -> Any:
-    entries = sorted(manager(request).loaded.values(), key=lambda e: e.identifier)
-    return JSONResponse([e.info() for e in entries])
+    """The loaded models, then those that links serve (so "the first loaded model" stays a
+    local one)."""
+    state = server_state(request)
+    entries = sorted(state.models.loaded.values(), key=lambda e: e.identifier)
+    return JSONResponse([e.info() for e in entries] +
+                        [m.info() for m in state.linked.links.linked_models()])
 
 
 def gpu_ratio(body: Body) -> float | None:
@@ -74,6 +81,9 @@ async def load(request: Request) -> Any:
     """Loads a model, streaming NDJSON progress lines, then a success or error line."""
     body = await read_json(request)
     name = body.get("model", str, required=True)
+    linked = server_state(request).linked
+    if (target := linked.target(name)) is not None:
+        return link_sdk.load_answer(linked.model(target))  # the engine already holds it
     identifier = body.get("identifier", str)
     context_length = body.integer("context_length", low=1)
     ttl = body.integer("ttl", low=1)
@@ -118,12 +128,13 @@ async def unload(request: Request) -> Any:
     if body.get("all", bool, False):
         return JSONResponse({"unloaded": await models.unload_all()})
     identifier = body.get("identifier", str, required=True)
+    server_state(request).linked.check_unload(identifier)
     entry: Loaded = await models.unload(identifier)
     return JSONResponse({"identifier": entry.identifier})
 
 
 async def shutdown(request: Request) -> Any:
-    server = request.app.state.uvicorn_server
+    server = server_state(request).uvicorn_server
     if server is None:
         raise APIError(409, "This server was not started by lmscli and cannot stop itself.")
     server.should_exit = True
@@ -137,12 +148,16 @@ async def predict(request: Request) -> Any:
     ``promptProcessingProgress``, ``fragment``, ``toolCallGeneration*``, then ``success``
     or ``error``."""
     body = await read_json(request)
+    state = server_state(request)
+    predictions = state.predictions
+    if (target := state.linked.target(body.data.get("model"))) is not None:
+        return await link_sdk.predict(request, body, target, state.linked.model(target),
+                                      state.linked.forwarder, predictions)
     params = sampling(body)  # before a load: a bad number shouldn't cost one
     wanted = raw_input(body) if "prompt" in body.data else chat_input(body)
     entry = await predict_model(request, body)
     turn = await start_turn(entry, wanted, params)
     prediction_id = secrets.token_hex(8)
-    predictions: dict[str, Turn] = request.app.state.predictions
     predictions[prediction_id] = turn
     events = SdkEvents(entry.info, mark_recovered=True)
 
@@ -173,8 +188,44 @@ def raw_input(body: Body) -> TurnInput:
 
 async def cancel(request: Request) -> Any:
     """Stop a prediction between tokens; its stream still ends with ``success`` (userStopped)."""
-    turn = request.app.state.predictions.get(request.path_params["prediction_id"])
-    if turn is None:
+    prediction = server_state(request).predictions.get(request.path_params["prediction_id"])
+    if prediction is None:
         raise APIError(404, "No such prediction is running.", code="prediction_not_found")
-    turn.cancel()
+    prediction.cancel()
     return JSONResponse({"cancelled": True})
+
+
+# -- `lms link` ---------------------------------------------------------------------------------
+
+async def list_links(request: Request) -> Any:
+    """The links; ``?refresh=true`` asks each for its models first (a few seconds at most)."""
+    registry = server_state(request).linked.links
+    if request.query_params.get("refresh", "").lower() in ("1", "true", "yes"):
+        await registry.refresh()
+    return JSONResponse({"links": [link.info() for link in registry.links.values()]})
+
+
+async def add_link(request: Request) -> Any:
+    body = await read_json(request)
+    name = body.text("name", required=True)
+    url = body.text("url", required=True)
+    key = body.text("api_key")
+    config = linkstore.LinkConfig(checked(linkstore.check_name, name, "name"),
+                                  checked(linkstore.normalise_url, url, "url"), key or None)
+    registry = server_state(request).linked.links
+    link = registry.add(config)
+    await registry.refresh([link.name])
+    return JSONResponse({"link": link.info()})
+
+
+def checked(check: Callable[[str], str], value: str, param: str) -> str:
+    try:
+        return check(value)
+    except linkstore.LinkConfigError as exc:
+        raise bad_request(str(exc), param, "invalid_link") from None
+
+
+async def remove_link(request: Request) -> Any:
+    body = await read_json(request)
+    link = server_state(request).linked.links.remove(body.text("name", required=True))
+    return JSONResponse({"removed": link.name})

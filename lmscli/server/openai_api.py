@@ -10,20 +10,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from lmscli.engine import PredictionStats
 from lmscli.server.errors import APIError, Body, bad_request, shorten
+from lmscli.server.linked import v0_entry, v1_entry
 from lmscli.server.models import Loaded
 from lmscli.server.parsing import (
     chat_input,
-    manager,
     model_for,
     read_json,
     response_grammar,
     sampling,
 )
 from lmscli.server.pipeline import Turn, start_turn
+from lmscli.server.state import server_state
 from lmscli.server.streams import SSE_KEEPALIVE, sse, sse_stream
 from lmscli.server.turns import Block, Failure, Finished, Grew, Idle, Opened, TurnInput
 
@@ -90,7 +91,7 @@ class Completion:
             choice["text"] = text
         out = self._base(entry) | {"choices": [choice], "usage": usage(stats)}
         if self.rest:
-            out |= lmstudio_extras(entry, stats, self.request.app.state.engine)
+            out |= lmstudio_extras(entry, stats, server_state(self.request).engine)
         return out
 
     def _chunk(self, entry: Loaded, delta: dict[str, Any] | str, finish: str | None = None
@@ -124,7 +125,7 @@ class Completion:
     def _final_chunk(self, entry: Loaded, stats: PredictionStats) -> dict[str, Any]:
         chunk = self._chunk(entry, {} if self.chat else "", FINISH[stats.stop_reason])
         if self.rest:
-            chunk |= lmstudio_extras(entry, stats, self.request.app.state.engine)
+            chunk |= lmstudio_extras(entry, stats, server_state(self.request).engine)
         return chunk
 
 
@@ -165,6 +166,8 @@ def block_delta(event: Opened | Grew) -> dict[str, Any] | None:
 
 async def chat_completions(request: Request, rest: bool = False) -> Any:
     body = await read_json(request)
+    if (forwarded := await forward(request, body, "/chat/completions")) is not None:
+        return forwarded
     wanted = chat_input(body)
     params = sampling(body)
     completion = Completion(request, body, chat=True, rest=rest)
@@ -175,6 +178,8 @@ async def chat_completions(request: Request, rest: bool = False) -> Any:
 
 async def completions(request: Request, rest: bool = False) -> Any:
     body = await read_json(request)
+    if (forwarded := await forward(request, body, "/completions")) is not None:
+        return forwarded
     prompt = body.get("prompt", (str, list), required=True)
     if isinstance(prompt, list):
         if len(prompt) != 1 or not isinstance(prompt[0], str):
@@ -192,8 +197,19 @@ async def completions(request: Request, rest: bool = False) -> Any:
     return await completion.respond(entry, turn)
 
 
+async def forward(request: Request, body: Body, path: str) -> Response | None:
+    """The upstream's answer when the request's model is a linked one, else None."""
+    linked = server_state(request).linked
+    target = linked.target(body.data.get("model"))
+    if target is None:
+        return None
+    return await linked.forwarder.openai(request, body, target, path)
+
+
 async def embeddings(request: Request) -> Any:
     body = await read_json(request)
+    if (forwarded := await forward(request, body, "/embeddings")) is not None:
+        return forwarded
     texts = embedding_inputs(body)
     entry = await model_for(request, body)
     try:
@@ -227,11 +243,12 @@ def embedding_inputs(body: Body) -> list[str]:
 
 
 async def v1_models(request: Request) -> Any:
-    models = manager(request)
-    ids = list(models.loaded)
-    ids += [m.model_key for m in models.downloaded() if m.model_key not in ids]
+    state = server_state(request)
+    ids = list(state.models.loaded)
+    ids += [m.model_key for m in state.models.downloaded() if m.model_key not in ids]
     return JSONResponse({"object": "list", "data": [
-        {"id": i, "object": "model", "owned_by": "organization_owner"} for i in ids]})
+        {"id": i, "object": "model", "owned_by": "organization_owner"} for i in ids] + [
+        v1_entry(m) for m in state.linked.links.reachable_models()]})
 
 
 def v0_model(model: Any, entry: Loaded | None) -> dict[str, Any]:
@@ -254,17 +271,21 @@ def v0_model(model: Any, entry: Loaded | None) -> dict[str, Any]:
 
 
 async def v0_models(request: Request) -> Any:
-    models = manager(request)
+    state = server_state(request)
+    models = state.models
     data = [v0_model(e.model, e) for e in models.loaded.values()]
     loaded_keys = {e.model.model_key for e in models.loaded.values()}
     data += [v0_model(m, None) for m in models.downloaded() if m.model_key not in loaded_keys]
+    data += [v0_entry(m) for m in state.linked.links.reachable_models()]
     return JSONResponse({"object": "list", "data": data})
 
 
 async def v0_model_one(request: Request) -> Any:
-    models = manager(request)
+    state = server_state(request)
     name = request.path_params["model"]
-    entry = models.find_loaded(name)
+    if (target := state.linked.target(name)) is not None:
+        return JSONResponse(v0_entry(state.linked.model(target)))
+    entry = state.models.find_loaded(name)
     if entry:
         return JSONResponse(v0_model(entry.model, entry))
     from lmscli import catalog

@@ -11,6 +11,7 @@ from lmscli.engine import SamplingParams
 from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
 from lmscli.server.errors import APIError, Body, bad_request, parse_json, shorten
 from lmscli.server.models import Loaded, ModelManager
+from lmscli.server.state import server_state
 from lmscli.server.tooluse import check_message_tool_fields, parse_tool_choice, parse_tools
 from lmscli.server.turns import TurnInput
 
@@ -29,7 +30,7 @@ async def read_json(request: Request) -> Body:
 
 
 def manager(request: Request) -> ModelManager:
-    return request.app.state.models
+    return server_state(request).models
 
 
 def sampling(body: Body, *, limit_key: str | None = None, stop_key: str = "stop"

@@ -16,7 +16,6 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from starlette.requests import Request
 
@@ -32,6 +31,7 @@ from lmscli.server.errors import Body, bad_request
 from lmscli.server.models import Loaded
 from lmscli.server.parsing import model_for
 from lmscli.server.predict import Running, check_grammar, failure
+from lmscli.server.state import server_state
 from lmscli.server.streams import STREAM_COALESCE_S, watch_disconnect
 from lmscli.server.tooluse import ToolUse, chat_prompt, tool_use
 from lmscli.server.turns import (
@@ -233,30 +233,15 @@ async def start_turn(entry: Loaded, wanted: TurnInput, params: SamplingParams, *
 
 # -- local or linked ---------------------------------------------------------------------------
 
-class LinkedTurns(Protocol):
-    """Turns on linked engines (the app's ``state.linked``): a started turn and the name the
-    model is listed under, or None when the request's model is not a linked one."""
-
-    async def open_turn(self, request: Request, wanted: TurnInput, params: SamplingParams,
-                        call_id_prefix: str) -> tuple[str, AnyTurn] | None: ...
-
-
-async def open_linked_turn(request: Request, wanted: TurnInput, params: SamplingParams,
-                           call_id_prefix: str = "call_") -> tuple[str, AnyTurn] | None:
-    """The started turn and the model's name when the request's model is a linked one."""
-    linked: LinkedTurns | None = getattr(request.app.state, "linked", None)
-    if linked is None:
-        return None
-    return await linked.open_turn(request, wanted, params, call_id_prefix)
-
-
 async def open_turn(request: Request, body: Body, wanted: TurnInput, params: SamplingParams,
                     call_id_prefix: str = "call_") -> tuple[str, AnyTurn]:
     """The started turn for the request's model, linked or local (loaded on demand), and
     the model's identifier. Errors up to the first output are HTTP errors."""
-    opened = await open_linked_turn(request, wanted, params, call_id_prefix)
-    if opened is not None:
-        return opened
+    name = body.data.get("model")
+    linked = await server_state(request).linked.open_turn(request, name, wanted, params,
+                                                          call_id_prefix)
+    if linked is not None:
+        return linked
     entry = await model_for(request, body)
     turn = await start_turn(entry, wanted, params, call_id_prefix=call_id_prefix,
                             request=request)

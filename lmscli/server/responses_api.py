@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from lmscli.prompting.grammar import any_json_grammar
 from lmscli.server.errors import APIError, Body, bad_request, shorten
 from lmscli.server.parsing import read_json, sampling, schema_grammar
 from lmscli.server.pipeline import open_turn
+from lmscli.server.state import Kept, server_state
 from lmscli.server.streams import sse_event, sse_stream
 from lmscli.server.tooluse import function_tool
 from lmscli.server.turns import (
@@ -172,45 +172,25 @@ class Stored:
     previous: str | None
 
 
-class ResponseStore:
-    """Responses kept in memory, the oldest dropped past ``limit``. Each keeps only its own
-    turn; a conversation is rebuilt by following ``previous_response_id`` back."""
-
-    def __init__(self, limit: int = MAX_STORED) -> None:
-        self.limit = limit
-        self._items: OrderedDict[str, Stored] = OrderedDict()
-
-    def put(self, stored: Stored) -> None:
-        self._items[stored.response["id"]] = stored
-        while len(self._items) > self.limit:
-            self._items.popitem(last=False)
-
-    def get(self, response_id: str) -> Stored | None:
-        return self._items.get(response_id)
-
-    def delete(self, response_id: str) -> bool:
-        return self._items.pop(response_id, None) is not None
-
-    def conversation(self, response_id: str) -> list[dict[str, Any]]:
-        turns: list[list[dict[str, Any]]] = []
-        current: str | None = response_id
-        while current is not None:
-            stored = self._items.get(current)
-            if stored is None:
-                raise APIError(404, f"Previous response with id '{shorten(current)}' not found"
-                               f" (this server keeps the latest {self.limit} responses, in "
-                               "memory).", param="previous_response_id",
-                               code="previous_response_not_found")
-            turns.append(stored.messages)
-            current = stored.previous
-        return [m for turn in reversed(turns) for m in turn]
+def conversation(store: Kept[Stored], response_id: str) -> list[dict[str, Any]]:
+    """The messages of a conversation, rebuilt by following ``previous_response_id`` back
+    (each stored response keeps only its own turn)."""
+    turns: list[list[dict[str, Any]]] = []
+    current: str | None = response_id
+    while current is not None:
+        stored = store.get(current)
+        if stored is None:
+            raise APIError(404, f"Previous response with id '{shorten(current)}' not found"
+                           f" (this server keeps the latest {store.limit} responses, in "
+                           "memory).", param="previous_response_id",
+                           code="previous_response_not_found")
+        turns.append(stored.messages)
+        current = stored.previous
+    return [m for turn in reversed(turns) for m in turn]
 
 
-def store_of(request: Request) -> ResponseStore:
-    state = request.app.state
-    if getattr(state, "responses", None) is None:
-        state.responses = ResponseStore()
-    return state.responses
+def store_of(request: Request) -> Kept[Stored]:
+    return server_state(request).part("responses", lambda: Kept(MAX_STORED))
 
 
 # -- the response ----------------------------------------------------------------------------
@@ -380,7 +360,7 @@ async def create(request: Request) -> Any:
     new = input_messages(body)
     previous = body.text("previous_response_id")
     store = store_of(request)
-    history = store.conversation(previous) if previous else []
+    history = conversation(store, previous) if previous else []
     instructions = body.text("instructions")
     system = [{"role": "system", "content": instructions}] if instructions else []
     draft = Draft(body, tools, fmt, params)  # every field is checked before a load
@@ -393,7 +373,7 @@ async def create(request: Request) -> Any:
         final = draft.final(turn.blocks.all, finished, turn.reasoning_tokens)
         if draft.echo["store"]:
             messages = new + [assistant_message(turn.blocks.all)]
-            store.put(Stored(final, messages, previous))
+            store.put(final["id"], Stored(final, messages, previous))
         return final
 
     if draft.stream:

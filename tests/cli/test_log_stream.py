@@ -331,7 +331,7 @@ def test_a_silent_server_ends_the_stream_after_the_read_timeout() -> None:
 # -- a reader that never reads ----------------------------------------------------------------
 
 def test_a_stuck_reader_never_slows_predictions(fake_server: ThreadServer) -> None:
-    bus = fake_server.app.state.logs
+    bus = fake_server.app.state.server.logs
     bus.buffer = 50
     complete(fake_server, "warm up")  # JIT-load before the reader subscribes
     stuck = socket.socket()

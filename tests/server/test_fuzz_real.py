@@ -42,7 +42,10 @@ GET_PATHS = ["/lmstudio-greeting", "/lms-status", "/v1/models", "/api/v0/models"
 NOT_FUZZED = {"/lmscli/shutdown": "stops the server by design",
               "/lmscli/logs/stream": "an endless stream; covered by the log tests",
               "/api/v1/models/download": "reaches out to Hugging Face; test_api_v1_fake "
-                                         "covers it against a fake hub"}
+                                         "covers it against a fake hub",
+              "/lmscli/links": "adds engines that the server then contacts; test_links covers "
+                               "what it refuses",
+              "/lmscli/links/remove": "edits the links test_links adds, and covers it"}
 
 
 class Raw(str):

@@ -25,7 +25,7 @@ from lmscli.cli import connect
 from lmscli.cli.app import run
 from lmscli.client import default
 from lmscli.engine.fake import FakeEngine
-from lmscli.server import link_routes
+from lmscli.server import linked as linked_module
 from tests.cli.test_chat import repl
 from tests.conftest import ProcessServer, ThreadServer, prediction_logs
 from tests.gguf_factory import make_gguf
@@ -218,7 +218,7 @@ def test_linked_models_in_every_listing(front: ThreadServer, engines: Engines,
 def test_a_local_model_keeps_its_key(front: ThreadServer, engines: Engines, home: Path,
                                      monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(link_routes, "DOWNLOADED_TTL_S", 0.0)  # see the new model at once
+    monkeypatch.setattr(linked_module, "DOWNLOADED_TTL_S", 0.0)  # see the new model at once
     up = engines("up")
     link(capsys, "up", up)
     make_gguf(home / "models/test/tiny-chat-GGUF/tiny-chat.Q4_0.gguf", name="Local",
@@ -357,7 +357,7 @@ def test_a_ring_of_links_ends_in_a_clear_error(fake_server: ThreadServer, engine
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """Two servers linked to each other, and the model gone from the one that had it: each
     still lists it through the other. The request stops after a few hops with a 508."""
-    monkeypatch.setattr(link_routes, "DOWNLOADED_TTL_S", 0.0)  # see the deletion at once
+    monkeypatch.setattr(linked_module, "DOWNLOADED_TTL_S", 0.0)  # see the deletion at once
     peer = engines("peer", models=())
     added = httpx.post(peer.base_url + "/lmscli/links",
                        json={"name": "back", "url": fake_server.base_url})

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from lmscli.server.errors import Body, shorten
+from lmscli.server.links import LinkedModel, Target
 from lmscli.server.models import Loaded, LoadEvent, LoadProgress
 from lmscli.server.sdk.errors import DOMAIN_MISMATCH, NO_MODEL, SdkError
 from lmscli.server.sdk.kvconfig import collapse, load_config, load_fields
@@ -33,6 +34,45 @@ def instance_info(entry: Loaded, domain: str) -> dict[str, Any]:
     info["maxContextLength"] = info.get("maxContextLength") or entry.instance.context_length
     return info
 
+
+# -- models that links serve (the official SDK reaches them by name, as local ones) ----------
+
+def linked_of(ctx: Context, name: Any) -> tuple[Target, LinkedModel] | None:
+    """The link target and model for ``name`` in the ``llm`` namespace, or None for a local
+    model (or no name)."""
+    if ctx.namespace != "llm":
+        return None
+    target = ctx.state.linked.target(name)
+    return (target, ctx.state.linked.model(target)) if target is not None else None
+
+
+def specifier_name(specifier: Any) -> Any:
+    """The name a ModelSpecifier gives (an instance reference or a query's identifier)."""
+    if not isinstance(specifier, dict):
+        return None
+    if specifier.get("type") == "instanceReference":
+        return specifier.get("instanceReference")
+    query = specifier.get("query")
+    return (query.get("identifier") or query.get("path")) if isinstance(query, dict) else None
+
+
+def linked_info(model: LinkedModel) -> dict[str, Any]:
+    """A linked model's instance info as the SDK parses it: every number there (an upstream
+    may not say its context length), and a format it knows."""
+    info = model.info()
+    info["format"] = "gguf"  # the SDK knows gguf, safetensors and mlx only; a guess is better
+    info["maxContextLength"] = info["maxContextLength"] or MIN_UNKNOWN_CONTEXT
+    info["contextLength"] = info["contextLength"] or info["maxContextLength"]
+    return info
+
+
+def _linked_by_specifier(ctx: Context, parameter: Any) -> LinkedModel | None:
+    spec = parameter.get("specifier") if isinstance(parameter, dict) else None
+    found = linked_of(ctx, specifier_name(spec))
+    return found[1] if found is not None else None
+
+
+# -- local models ------------------------------------------------------------------------------
 
 def loaded_in(ctx: Context) -> list[Loaded]:
     """The loaded models of this namespace's kind, oldest first (``lms.llm()`` takes [0])."""
@@ -85,6 +125,8 @@ async def list_loaded(ctx: Context, _: Any) -> list[dict[str, Any]]:
 
 
 async def get_model_info(ctx: Context, parameter: Any) -> dict[str, Any] | None:
+    if (linked := _linked_by_specifier(ctx, parameter)) is not None:
+        return linked_info(linked)
     p = Body(parameter, "parameter")
     try:
         entry = find_instance(ctx, p.get("specifier", dict, required=True),
@@ -97,6 +139,10 @@ async def get_model_info(ctx: Context, parameter: Any) -> dict[str, Any] | None:
 
 
 async def get_load_config(ctx: Context, parameter: Any) -> dict[str, Any]:
+    if (linked := _linked_by_specifier(ctx, parameter)) is not None:
+        # the upstream's load settings are its own; the context length is what it told us
+        return {"fields": [{"key": "llm.load.contextLength",
+                            "value": linked_info(linked)["contextLength"]}]}
     p = Body(parameter, "parameter")
     entry = find_instance(ctx, p.get("specifier", dict, required=True), "parameter.specifier")
     return {"fields": load_fields(entry, ctx.namespace)}
@@ -149,6 +195,11 @@ async def embed_string(ctx: Context, parameter: Any) -> dict[str, Any]:
 # -- loading --------------------------------------------------------------------------------
 
 async def get_or_load(ctx: Context, channel: Channel, parameter: Any) -> None:
+    name = parameter.get("identifier") if isinstance(parameter, dict) else None
+    if (found := linked_of(ctx, name)) is not None:
+        # the upstream already holds the model: nothing loads here
+        await channel.send({"type": "alreadyLoaded", "info": linked_info(found[1])})
+        return
     p = Body(parameter, "creationParameter")
     name = p.get("identifier", str, required=True)
     options = load_config(collapse(p.get("loadConfigStack", dict), "loadConfigStack"),

@@ -10,6 +10,7 @@ from lmscli.server.errors import Body, bad_request
 from lmscli.server.models import Loaded
 from lmscli.server.parsing import chat_input, parse_messages, response_grammar, sampling
 from lmscli.server.pipeline import prepare, start_turn
+from lmscli.server.sdk import linked_ch
 from lmscli.server.sdk.errors import PRESET_NOT_FOUND, SdkError
 from lmscli.server.sdk.events import SdkEvents
 from lmscli.server.sdk.kvconfig import (
@@ -19,7 +20,7 @@ from lmscli.server.sdk.kvconfig import (
     prediction_config,
     sampling_fields,
 )
-from lmscli.server.sdk.models_ns import find_instance, instance_info
+from lmscli.server.sdk.models_ns import find_instance, instance_info, linked_of, specifier_name
 from lmscli.server.sdk.protocol import Channel, Context
 from lmscli.server.turns import TurnInput
 
@@ -59,6 +60,11 @@ def _request(ctx: Context, parameter: Any, specifier_key: str,
 
 
 async def predict(ctx: Context, channel: Channel, parameter: Any) -> None:
+    spec = parameter.get("modelSpecifier") if isinstance(parameter, dict) else None
+    if (found := linked_of(ctx, specifier_name(spec))) is not None:
+        config = request_config(parameter, "predictionConfigStack")
+        await linked_ch.predict(ctx, channel, config, *found)
+        return
     entry, config = _request(ctx, parameter, "modelSpecifier", "predictionConfigStack")
     wanted, params = turn_input(config)
     turn = await start_turn(entry, wanted, params)

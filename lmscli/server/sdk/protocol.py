@@ -24,8 +24,10 @@ from typing import Any
 from starlette.websockets import WebSocket
 
 from lmscli.server.errors import APIError, parse_json
+from lmscli.server.models import ModelManager
 from lmscli.server.sdk.errors import SdkError, serialize
 from lmscli.server.security import KEY_CHECKED_SCOPE
+from lmscli.server.state import ServerState, server_state
 
 log = logging.getLogger("lmscli.server.sdk")
 
@@ -42,11 +44,11 @@ TOKEN_PREFIX = "sk-lm-"  # LM Studio's API tokens: sk-lm-<clientIdentifier>:<cli
 class Context:
     """What a handler may use: the app's state, and the namespace it was called in."""
 
-    state: Any  # starlette State: models, logs, engine, settings, uvicorn_server
+    state: ServerState
     namespace: str
 
     @property
-    def models(self) -> Any:
+    def models(self) -> ModelManager:
         return self.state.models
 
 
@@ -100,7 +102,7 @@ class Connection:
     def __init__(self, websocket: WebSocket, namespace: Namespace, api_key: str | None) -> None:
         self.ws = websocket
         self.namespace = namespace
-        self.context = Context(websocket.app.state, namespace.name)
+        self.context = Context(server_state(websocket), namespace.name)
         # an upgrade that carried the key needs none in the handshake
         self._key = None if websocket.scope.get(KEY_CHECKED_SCOPE) else api_key
         self._lock = asyncio.Lock()  # one frame at a time on the socket

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
-from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
 import lmscli
 from lmscli.logbus import now_ms
 from lmscli.logbus.events import server_log
-from lmscli.server.sdk import linked_ch
 from lmscli.server.sdk import models_ns as m
 from lmscli.server.sdk.predict_ch import apply_prompt_template, predict
 from lmscli.server.sdk.protocol import Channel, Connection, Context, Namespace
+from lmscli.server.state import server_state
 
 LOG_POLL_S = 0.5  # how often an idle log stream notices the server stopping
 
@@ -64,7 +62,6 @@ def _model_namespace(name: str) -> Namespace:
     if name == "llm":
         rpc["applyPromptTemplate"] = apply_prompt_template
         channels["predict"] = predict
-        linked_ch.wrap(rpc, channels)  # models that links serve answer here too
     else:
         rpc["embedString"] = m.embed_string
     return Namespace(name, rpc, channels)
@@ -85,9 +82,6 @@ def namespaces() -> dict[str, Namespace]:
     ]}
 
 
-async def _serve(namespace: Namespace, websocket: WebSocket) -> None:
-    await Connection(websocket, namespace, websocket.app.state.settings.api_key).run()
-
-
-def websocket_routes() -> list[WebSocketRoute]:
-    return [WebSocketRoute(f"/{name}", partial(_serve, ns)) for name, ns in namespaces().items()]
+async def serve(namespace: Namespace, websocket: WebSocket) -> None:
+    """One SDK websocket on ``namespace``'s path."""
+    await Connection(websocket, namespace, server_state(websocket).settings.api_key).run()
