@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from lmscli.engine import PredictionStats
-from lmscli.server.errors import Body, bad_request, shorten
+from lmscli.server.body import Body
+from lmscli.server.errors import bad_request, shorten
 from lmscli.server.linked import estimate_tokens
 from lmscli.server.parsing import model_for, read_json, sampling, schema_grammar
 from lmscli.server.pipeline import count_tokens, open_turn, prepare

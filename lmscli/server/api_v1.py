@@ -12,15 +12,15 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import wraps
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmscli.engine import PromptProgress
-from lmscli.server.errors import APIError, Body, bad_request, shorten
+from lmscli.server.body import Body
+from lmscli.server.errors import APIError, bad_request, rest_v1_body, shorten
 from lmscli.server.models import JIT_TTL_S, Loaded, LoadProgress
 from lmscli.server.parsing import manager, parse_messages, read_json, sampling
 from lmscli.server.pipeline import start_turn
@@ -42,37 +42,6 @@ log = logging.getLogger("lmscli.server")
 
 MAX_STORED = 1000  # responses kept for previous_response_id, oldest dropped first
 REASONING = ("off", "low", "medium", "high", "on")
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-# -- errors ---------------------------------------------------------------------------------
-
-def v1_error_type(error: APIError) -> str:
-    if error.code in ("model_not_found", "model_not_loaded"):
-        return "model_not_found"
-    if error.code == "job_not_found":
-        return "job_not_found"
-    if error.code == "not_implemented":
-        return "not_implemented"
-    return "internal_error" if error.status >= 500 else "invalid_request"
-
-
-def v1_error_body(error: APIError) -> dict[str, Any]:
-    return {"error": {"type": v1_error_type(error), "message": error.message,
-                      "code": error.code, "param": error.param}}
-
-
-def v1_errors(handler: Handler) -> Handler:
-    """Answer an APIError with v1's error body (the app's handler writes OpenAI's)."""
-
-    @wraps(handler)
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except APIError as exc:
-            return JSONResponse(v1_error_body(exc), status_code=exc.status, headers=exc.headers)
-
-    return wrapped
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -103,7 +72,6 @@ def instance_config(entry: Loaded) -> dict[str, Any]:
     return config
 
 
-@v1_errors
 async def models_list(request: Request) -> Response:
     models = manager(request)
     loaded = sorted(models.loaded.values(), key=lambda e: e.loaded_at)
@@ -112,7 +80,6 @@ async def models_list(request: Request) -> Response:
         for m in models.downloaded()]})
 
 
-@v1_errors
 async def models_load(request: Request) -> Response:
     body = await read_json(request)
     name = body.get("model", str, required=True)
@@ -133,7 +100,6 @@ async def models_load(request: Request) -> Response:
     return JSONResponse(out)
 
 
-@v1_errors
 async def models_unload(request: Request) -> Response:
     body = await read_json(request)
     entry = await manager(request).unload(body.get("instance_id", str, required=True))
@@ -214,7 +180,6 @@ def remember(request: Request, messages: list[dict[str, Any]]) -> str:
     return response_id
 
 
-@v1_errors
 async def chat(request: Request) -> Response:
     chat_request = ChatRequest(request, await read_json(request))
     wanted = TurnInput(chat_request.messages)
@@ -326,11 +291,11 @@ class Reply:
             yield event("prompt_processing.start")
             await self.start(wanted)
         except APIError as exc:
-            yield event("error", error=v1_error_body(exc)["error"])
+            yield event("error", error=rest_v1_body(exc)["error"])
             return
         except Exception as exc:  # the stream has begun: the error goes in it
             log.exception("/api/v1/chat failed")
-            yield event("error", error=v1_error_body(APIError(
+            yield event("error", error=rest_v1_body(APIError(
                 500, f"Internal server error: {type(exc).__name__}: {exc}"))["error"])
             return
         async for chunk in self._turn_events():
@@ -354,7 +319,7 @@ class Reply:
                 reading = False
                 yield event("prompt_processing.end")
             if isinstance(item, Failure):
-                yield event("error", error=v1_error_body(APIError(
+                yield event("error", error=rest_v1_body(APIError(
                     500, f"Prediction failed: {item.message}", type_="server_error",
                     code="prediction_failed"))["error"])
             elif isinstance(item, Finished):

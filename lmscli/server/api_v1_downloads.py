@@ -21,7 +21,6 @@ from starlette.responses import JSONResponse, Response
 
 from lmscli import catalog
 from lmscli.errors import LMSError, ModelNotFoundError, UserInputError
-from lmscli.server.api_v1 import v1_errors
 from lmscli.server.errors import APIError, shorten
 from lmscli.server.parsing import read_json
 from lmscli.server.state import server_state
@@ -142,7 +141,6 @@ def downloads(request: Request) -> Downloads:
     return server_state(request).part("api_v1_downloads", Downloads)
 
 
-@v1_errors
 async def download(request: Request) -> Response:
     body = await read_json(request)
     model = body.text("model", required=True, nonempty=True, max_chars=1000)
@@ -152,7 +150,6 @@ async def download(request: Request) -> Response:
     return JSONResponse(job.body())
 
 
-@v1_errors
 async def download_status(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     job = downloads(request).jobs.get(job_id)

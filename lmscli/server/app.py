@@ -1,11 +1,12 @@
-"""The ASGI application: routes, error bodies, lifespan."""
+"""The ASGI application: the one route table (each route with its API family), error
+bodies, lifespan."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
@@ -15,7 +16,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Match, Route, WebSocketRoute
+from starlette.types import Scope
 
 from lmscli.engine import Engine
 from lmscli.logbus import LogBus
@@ -29,7 +31,7 @@ from lmscli.server import (
     openai_api,
     responses_api,
 )
-from lmscli.server.errors import APIError, error_body
+from lmscli.server.errors import ANTHROPIC, OPENAI, REST_V1, APIError, Surface
 from lmscli.server.linked import Linked
 from lmscli.server.models import ModelManager
 from lmscli.server.sdk import routes as sdk_routes
@@ -39,9 +41,34 @@ from lmscli.server.state import ServerState, Settings
 log = logging.getLogger("lmscli.server")
 
 
+class ApiRoute(Route):
+    """A route, and the API family whose error body its clients parse."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], *, surface: Surface = OPENAI,
+                 methods: list[str] | None = None) -> None:
+        super().__init__(path, endpoint, methods=methods)
+        self.surface = surface
+
+
+def surface_of(scope: Scope) -> Surface:
+    """The API family of the route a request reached (or will reach: the guard answers before
+    routing); OpenAI's for a path no route serves."""
+    route = scope.get("route")
+    if route is None:
+        for candidate in getattr(scope.get("app"), "routes", []):
+            if candidate.matches(scope)[0] != Match.NONE:
+                route = candidate
+                break
+    return getattr(route, "surface", OPENAI)
+
+
+def error_body(scope: Scope, error: APIError) -> dict[str, Any]:
+    return surface_of(scope).error_body(error)
+
+
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return JSONResponse(error_body(request.url.path, exc), status_code=exc.status,
+    return JSONResponse(error_body(request.scope, exc), status_code=exc.status,
                         headers=exc.headers)
 
 
@@ -51,13 +78,13 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"Unexpected endpoint or method. ({request.method} {request.url.path})"
     else:
         message = str(exc.detail)
-    body = error_body(request.url.path, APIError(exc.status_code, message))
+    body = error_body(request.scope, APIError(exc.status_code, message))
     return JSONResponse(body, status_code=exc.status_code)
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("Unhandled error on %s %s", request.method, request.url.path)
-    body = error_body(request.url.path, APIError(
+    body = error_body(request.scope, APIError(
         500, f"Internal server error: {type(exc).__name__}: {exc}", type_="server_error"))
     return JSONResponse(body, status_code=500)
 
@@ -73,8 +100,9 @@ def routes() -> list[Route]:
         Route("/v1/embeddings", o.embeddings, methods=["POST"]),
         Route("/v1/responses", responses_api.create, methods=["POST"]),
         Route("/v1/responses/{response_id}", responses_api.one, methods=["GET", "DELETE"]),
-        Route("/v1/messages", anthropic_api.messages, methods=["POST"]),
-        Route("/v1/messages/count_tokens", anthropic_api.count_tokens_route, methods=["POST"]),
+        ApiRoute("/v1/messages", anthropic_api.messages, surface=ANTHROPIC, methods=["POST"]),
+        ApiRoute("/v1/messages/count_tokens", anthropic_api.count_tokens_route,
+                 surface=ANTHROPIC, methods=["POST"]),
         Route("/api/v0/models", o.v0_models),
         Route("/api/v0/models/{model:path}", o.v0_model_one),
         Route("/api/v0/chat/completions", partial(o.chat_completions, rest=True),
@@ -100,13 +128,14 @@ def routes() -> list[Route]:
 def v1_routes() -> list[Route]:
     """LM Studio's REST API v1."""
     v, d = api_v1, api_v1_downloads
+    on = partial(ApiRoute, surface=REST_V1)
     return [
-        Route("/api/v1/chat", v.chat, methods=["POST"]),
-        Route("/api/v1/models", v.models_list),
-        Route("/api/v1/models/load", v.models_load, methods=["POST"]),
-        Route("/api/v1/models/unload", v.models_unload, methods=["POST"]),
-        Route("/api/v1/models/download", d.download, methods=["POST"]),
-        Route("/api/v1/models/download/status/{job_id}", d.download_status),
+        on("/api/v1/chat", v.chat, methods=["POST"]),
+        on("/api/v1/models", v.models_list),
+        on("/api/v1/models/load", v.models_load, methods=["POST"]),
+        on("/api/v1/models/unload", v.models_unload, methods=["POST"]),
+        on("/api/v1/models/download", d.download, methods=["POST"]),
+        on("/api/v1/models/download/status/{job_id}", d.download_status),
     ]
 
 
@@ -141,7 +170,8 @@ def create_app(engine: Engine, settings: Settings | None = None,
         middleware.append(Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"],
                                      allow_headers=["*"]))
     # inside CORS, so that preflights pass and a page can read why it was refused
-    middleware.append(Middleware(GuardMiddleware, guard=settings.guard()))
+    middleware.append(Middleware(GuardMiddleware, guard=settings.guard(),
+                                 error_body=error_body))
     app = Starlette(
         routes=[*routes(), *websocket_routes()], middleware=middleware,
         lifespan=lifespan,

@@ -25,7 +25,8 @@ from starlette.responses import Response
 
 from lmscli.logbus import LogBus
 from lmscli.logbus.events import prediction_input, prediction_output
-from lmscli.server.errors import APIError, Body
+from lmscli.server.body import Body
+from lmscli.server.errors import APIError
 from lmscli.server.links import Link, Links, Target, describe, error_text
 from lmscli.server.streams import ClosingStream
 from lmscli.server.upstream import Completion, SseDecoder

@@ -17,7 +17,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from lmscli.server.errors import Body
+from lmscli.server.body import Body
 from lmscli.server.forward import (
     Attempt,
     Forwarder,

@@ -13,7 +13,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 import lmscli
 from lmscli import linkstore
 from lmscli.server import link_sdk
-from lmscli.server.errors import APIError, Body, bad_request
+from lmscli.server.body import Body
+from lmscli.server.errors import APIError, bad_request
 from lmscli.server.models import MAX_PARALLEL, Loaded, LoadEvent, LoadProgress
 from lmscli.server.parsing import (
     chat_input,

@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmscli.engine import PredictionStats
-from lmscli.server.errors import APIError, Body, bad_request, shorten
+from lmscli.server.body import Body
+from lmscli.server.errors import APIError, bad_request, shorten
 from lmscli.server.linked import v0_entry, v1_entry
 from lmscli.server.models import Loaded
 from lmscli.server.parsing import (

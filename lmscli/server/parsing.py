@@ -9,7 +9,8 @@ from starlette.requests import Request
 
 from lmscli.engine import SamplingParams
 from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
-from lmscli.server.errors import APIError, Body, bad_request, parse_json, shorten
+from lmscli.server.body import Body, parse_json
+from lmscli.server.errors import APIError, bad_request, shorten
 from lmscli.server.models import Loaded, ModelManager
 from lmscli.server.state import server_state
 from lmscli.server.tooluse import check_message_tool_fields, parse_tool_choice, parse_tools

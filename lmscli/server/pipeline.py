@@ -27,7 +27,8 @@ from lmscli.engine import (
     PromptProgress,
     SamplingParams,
 )
-from lmscli.server.errors import Body, bad_request
+from lmscli.server.body import Body
+from lmscli.server.errors import bad_request
 from lmscli.server.models import Loaded
 from lmscli.server.parsing import model_for
 from lmscli.server.predict import Running, check_grammar, failure

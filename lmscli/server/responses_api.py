@@ -15,7 +15,8 @@ from starlette.responses import JSONResponse
 
 from lmscli.engine import PredictionStats
 from lmscli.prompting.grammar import any_json_grammar
-from lmscli.server.errors import APIError, Body, bad_request, shorten
+from lmscli.server.body import Body
+from lmscli.server.errors import APIError, bad_request, shorten
 from lmscli.server.parsing import read_json, sampling, schema_grammar
 from lmscli.server.pipeline import open_turn
 from lmscli.server.state import Kept, server_state

@@ -27,11 +27,11 @@ import ipaddress
 import json
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lmscli.server.errors import APIError, error_body
+from lmscli.server.errors import APIError
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -146,12 +146,14 @@ class Guard:
 
 
 class GuardMiddleware:
-    """Applies ``Guard`` to every HTTP request and websocket; refusals use the API's error
-    body (OpenAI's, or Anthropic's under ``/v1/messages``)."""
+    """Applies ``Guard`` to every HTTP request and websocket; a refusal takes the error body
+    of the API family the request was for (``error_body``, from the app's route table)."""
 
-    def __init__(self, app: ASGIApp, guard: Guard) -> None:
+    def __init__(self, app: ASGIApp, guard: Guard,
+                 error_body: Callable[[Scope, APIError], dict[str, Any]]) -> None:
         self.app = app
         self.guard = guard
+        self.error_body = error_body
         self._key = guard.api_key.encode() if guard.api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -160,7 +162,7 @@ class GuardMiddleware:
             return
         refusal = self._refusal(scope)
         if refusal is not None:
-            await _refuse(scope, receive, send, refusal)
+            await _refuse(scope, receive, send, refusal, self.error_body(scope, refusal))
             return
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
@@ -230,7 +232,7 @@ class GuardMiddleware:
         except BodyTooLarge as exc:
             if started:
                 raise
-            await _refuse(scope, receive, send, exc)
+            await _refuse(scope, receive, send, exc, self.error_body(scope, exc))
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -263,12 +265,14 @@ def _is_json(content_type: bytes | None) -> bool:
     return content_type.partition(b";")[0].strip().lower() == b"application/json"
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, error: APIError,
+                  data: dict[str, Any]) -> None:
+    """Answer with ``error`` (its body as ``data``) before the app sees the request."""
     if scope["type"] == "websocket":
         await receive()  # websocket.connect; closing before accepting answers 403
         await send({"type": "websocket.close", "code": 1008})
         return
-    body = json.dumps(error_body(scope["path"], error)).encode()
+    body = json.dumps(data).encode()
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
     if error.status == 401:

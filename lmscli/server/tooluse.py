@@ -12,7 +12,8 @@ from lmscli.prompting import TemplateRenderError, render_chat
 from lmscli.prompting.grammar import SchemaError
 from lmscli.prompting.tools import ToolCallParser, ToolFormat, call_grammar, detect_format
 from lmscli.prompting.tools import prepare_chat as prepare_tool_chat
-from lmscli.server.errors import Body, bad_request, shorten
+from lmscli.server.body import Body
+from lmscli.server.errors import bad_request, shorten
 from lmscli.server.models import Loaded
 
 if TYPE_CHECKING:

@@ -22,7 +22,8 @@ from lmscli.prompting.tools import (
     ContentDelta,
     ParseEvent,
 )
-from lmscli.server.errors import Body, bad_request
+from lmscli.server.body import Body
+from lmscli.server.errors import bad_request
 from lmscli.server.tooluse import MAX_TOOL_NAME_CHARS, ToolUse
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"

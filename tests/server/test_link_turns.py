@@ -14,7 +14,7 @@ import lmstudio
 import openai
 import pytest
 
-from lmscli.server.errors import Body
+from lmscli.server.body import Body
 from lmscli.server.link_turn import chat_payload
 from lmscli.server.links import Target
 from lmscli.server.parsing import sampling

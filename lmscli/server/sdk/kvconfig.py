@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmscli.engine import SamplingParams
-from lmscli.server.errors import Body, bad_request
+from lmscli.server.body import Body
+from lmscli.server.errors import bad_request
 from lmscli.server.models import MAX_PARALLEL, Loaded
 
 P = "llm.prediction."

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from lmscli.server.errors import Body
+from lmscli.server.body import Body
 from lmscli.server.link_sdk import open_prediction, sdk_payload
 from lmscli.server.links import LinkedModel, Target
 from lmscli.server.sdk.kvconfig import PredictionConfig

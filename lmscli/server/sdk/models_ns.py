@@ -11,7 +11,8 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from lmscli.server.errors import Body, shorten
+from lmscli.server.body import Body
+from lmscli.server.errors import shorten
 from lmscli.server.links import LinkedModel, Target
 from lmscli.server.models import Loaded, LoadEvent, LoadProgress
 from lmscli.server.sdk.errors import DOMAIN_MISMATCH, NO_MODEL, SdkError

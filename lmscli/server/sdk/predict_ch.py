@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from lmscli.engine import SamplingParams
-from lmscli.server.errors import Body, bad_request
+from lmscli.server.body import Body
+from lmscli.server.errors import bad_request
 from lmscli.server.models import Loaded
 from lmscli.server.parsing import chat_input, parse_messages, response_grammar, sampling
 from lmscli.server.pipeline import prepare, start_turn

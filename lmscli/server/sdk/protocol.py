@@ -23,7 +23,8 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from lmscli.server.errors import APIError, parse_json
+from lmscli.server.body import parse_json
+from lmscli.server.errors import APIError
 from lmscli.server.models import ModelManager
 from lmscli.server.sdk.errors import SdkError, serialize
 from lmscli.server.security import KEY_CHECKED_SCOPE
