@@ -136,9 +136,10 @@ def calls_of(path: Path, names: set[str]) -> list[str]:
 
 def test_only_the_pipeline_prepares_and_submits_local_predictions() -> None:
     """One place builds prompts and starts predictions, so every API gets the same prompt,
-    grammar, tool use and events (server/pipeline.py; predict.py is its engine bridge)."""
-    allowed = {"lmscli/server/pipeline.py", "lmscli/server/predict.py",
-               "lmscli/server/tooluse.py"}  # where chat_prompt is defined
+    grammar, tool use and events (server/pipeline/local.py; running.py is its engine
+    bridge)."""
+    allowed = {"lmscli/server/pipeline/local.py", "lmscli/server/pipeline/running.py",
+               "lmscli/server/pipeline/tooluse.py"}  # where chat_prompt is defined
     server = ROOT / "server"
     wrong = [call for path in sorted(server.rglob("*.py"))
              if str(path.relative_to(ROOT.parent)) not in allowed
@@ -167,3 +168,29 @@ def test_routes_are_listed_in_app_py_alone() -> None:
     wrong = [call for path in sorted(ROOT.rglob("*.py")) if path != app
              for call in calls_of(path, {"Route", "WebSocketRoute", "Mount"})]
     assert not wrong, wrong
+
+
+def test_no_two_classes_share_a_name() -> None:
+    """A class name says which one it is: a reader who searches for it finds one."""
+    seen: dict[str, str] = {}
+    twice = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where = str(path.relative_to(ROOT.parent))
+                if node.name in seen:
+                    twice.append(f"{node.name}: {seen[node.name]} and {where}")
+                seen.setdefault(node.name, where)
+    assert not twice, twice
+
+
+def test_server_folders_say_what_lives_there() -> None:
+    """The pipeline, the API surfaces, linked engines and the SDK protocol each have a folder;
+    what is left at the top is what they all share (app, state, errors, streams, models)."""
+    server = ROOT / "server"
+    top = sorted(p.name for p in server.glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "app.py", "body.py", "errors.py",
+                   "logs_http.py", "models.py", "run.py", "security.py", "state.py",
+                   "streams.py"]
+    assert {p.name for p in server.iterdir() if p.is_dir() and p.name != "__pycache__"} == \
+        {"pipeline", "apis", "links", "sdk"}

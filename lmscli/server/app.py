@@ -22,21 +22,21 @@ from starlette.types import Scope
 from lmscli.engine import Engine
 from lmscli.logbus import LogBus
 from lmscli.logbus.events import RuntimeLog
-from lmscli.server import (
+from lmscli.server import logs_http
+from lmscli.server.apis import (
     anthropic_api,
     api_v1,
     api_v1_downloads,
-    logs_http,
     native,
     openai_api,
     responses_api,
 )
 from lmscli.server.errors import ANTHROPIC, OPENAI, REST_V1, APIError, Surface
-from lmscli.server.linked import Linked
+from lmscli.server.links.linked import Linked
 from lmscli.server.models import ModelManager
 from lmscli.server.sdk import routes as sdk_routes
 from lmscli.server.security import GuardMiddleware
-from lmscli.server.state import ServerState, Settings
+from lmscli.server.state import AppState, Settings
 
 log = logging.getLogger("lmscli.server")
 
@@ -178,5 +178,5 @@ def create_app(engine: Engine, settings: Settings | None = None,
         exception_handlers={APIError: api_error, HTTPException: http_error,
                             Exception: internal_error},
     )
-    app.state.server = ServerState(settings, engine, models, logs, linked, uvicorn_server)
+    app.state.server = AppState(settings, engine, models, logs, linked, uvicorn_server)
     return app

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmscli.logbus.bus import LogBus
 from lmscli.logbus.events import server_log
-from lmscli.server.state import server_state
+from lmscli.server.state import app_state
 
 STREAM_PATH = "/lmscli/logs/stream"
 KEEPALIVE_S = 15.0
@@ -43,7 +43,7 @@ def _stopping(server: Any) -> bool:
 
 
 async def stream(request: Request) -> StreamingResponse:
-    state = server_state(request)
+    state = app_state(request)
     bus: LogBus = state.logs
     server = state.uvicorn_server
     return StreamingResponse(_lines(bus, server), media_type="application/x-ndjson",

@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection
 
 from lmscli.engine import Engine
 from lmscli.logbus import LogBus
-from lmscli.server.linked import Linked
+from lmscli.server.links.linked import Linked
 from lmscli.server.models import ModelManager
 from lmscli.server.security import DEFAULT_MAX_BODY_MB, Guard, HostPolicy, max_body_bytes
 
@@ -63,7 +63,7 @@ class Cancellable(Protocol):
 
 
 @dataclass
-class ServerState:
+class AppState:
     settings: Settings
     engine: Engine
     models: ModelManager
@@ -82,6 +82,6 @@ class ServerState:
         return self.parts[name]
 
 
-def server_state(connection: HTTPConnection) -> ServerState:
+def app_state(connection: HTTPConnection) -> AppState:
     """The state of the server that a request or websocket reached."""
     return connection.app.state.server

@@ -134,7 +134,7 @@ def test_streams_keep_alive_while_a_call_is_held_back(fake_server: ThreadServer,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A long call written as plain JSON sends nothing until it is decided: the streams send
     lines that clients skip meanwhile, so that a read timeout does not end them."""
-    from lmscli.server import pipeline
+    from lmscli.server.pipeline import local as pipeline
 
     monkeypatch.setattr(pipeline, "KEEPALIVE_S", 0.0)
     body = {"model": "tiny-chat", "tools": [DELIVERY],

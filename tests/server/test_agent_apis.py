@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from lmscli.engine.fake import DEFAULT_REPLY, FakeEngine
-from lmscli.server.tooluse import ToolUse
-from lmscli.server.turns import ReasoningDelta, ThinkSplitter, TurnParser
+from lmscli.server.pipeline.tooluse import ToolUse
+from lmscli.server.pipeline.turns import ReasoningDelta, ThinkSplitter, TurnParser
 from tests.cli.test_log_stream import LogProcess, event_of, start
 from tests.conftest import ThreadServer
 

@@ -14,8 +14,9 @@ import pytest
 
 from lmscli.engine.fake import FakeEngine
 from lmscli.server import models as models_module
-from lmscli.server import pipeline, tooluse
 from lmscli.server.models import kv_bytes_per_token
+from lmscli.server.pipeline import local as pipeline
+from lmscli.server.pipeline import tooluse
 from tests.conftest import ThreadServer
 from tests.gguf_factory import make_gguf
 

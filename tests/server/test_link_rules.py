@@ -16,8 +16,8 @@ import pytest
 from lmscli import linkstore
 from lmscli.linkstore import LinkConfig, LinkConfigError
 from lmscli.server.errors import APIError
-from lmscli.server.links import Link, Links, UpstreamModel
-from lmscli.server.upstream import DONE, Completion, SseDecoder
+from lmscli.server.links.registry import Link, Links, UpstreamModel
+from lmscli.server.links.upstream import DONE, SseDecoder, UpstreamReply
 
 
 @pytest.mark.parametrize(("given", "kept"), [
@@ -151,12 +151,12 @@ def chunk(delta: dict[str, object], finish: str | None = None) -> dict[str, obje
 
 
 def test_tool_calls_whether_named_once_or_every_chunk() -> None:
-    repeated = Completion()  # llama-cpp-python repeats the id and name in every chunk
+    repeated = UpstreamReply()  # llama-cpp-python repeats the id and name in every chunk
     for args in ('{"ci', 'ty": ', '"Paris"}'):
         repeated.feed_chunk(chunk({"tool_calls": [{
             "index": 0, "id": "call_1", "type": "function",
             "function": {"name": "weather", "arguments": args}}]}))
-    once = Completion()  # vLLM names it in the first chunk only
+    once = UpstreamReply()  # vLLM names it in the first chunk only
     _, changes = once.feed_chunk(chunk({"tool_calls": [
         {"index": 0, "id": "c0", "function": {"name": "weather", "arguments": ""}}]}))
     changes += once.feed_chunk(chunk({"tool_calls": [
@@ -169,7 +169,7 @@ def test_tool_calls_whether_named_once_or_every_chunk() -> None:
 
 
 def test_stats_come_from_usage_or_from_counted_chunks() -> None:
-    c = Completion()
+    c = UpstreamReply()
     for word in ("Hello", " there"):
         c.feed_chunk(chunk({"content": word}))
     c.feed_chunk(chunk({}, "length"))
@@ -179,7 +179,7 @@ def test_stats_come_from_usage_or_from_counted_chunks() -> None:
     assert c.text == "Hello there" and stats["stopReason"] == "maxPredictedTokensReached"
     assert (stats["promptTokensCount"], stats["predictedTokensCount"],
             stats["totalTokensCount"], stats["cachedPromptTokensCount"]) == (7, 2, 9, 3)
-    counted = Completion()
+    counted = UpstreamReply()
     for word in ("a", "b", "c"):
         counted.feed_chunk(chunk({"content": word}))
     assert counted.stats(stopped=True) | {"totalTimeSec": 0, "timeToFirstTokenSec": 0,

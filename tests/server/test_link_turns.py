@@ -14,11 +14,11 @@ import lmstudio
 import openai
 import pytest
 
+from lmscli.server.apis.parsing import sampling
 from lmscli.server.body import Body
-from lmscli.server.link_turn import chat_payload
-from lmscli.server.links import Target
-from lmscli.server.parsing import sampling
-from lmscli.server.turns import TurnInput
+from lmscli.server.links.registry import LinkTarget
+from lmscli.server.links.turn import chat_payload
+from lmscli.server.pipeline.turns import TurnInput
 from tests.conftest import ThreadServer, prediction_logs
 from tests.server.test_agent_apis import CALL, CLAUDE_WEATHER, WEATHER
 from tests.server.test_links import (  # noqa: F401  (fixtures)
@@ -56,7 +56,7 @@ def test_the_chat_request_carries_tools_schema_and_only_changed_sampling() -> No
                        "root ::= x", prefill="The answer:", response_format=fmt)
     params = sampling(Body({"temperature": 0.8, "top_k": 5, "max_tokens": 7,
                             "stop": ["END"], "seed": 3}))
-    payload = chat_payload(Target("m", [], "up/m"), wanted, params)
+    payload = chat_payload(LinkTarget("m", [], "up/m"), wanted, params)
     assert payload["model"] == "m" and payload["stream"] is True
     assert payload["stream_options"] == {"include_usage": True}
     assert payload["messages"][-1] == {"role": "assistant", "content": "The answer:"}

@@ -25,7 +25,7 @@ from lmscli.cli import connect
 from lmscli.cli.app import run
 from lmscli.client import default
 from lmscli.engine.fake import FakeEngine
-from lmscli.server import linked as linked_module
+from lmscli.server.links import linked as linked_module
 from tests.cli.test_chat import repl
 from tests.conftest import ProcessServer, ThreadServer, prediction_logs
 from tests.gguf_factory import make_gguf

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lmscli.engine import PromptProgress
-from lmscli.server.turns import Closed, Failure, Finished, Grew, Idle, Opened, TurnOutput
+from lmscli.server.pipeline.turns import Closed, Failure, Finished, Grew, Idle, Opened, TurnOutput
 
 # LM Studio marks the tags of a reasoning block as fragments of their own
 REASONING_TAGS = {Opened: ("<think>", "reasoningStartTag"),

@@ -10,14 +10,14 @@ import contextlib
 from typing import Any
 
 from lmscli.server.body import Body
-from lmscli.server.link_sdk import open_prediction, sdk_payload
-from lmscli.server.links import LinkedModel, Target
+from lmscli.server.links.registry import LinkedModel, LinkTarget
+from lmscli.server.links.sdk import open_prediction, sdk_payload
 from lmscli.server.sdk.kvconfig import PredictionConfig
 from lmscli.server.sdk.models_ns import linked_info
 from lmscli.server.sdk.protocol import Channel, Context
 
 
-def upstream_payload(config: PredictionConfig, target: Target) -> dict[str, Any]:
+def upstream_payload(config: PredictionConfig, target: LinkTarget) -> dict[str, Any]:
     """The SDK's prediction as an OpenAI request: ``complete()`` as a text completion."""
     payload = sdk_payload(Body(config.body), target)
     if config.raw_prompt:  # the SDK's completion template joins the contents, nothing else
@@ -29,7 +29,7 @@ def upstream_payload(config: PredictionConfig, target: Target) -> dict[str, Any]
     return payload
 
 
-async def predict(ctx: Context, channel: Channel, config: PredictionConfig, target: Target,
+async def predict(ctx: Context, channel: Channel, config: PredictionConfig, target: LinkTarget,
                   model: LinkedModel) -> None:
     forwarder = ctx.state.linked.forwarder
     prediction = await open_prediction(forwarder, target, model,

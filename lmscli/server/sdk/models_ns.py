@@ -13,7 +13,7 @@ from typing import Any
 
 from lmscli.server.body import Body
 from lmscli.server.errors import shorten
-from lmscli.server.links import LinkedModel, Target
+from lmscli.server.links.registry import LinkedModel, LinkTarget
 from lmscli.server.models import Loaded, LoadEvent, LoadProgress
 from lmscli.server.sdk.errors import DOMAIN_MISMATCH, NO_MODEL, SdkError
 from lmscli.server.sdk.kvconfig import collapse, load_config, load_fields
@@ -38,7 +38,7 @@ def instance_info(entry: Loaded, domain: str) -> dict[str, Any]:
 
 # -- models that links serve (the official SDK reaches them by name, as local ones) ----------
 
-def linked_of(ctx: Context, name: Any) -> tuple[Target, LinkedModel] | None:
+def linked_of(ctx: Context, name: Any) -> tuple[LinkTarget, LinkedModel] | None:
     """The link target and model for ``name`` in the ``llm`` namespace, or None for a local
     model (or no name)."""
     if ctx.namespace != "llm":

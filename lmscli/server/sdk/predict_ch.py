@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from lmscli.engine import SamplingParams
+from lmscli.server.apis.parsing import chat_input, parse_messages, response_grammar, sampling
 from lmscli.server.body import Body
 from lmscli.server.errors import bad_request
 from lmscli.server.models import Loaded
-from lmscli.server.parsing import chat_input, parse_messages, response_grammar, sampling
-from lmscli.server.pipeline import prepare, start_turn
+from lmscli.server.pipeline.local import prepare, start_turn
+from lmscli.server.pipeline.turns import TurnInput
 from lmscli.server.sdk import linked_ch
 from lmscli.server.sdk.errors import PRESET_NOT_FOUND, SdkError
 from lmscli.server.sdk.events import SdkEvents
@@ -23,7 +24,6 @@ from lmscli.server.sdk.kvconfig import (
 )
 from lmscli.server.sdk.models_ns import find_instance, instance_info, linked_of, specifier_name
 from lmscli.server.sdk.protocol import Channel, Context
-from lmscli.server.turns import TurnInput
 
 STRUCTURED = "llm.prediction.structured"
 

@@ -28,7 +28,7 @@ from lmscli.server.errors import APIError
 from lmscli.server.models import ModelManager
 from lmscli.server.sdk.errors import SdkError, serialize
 from lmscli.server.security import KEY_CHECKED_SCOPE
-from lmscli.server.state import ServerState, server_state
+from lmscli.server.state import AppState, app_state
 
 log = logging.getLogger("lmscli.server.sdk")
 
@@ -45,7 +45,7 @@ TOKEN_PREFIX = "sk-lm-"  # LM Studio's API tokens: sk-lm-<clientIdentifier>:<cli
 class Context:
     """What a handler may use: the app's state, and the namespace it was called in."""
 
-    state: ServerState
+    state: AppState
     namespace: str
 
     @property
@@ -103,7 +103,7 @@ class Connection:
     def __init__(self, websocket: WebSocket, namespace: Namespace, api_key: str | None) -> None:
         self.ws = websocket
         self.namespace = namespace
-        self.context = Context(server_state(websocket), namespace.name)
+        self.context = Context(app_state(websocket), namespace.name)
         # an upgrade that carried the key needs none in the handshake
         self._key = None if websocket.scope.get(KEY_CHECKED_SCOPE) else api_key
         self._lock = asyncio.Lock()  # one frame at a time on the socket

@@ -14,7 +14,7 @@ from lmscli.logbus.events import server_log
 from lmscli.server.sdk import models_ns as m
 from lmscli.server.sdk.predict_ch import apply_prompt_template, predict
 from lmscli.server.sdk.protocol import Channel, Connection, Context, Namespace
-from lmscli.server.state import server_state
+from lmscli.server.state import app_state
 
 LOG_POLL_S = 0.5  # how often an idle log stream notices the server stopping
 
@@ -84,4 +84,4 @@ def namespaces() -> dict[str, Namespace]:
 
 async def serve(namespace: Namespace, websocket: WebSocket) -> None:
     """One SDK websocket on ``namespace``'s path."""
-    await Connection(websocket, namespace, server_state(websocket).settings.api_key).run()
+    await Connection(websocket, namespace, app_state(websocket).settings.api_key).run()

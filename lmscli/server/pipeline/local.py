@@ -28,14 +28,11 @@ from lmscli.engine import (
     SamplingParams,
 )
 from lmscli.server.body import Body
-from lmscli.server.errors import bad_request
+from lmscli.server.errors import APIError, bad_request
 from lmscli.server.models import Loaded
-from lmscli.server.parsing import model_for
-from lmscli.server.predict import Running, check_grammar, failure
-from lmscli.server.state import server_state
-from lmscli.server.streams import STREAM_COALESCE_S, watch_disconnect
-from lmscli.server.tooluse import ToolUse, chat_prompt, tool_use
-from lmscli.server.turns import (
+from lmscli.server.pipeline.running import Running, check_grammar, failure
+from lmscli.server.pipeline.tooluse import ToolUse, chat_prompt, tool_use
+from lmscli.server.pipeline.turns import (
     AnyTurn,
     BlockEvent,
     Blocks,
@@ -49,10 +46,37 @@ from lmscli.server.turns import (
     TurnOutput,
     TurnParser,
 )
+from lmscli.server.state import app_state
+from lmscli.server.streams import STREAM_COALESCE_S, watch_disconnect
 
 # While the parser holds text back (a call being read), a stream sends nothing; past this
 # long it sends something that clients skip, so that their read timeouts don't fire.
 KEEPALIVE_S = 5.0
+
+
+# -- the local model a request names -----------------------------------------------------------
+
+def ttl_of(body: Body) -> float | None:
+    ttl = body.integer("ttl", low=1)
+    return float(ttl) if ttl is not None else None
+
+
+async def model_for(request: Request, body: Body) -> Loaded:
+    name = body.get("model", str, required=True)
+    return await app_state(request).models.get_or_load(name, ttl_s=ttl_of(body))
+
+
+async def predict_model(request: Request, body: Body) -> Loaded:
+    """The named model (get-or-load), or the first loaded one when none is named."""
+    models = app_state(request).models
+    if body.get("model", str):
+        return await model_for(request, body)
+    if not models.loaded:
+        raise APIError(404, "No models are currently loaded. Load one with: lms load",
+                       param="model", code="model_not_loaded")
+    entry = sorted(models.loaded.values(), key=lambda e: e.loaded_at)[0]
+    entry.touch()
+    return entry
 
 
 # -- preparing ---------------------------------------------------------------------------------
@@ -239,7 +263,7 @@ async def open_turn(request: Request, body: Body, wanted: TurnInput, params: Sam
     """The started turn for the request's model, linked or local (loaded on demand), and
     the model's identifier. Errors up to the first output are HTTP errors."""
     name = body.data.get("model")
-    linked = await server_state(request).linked.open_turn(request, name, wanted, params,
+    linked = await app_state(request).linked.open_turn(request, name, wanted, params,
                                                           call_id_prefix)
     if linked is not None:
         return linked

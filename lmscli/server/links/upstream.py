@@ -57,7 +57,7 @@ class ToolCall:
 
 
 @dataclass
-class Completion:
+class UpstreamReply:
     """A completion as it arrives, chunk by chunk or whole."""
 
     started: float = field(default_factory=time.perf_counter)

@@ -15,14 +15,12 @@ from starlette.responses import JSONResponse
 
 from lmscli.engine import PredictionStats
 from lmscli.prompting.grammar import any_json_grammar
+from lmscli.server.apis.parsing import read_json, sampling, schema_grammar
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request, shorten
-from lmscli.server.parsing import read_json, sampling, schema_grammar
-from lmscli.server.pipeline import open_turn
-from lmscli.server.state import Kept, server_state
-from lmscli.server.streams import sse_event, sse_stream
-from lmscli.server.tooluse import function_tool
-from lmscli.server.turns import (
+from lmscli.server.pipeline.local import open_turn
+from lmscli.server.pipeline.tooluse import function_tool
+from lmscli.server.pipeline.turns import (
     AnyTurn,
     Block,
     Closed,
@@ -35,6 +33,8 @@ from lmscli.server.turns import (
     chat_response_format,
     check_tool_name,
 )
+from lmscli.server.state import Kept, app_state
+from lmscli.server.streams import sse_event, sse_stream
 
 MAX_STORED = 500  # responses kept for previous_response_id and GET; the oldest go first
 INCOMPLETE = {"maxPredictedTokensReached", "contextLengthReached"}
@@ -191,7 +191,7 @@ def conversation(store: Kept[Stored], response_id: str) -> list[dict[str, Any]]:
 
 
 def store_of(request: Request) -> Kept[Stored]:
-    return server_state(request).part("responses", lambda: Kept(MAX_STORED))
+    return app_state(request).part("responses", lambda: Kept(MAX_STORED))
 
 
 # -- the response ----------------------------------------------------------------------------

@@ -27,9 +27,9 @@ from lmscli.logbus import LogBus
 from lmscli.logbus.events import prediction_input, prediction_output
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError
-from lmscli.server.links import Link, Links, Target, describe, error_text
+from lmscli.server.links.registry import Link, Links, LinkTarget, describe, error_text
+from lmscli.server.links.upstream import SseDecoder, UpstreamReply
 from lmscli.server.streams import ClosingStream
-from lmscli.server.upstream import Completion, SseDecoder
 
 CONNECT_TIMEOUT_S = 3.0
 # A large model may think for minutes before its first byte; a dead one is noticed on connect.
@@ -83,7 +83,7 @@ class Forwarder:
         self.links = links
         self.bus = bus
 
-    async def open(self, target: Target, path: str, payload: dict[str, Any], *,
+    async def open(self, target: LinkTarget, path: str, payload: dict[str, Any], *,
                    whole: bool, hops: int = 1) -> Attempt:
         """Send to the first replica that answers; ``whole`` reads the entire body (a
         non-streamed answer), else only the first bytes. A 502 naming every link's failure
@@ -109,12 +109,12 @@ class Forwarder:
         raise APIError(502, f'{what} for "{target.identifier}" answered: ' + "; ".join(errors),
                        type_="server_error", code="upstream_unavailable")
 
-    async def open_stream(self, target: Target, path: str, payload: dict[str, Any],
-                          completion: Completion, hops: int = 1
-                          ) -> tuple[Attempt, PredictionLog | None]:
+    async def open_stream(self, target: LinkTarget, path: str, payload: dict[str, Any],
+                          completion: UpstreamReply, hops: int = 1
+                          ) -> tuple[Attempt, LinkedLog | None]:
         """A streamed request that we read and translate (not passed through), on the log
         bus; no replica answering, or an error answer, is an APIError, and ends the log."""
-        log = PredictionLog.begin(self.bus, target, payload, completion)
+        log = LinkedLog.begin(self.bus, target, payload, completion)
         attempt = await logged(log, self.open(target, path, payload, whole=False, hops=hops))
         status = attempt.response.status_code
         if status >= 400:
@@ -144,13 +144,13 @@ class Forwarder:
 
     # -- the OpenAI routes ----------------------------------------------------------------
 
-    async def openai(self, request: Request, body: Body, target: Target, path: str) -> Response:
+    async def openai(self, request: Request, body: Body, target: LinkTarget, path: str) -> Response:
         """``path`` (``/chat/completions``, ``/completions``, ``/embeddings``) on the
         upstream, its answer passed through."""
         hops = next_hop(request)
         payload = upstream_body(body.data, target)
         stream = payload.get("stream") is True
-        log = PredictionLog.begin(self.bus, target, payload) if path != "/embeddings" else None
+        log = LinkedLog.begin(self.bus, target, payload) if path != "/embeddings" else None
         attempt = await logged(log, until_disconnected(request, self.open(
             target, path, payload, whole=not stream, hops=hops)))
         if attempt is None:
@@ -165,7 +165,7 @@ class Forwarder:
         return ClosingStream(self._relay(attempt, log), partial(end_stream, attempt, log),
                              media_type=media_type, headers={"Cache-Control": "no-cache"})
 
-    async def _relay(self, attempt: Attempt, log: PredictionLog | None
+    async def _relay(self, attempt: Attempt, log: LinkedLog | None
                      ) -> AsyncIterator[bytes]:
         tail = b"\n"
         try:
@@ -185,7 +185,7 @@ class Forwarder:
             log.end(stopped=False)
 
 
-async def end_stream(attempt: Attempt, log: PredictionLog | None) -> None:
+async def end_stream(attempt: Attempt, log: LinkedLog | None) -> None:
     """Close a relayed stream's upstream request; its log, if it has not ended, ends as
     stopped by the client."""
     await attempt.close()
@@ -193,11 +193,11 @@ async def end_stream(attempt: Attempt, log: PredictionLog | None) -> None:
         log.end(stopped=True)  # a no-op after a normal end
 
 
-class PredictionLog:
+class LinkedLog:
     """One forwarded prediction on the log bus: the messages as sent (the template is
     applied upstream), then the output with stats. Exists only while somebody listens."""
 
-    def __init__(self, bus: LogBus, target: Target, completion: Completion) -> None:
+    def __init__(self, bus: LogBus, target: LinkTarget, completion: UpstreamReply) -> None:
         self.bus = bus
         self.target = target
         self.completion = completion
@@ -205,8 +205,8 @@ class PredictionLog:
         self._done = False
 
     @classmethod
-    def begin(cls, bus: LogBus | None, target: Target, payload: dict[str, Any],
-              completion: Completion | None = None) -> PredictionLog | None:
+    def begin(cls, bus: LogBus | None, target: LinkTarget, payload: dict[str, Any],
+              completion: UpstreamReply | None = None) -> LinkedLog | None:
         if bus is None or not bus.active:
             return None
         if "messages" in payload:
@@ -217,7 +217,7 @@ class PredictionLog:
         path = f"{target.links[0].name}/{target.model}" if len(target.links) == 1 \
             else target.model
         bus.publish(prediction_input(target.identifier, path, text))
-        return cls(bus, target, completion or Completion())
+        return cls(bus, target, completion or UpstreamReply())
 
     def feed(self, chunk: bytes) -> None:
         for event in self._decoder.feed(chunk):
@@ -239,7 +239,7 @@ class PredictionLog:
                                            self.completion.stats(stopped)))
 
 
-async def logged(log: PredictionLog | None, opening: Awaitable[T]) -> T:
+async def logged(log: LinkedLog | None, opening: Awaitable[T]) -> T:
     """``opening``'s result; if it fails (no replica answered), the log says so too."""
     try:
         return await opening
@@ -250,7 +250,7 @@ async def logged(log: PredictionLog | None, opening: Awaitable[T]) -> T:
         raise
 
 
-def upstream_body(data: dict[str, Any], target: Target) -> dict[str, Any]:
+def upstream_body(data: dict[str, Any], target: LinkTarget) -> dict[str, Any]:
     """The request as the upstream gets it: its name for the model, our own fields out."""
     out = {k: v for k, v in data.items() if k not in LOCAL_FIELDS}
     out["model"] = target.model

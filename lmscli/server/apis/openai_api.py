@@ -13,21 +13,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmscli.engine import PredictionStats
-from lmscli.server.body import Body
-from lmscli.server.errors import APIError, bad_request, shorten
-from lmscli.server.linked import v0_entry, v1_entry
-from lmscli.server.models import Loaded
-from lmscli.server.parsing import (
+from lmscli.server.apis.parsing import (
     chat_input,
-    model_for,
     read_json,
     response_grammar,
     sampling,
 )
-from lmscli.server.pipeline import Turn, start_turn
-from lmscli.server.state import server_state
+from lmscli.server.body import Body
+from lmscli.server.errors import APIError, bad_request, shorten
+from lmscli.server.links.linked import v0_entry, v1_entry
+from lmscli.server.models import Loaded
+from lmscli.server.pipeline.local import Turn, model_for, start_turn
+from lmscli.server.pipeline.turns import Block, Failure, Finished, Grew, Idle, Opened, TurnInput
+from lmscli.server.state import app_state
 from lmscli.server.streams import SSE_KEEPALIVE, sse, sse_stream
-from lmscli.server.turns import Block, Failure, Finished, Grew, Idle, Opened, TurnInput
 
 FINISH = {"eosFound": "stop", "stopStringFound": "stop", "userStopped": "stop",
           "maxPredictedTokensReached": "length", "contextLengthReached": "length",
@@ -58,7 +57,7 @@ def lmstudio_extras(entry: Loaded, stats: PredictionStats, engine: Any) -> dict[
     }
 
 
-class Completion:
+class CompletionReply:
     """Renders one chat or text completion, whole or as an SSE stream of chunks."""
 
     def __init__(self, request: Request, body: Body, *, chat: bool, rest: bool) -> None:
@@ -92,7 +91,7 @@ class Completion:
             choice["text"] = text
         out = self._base(entry) | {"choices": [choice], "usage": usage(stats)}
         if self.rest:
-            out |= lmstudio_extras(entry, stats, server_state(self.request).engine)
+            out |= lmstudio_extras(entry, stats, app_state(self.request).engine)
         return out
 
     def _chunk(self, entry: Loaded, delta: dict[str, Any] | str, finish: str | None = None
@@ -126,7 +125,7 @@ class Completion:
     def _final_chunk(self, entry: Loaded, stats: PredictionStats) -> dict[str, Any]:
         chunk = self._chunk(entry, {} if self.chat else "", FINISH[stats.stop_reason])
         if self.rest:
-            chunk |= lmstudio_extras(entry, stats, server_state(self.request).engine)
+            chunk |= lmstudio_extras(entry, stats, app_state(self.request).engine)
         return chunk
 
 
@@ -171,7 +170,7 @@ async def chat_completions(request: Request, rest: bool = False) -> Any:
         return forwarded
     wanted = chat_input(body)
     params = sampling(body)
-    completion = Completion(request, body, chat=True, rest=rest)
+    completion = CompletionReply(request, body, chat=True, rest=rest)
     entry = await model_for(request, body)
     turn = await start_turn(entry, wanted, params, request=request)
     return await completion.respond(entry, turn)
@@ -192,7 +191,7 @@ async def completions(request: Request, rest: bool = False) -> Any:
                           "prompt")
     wanted = TurnInput([], schema_grammar=response_grammar(body), prompt=prompt)
     params = sampling(body)
-    completion = Completion(request, body, chat=False, rest=rest)
+    completion = CompletionReply(request, body, chat=False, rest=rest)
     entry = await model_for(request, body)
     turn = await start_turn(entry, wanted, params, request=request)
     return await completion.respond(entry, turn)
@@ -200,7 +199,7 @@ async def completions(request: Request, rest: bool = False) -> Any:
 
 async def forward(request: Request, body: Body, path: str) -> Response | None:
     """The upstream's answer when the request's model is a linked one, else None."""
-    linked = server_state(request).linked
+    linked = app_state(request).linked
     target = linked.target(body.data.get("model"))
     if target is None:
         return None
@@ -244,7 +243,7 @@ def embedding_inputs(body: Body) -> list[str]:
 
 
 async def v1_models(request: Request) -> Any:
-    state = server_state(request)
+    state = app_state(request)
     ids = list(state.models.loaded)
     ids += [m.model_key for m in state.models.downloaded() if m.model_key not in ids]
     return JSONResponse({"object": "list", "data": [
@@ -272,7 +271,7 @@ def v0_model(model: Any, entry: Loaded | None) -> dict[str, Any]:
 
 
 async def v0_models(request: Request) -> Any:
-    state = server_state(request)
+    state = app_state(request)
     models = state.models
     data = [v0_model(e.model, e) for e in models.loaded.values()]
     loaded_keys = {e.model.model_key for e in models.loaded.values()}
@@ -282,7 +281,7 @@ async def v0_models(request: Request) -> Any:
 
 
 async def v0_model_one(request: Request) -> Any:
-    state = server_state(request)
+    state = app_state(request)
     name = request.path_params["model"]
     if (target := state.linked.target(name)) is not None:
         return JSONResponse(v0_entry(state.linked.model(target)))

@@ -19,14 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmscli.engine import PromptProgress
+from lmscli.server.apis.parsing import manager, parse_messages, read_json, sampling
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request, rest_v1_body, shorten
 from lmscli.server.models import JIT_TTL_S, Loaded, LoadProgress
-from lmscli.server.parsing import manager, parse_messages, read_json, sampling
-from lmscli.server.pipeline import start_turn
-from lmscli.server.state import Kept, server_state
-from lmscli.server.streams import sse_event, sse_stream
-from lmscli.server.turns import (
+from lmscli.server.pipeline.local import start_turn
+from lmscli.server.pipeline.turns import (
     AnyTurn,
     Block,
     BlockEvent,
@@ -37,6 +35,8 @@ from lmscli.server.turns import (
     Opened,
     TurnInput,
 )
+from lmscli.server.state import Kept, app_state
+from lmscli.server.streams import sse_event, sse_stream
 
 log = logging.getLogger("lmscli.server")
 
@@ -171,7 +171,7 @@ def _item_text(value: list[Any]) -> str:
 
 def responses(request: Request) -> Kept[list[dict[str, Any]]]:
     """Each stored chat's whole history, by response id."""
-    return server_state(request).part("api_v1_chat", lambda: Kept(MAX_STORED))
+    return app_state(request).part("api_v1_chat", lambda: Kept(MAX_STORED))
 
 
 def remember(request: Request, messages: list[dict[str, Any]]) -> str:
@@ -183,9 +183,9 @@ def remember(request: Request, messages: list[dict[str, Any]]) -> str:
 async def chat(request: Request) -> Response:
     chat_request = ChatRequest(request, await read_json(request))
     wanted = TurnInput(chat_request.messages)
-    linked = await server_state(request).linked.open_turn(request, chat_request.name, wanted,
+    linked = await app_state(request).linked.open_turn(request, chat_request.name, wanted,
                                                           chat_request.params)
-    reply = Reply(chat_request)
+    reply = ChatReply(chat_request)
     if linked is not None:
         reply.identifier, reply.turn = linked
         if chat_request.stream:
@@ -232,7 +232,7 @@ def event(kind: str, **data: Any) -> bytes:
     return sse_event(kind, {"type": kind, **data})
 
 
-class Reply:
+class ChatReply:
     """One chat's answer, local or linked: whole, or streamed as chat.start, a JIT load's
     model_load.*, prompt_processing.*, reasoning.* and message.*, then chat.end with the
     whole result (or an error event)."""

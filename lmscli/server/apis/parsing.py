@@ -10,11 +10,11 @@ from starlette.requests import Request
 from lmscli.engine import SamplingParams
 from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
 from lmscli.server.body import Body, parse_json
-from lmscli.server.errors import APIError, bad_request, shorten
-from lmscli.server.models import Loaded, ModelManager
-from lmscli.server.state import server_state
-from lmscli.server.tooluse import check_message_tool_fields, parse_tool_choice, parse_tools
-from lmscli.server.turns import TurnInput
+from lmscli.server.errors import bad_request, shorten
+from lmscli.server.models import ModelManager
+from lmscli.server.pipeline.tooluse import check_message_tool_fields, parse_tool_choice, parse_tools
+from lmscli.server.pipeline.turns import TurnInput
+from lmscli.server.state import app_state
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOPS = 32
@@ -31,7 +31,7 @@ async def read_json(request: Request) -> Body:
 
 
 def manager(request: Request) -> ModelManager:
-    return server_state(request).models
+    return app_state(request).models
 
 
 def sampling(body: Body, *, limit_key: str | None = None, stop_key: str = "stop"
@@ -159,26 +159,3 @@ def chat_input(body: Body, schema_param: str = "response_format") -> TurnInput:
     parse_tool_choice(body, tools)
     return TurnInput(parse_messages(body), tools, body.data.get("tool_choice"),
                      response_grammar(body), schema_param)
-
-
-def ttl_of(body: Body) -> float | None:
-    ttl = body.integer("ttl", low=1)
-    return float(ttl) if ttl is not None else None
-
-
-async def model_for(request: Request, body: Body) -> Loaded:
-    name = body.get("model", str, required=True)
-    return await manager(request).get_or_load(name, ttl_s=ttl_of(body))
-
-
-async def predict_model(request: Request, body: Body) -> Loaded:
-    """The named model (get-or-load), or the first loaded one when none is named."""
-    models = manager(request)
-    if body.get("model", str):
-        return await model_for(request, body)
-    if not models.loaded:
-        raise APIError(404, "No models are currently loaded. Load one with: lms load",
-                       param="model", code="model_not_loaded")
-    entry = sorted(models.loaded.values(), key=lambda e: e.loaded_at)[0]
-    entry.touch()
-    return entry

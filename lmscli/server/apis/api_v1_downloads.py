@@ -21,9 +21,9 @@ from starlette.responses import JSONResponse, Response
 
 from lmscli import catalog
 from lmscli.errors import LMSError, ModelNotFoundError, UserInputError
+from lmscli.server.apis.parsing import read_json
 from lmscli.server.errors import APIError, shorten
-from lmscli.server.parsing import read_json
-from lmscli.server.state import server_state
+from lmscli.server.state import app_state
 
 QUICK_S = 0.5  # how long the request waits for a download that may settle at once
 MAX_ACTIVE = 2  # downloads at a time: each can saturate the network and the disk
@@ -138,7 +138,7 @@ def _refusal(exc: LMSError) -> APIError:
 
 
 def downloads(request: Request) -> Downloads:
-    return server_state(request).part("api_v1_downloads", Downloads)
+    return app_state(request).part("api_v1_downloads", Downloads)
 
 
 async def download(request: Request) -> Response:

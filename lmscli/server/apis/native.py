@@ -12,23 +12,22 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 import lmscli
 from lmscli import linkstore
-from lmscli.server import link_sdk
-from lmscli.server.body import Body
-from lmscli.server.errors import APIError, bad_request
-from lmscli.server.models import MAX_PARALLEL, Loaded, LoadEvent, LoadProgress
-from lmscli.server.parsing import (
+from lmscli.server.apis.parsing import (
     chat_input,
     manager,
-    predict_model,
     read_json,
     response_grammar,
     sampling,
 )
-from lmscli.server.pipeline import start_turn
+from lmscli.server.body import Body
+from lmscli.server.errors import APIError, bad_request
+from lmscli.server.links import sdk as link_sdk
+from lmscli.server.models import MAX_PARALLEL, Loaded, LoadEvent, LoadProgress
+from lmscli.server.pipeline.local import predict_model, start_turn
+from lmscli.server.pipeline.turns import Idle, TurnInput
 from lmscli.server.sdk.events import SdkEvents
-from lmscli.server.state import server_state
+from lmscli.server.state import app_state
 from lmscli.server.streams import NDJSON_KEEPALIVE, ndjson, ndjson_stream
-from lmscli.server.turns import Idle, TurnInput
 
 
 async def greeting(request: Request) -> Any:
@@ -40,7 +39,7 @@ async def lms_status(request: Request) -> Any:
 
 
 async def status(request: Request) -> Any:
-    state = server_state(request)
+    state = app_state(request)
     engine, settings = state.engine, state.settings
     return JSONResponse({
         "package": "lmscli", "version": lmscli.__version__, "pid": os.getpid(),
@@ -58,7 +57,7 @@ async def downloaded(request: Request) -> Any:
 async def loaded(request: Request) -> Any:
     """The loaded models, then those that links serve (so "the first loaded model" stays a
     local one)."""
-    state = server_state(request)
+    state = app_state(request)
     entries = sorted(state.models.loaded.values(), key=lambda e: e.identifier)
     return JSONResponse([e.info() for e in entries] +
                         [m.info() for m in state.linked.links.linked_models()])
@@ -82,7 +81,7 @@ async def load(request: Request) -> Any:
     """Loads a model, streaming NDJSON progress lines, then a success or error line."""
     body = await read_json(request)
     name = body.get("model", str, required=True)
-    linked = server_state(request).linked
+    linked = app_state(request).linked
     if (target := linked.target(name)) is not None:
         return link_sdk.load_answer(linked.model(target))  # the engine already holds it
     identifier = body.get("identifier", str)
@@ -129,13 +128,13 @@ async def unload(request: Request) -> Any:
     if body.get("all", bool, False):
         return JSONResponse({"unloaded": await models.unload_all()})
     identifier = body.get("identifier", str, required=True)
-    server_state(request).linked.check_unload(identifier)
+    app_state(request).linked.check_unload(identifier)
     entry: Loaded = await models.unload(identifier)
     return JSONResponse({"identifier": entry.identifier})
 
 
 async def shutdown(request: Request) -> Any:
-    server = server_state(request).uvicorn_server
+    server = app_state(request).uvicorn_server
     if server is None:
         raise APIError(409, "This server was not started by lmscli and cannot stop itself.")
     server.should_exit = True
@@ -149,7 +148,7 @@ async def predict(request: Request) -> Any:
     ``promptProcessingProgress``, ``fragment``, ``toolCallGeneration*``, then ``success``
     or ``error``."""
     body = await read_json(request)
-    state = server_state(request)
+    state = app_state(request)
     predictions = state.predictions
     if (target := state.linked.target(body.data.get("model"))) is not None:
         return await link_sdk.predict(request, body, target, state.linked.model(target),
@@ -189,7 +188,7 @@ def raw_input(body: Body) -> TurnInput:
 
 async def cancel(request: Request) -> Any:
     """Stop a prediction between tokens; its stream still ends with ``success`` (userStopped)."""
-    prediction = server_state(request).predictions.get(request.path_params["prediction_id"])
+    prediction = app_state(request).predictions.get(request.path_params["prediction_id"])
     if prediction is None:
         raise APIError(404, "No such prediction is running.", code="prediction_not_found")
     prediction.cancel()
@@ -200,7 +199,7 @@ async def cancel(request: Request) -> Any:
 
 async def list_links(request: Request) -> Any:
     """The links; ``?refresh=true`` asks each for its models first (a few seconds at most)."""
-    registry = server_state(request).linked.links
+    registry = app_state(request).linked.links
     if request.query_params.get("refresh", "").lower() in ("1", "true", "yes"):
         await registry.refresh()
     return JSONResponse({"links": [link.info() for link in registry.links.values()]})
@@ -213,7 +212,7 @@ async def add_link(request: Request) -> Any:
     key = body.text("api_key")
     config = linkstore.LinkConfig(checked(linkstore.check_name, name, "name"),
                                   checked(linkstore.normalise_url, url, "url"), key or None)
-    registry = server_state(request).linked.links
+    registry = app_state(request).linked.links
     link = registry.add(config)
     await registry.refresh([link.name])
     return JSONResponse({"link": link.info()})
@@ -228,5 +227,5 @@ def checked(check: Callable[[str], str], value: str, param: str) -> str:
 
 async def remove_link(request: Request) -> Any:
     body = await read_json(request)
-    link = server_state(request).linked.links.remove(body.text("name", required=True))
+    link = app_state(request).linked.links.remove(body.text("name", required=True))
     return JSONResponse({"removed": link.name})

@@ -17,11 +17,11 @@ from lmscli import catalog, linkstore
 from lmscli.engine import SamplingParams
 from lmscli.logbus import LogBus
 from lmscli.server.errors import APIError
-from lmscli.server.forward import Forwarder, http_client
-from lmscli.server.link_turn import LinkedTurn, chat_payload
-from lmscli.server.links import REFRESH_EVERY_S, LinkedModel, Links, Target
+from lmscli.server.links.forward import Forwarder, http_client
+from lmscli.server.links.registry import REFRESH_EVERY_S, LinkedModel, Links, LinkTarget
+from lmscli.server.links.turn import LinkedTurn, chat_payload
 from lmscli.server.models import MAX_NAME_CHARS, ModelManager
-from lmscli.server.turns import AnyTurn, TurnInput
+from lmscli.server.pipeline.turns import AnyTurn, TurnInput
 
 DOWNLOADED_TTL_S = 2.0
 CHARS_PER_TOKEN = 4
@@ -86,14 +86,14 @@ class Linked:
         await turn.start()
         return target.identifier, turn
 
-    def target(self, name: Any) -> Target | None:
+    def target(self, name: Any) -> LinkTarget | None:
         """The link target serving the model called ``name``; None for a local model (or
         none at all: the local handler then says what is wrong)."""
         if not self.links.links or not isinstance(name, str) or not name:
             return None
         return self.links.resolve(name)
 
-    def model(self, target: Target) -> LinkedModel:
+    def model(self, target: LinkTarget) -> LinkedModel:
         return self.links.linked_model(target)
 
     def check_unload(self, name: str) -> None:

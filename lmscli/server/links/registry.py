@@ -25,7 +25,7 @@ from lmscli import linkstore
 from lmscli.linkstore import LinkConfig
 from lmscli.server.errors import APIError, shorten
 
-log = logging.getLogger("lmscli.server.links")
+log = logging.getLogger("lmscli.server.links.registry")
 
 REFRESH_EVERY_S = 30.0
 LIST_TIMEOUT_S = 2.0  # a model listing is small: an engine slower than this counts as down
@@ -90,7 +90,7 @@ class Link:
 
 
 @dataclass
-class Target:
+class LinkTarget:
     """Where a request for a linked model goes: the upstream's name for it and the links
     that offer it (replicas)."""
 
@@ -251,7 +251,7 @@ class Links:
 
     # -- requests -------------------------------------------------------------------------
 
-    def resolve(self, name: str) -> Target | None:
+    def resolve(self, name: str) -> LinkTarget | None:
         """The links a request for ``name`` goes to, or None for a local model (or for
         nothing at all: the local handler then says what exists). Never waits."""
         if not self.links or self.is_loaded(name):
@@ -259,12 +259,12 @@ class Links:
         prefix, _, rest = name.partition("/")
         link = self.links.get(prefix)
         if link is not None and rest and (not link.listed or rest in link.model_ids()):
-            return Target(rest, [link], name)
+            return LinkTarget(rest, [link], name)
         if self.is_downloaded(name):
             return None
         replicas = [link for link in self.links.values() if name in link.model_ids()]
         if replicas:
-            return Target(name, replicas, name)
+            return LinkTarget(name, replicas, name)
         if link is not None and rest:
             offered = ", ".join(sorted(link.model_ids())[:20]) or "none"
             raise APIError(404, f'The link "{link.name}" does not offer a model '
@@ -272,7 +272,7 @@ class Links:
                            code="model_not_found")
         return None
 
-    def linked_model(self, target: Target) -> LinkedModel:
+    def linked_model(self, target: LinkTarget) -> LinkedModel:
         context = next((m.context_length for link in target.links for m in link.models
                         if m.id == target.model), None)
         return LinkedModel(target.model, target.links, context, target.identifier)

@@ -24,7 +24,7 @@ from lmscli.prompting.tools import (
 )
 from lmscli.server.body import Body
 from lmscli.server.errors import bad_request
-from lmscli.server.tooluse import MAX_TOOL_NAME_CHARS, ToolUse
+from lmscli.server.pipeline.tooluse import MAX_TOOL_NAME_CHARS, ToolUse
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 

@@ -12,15 +12,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from lmscli.engine import PredictionStats
+from lmscli.server.apis.parsing import read_json, sampling, schema_grammar
 from lmscli.server.body import Body
 from lmscli.server.errors import bad_request, shorten
-from lmscli.server.linked import estimate_tokens
-from lmscli.server.parsing import model_for, read_json, sampling, schema_grammar
-from lmscli.server.pipeline import count_tokens, open_turn, prepare
-from lmscli.server.state import server_state
-from lmscli.server.streams import sse_event, sse_stream
-from lmscli.server.tooluse import function_tool
-from lmscli.server.turns import (
+from lmscli.server.links.linked import estimate_tokens
+from lmscli.server.pipeline.local import count_tokens, model_for, open_turn, prepare
+from lmscli.server.pipeline.tooluse import function_tool
+from lmscli.server.pipeline.turns import (
     AnyTurn,
     Block,
     Closed,
@@ -32,6 +30,8 @@ from lmscli.server.turns import (
     chat_response_format,
     check_tool_name,
 )
+from lmscli.server.state import app_state
+from lmscli.server.streams import sse_event, sse_stream
 
 STOP_REASONS = {"eosFound": "end_turn", "stopStringFound": "stop_sequence",
                 "maxPredictedTokensReached": "max_tokens",
@@ -228,7 +228,7 @@ def content_block(block: Block) -> dict[str, Any]:
             "input": block.arguments}
 
 
-class Reply:
+class MessageReply:
     """One message: the whole body, or Anthropic's event sequence."""
 
     def __init__(self, model: str, turn: AnyTurn) -> None:
@@ -303,7 +303,7 @@ async def messages(request: Request) -> Any:
     stream = body.get("stream", bool, False)
     # from here on, only the turn's own end may end the request
     model, turn = await open_turn(request, body, wanted, params, call_id_prefix="toolu_")
-    reply = Reply(model, turn)
+    reply = MessageReply(model, turn)
     if stream:
         return sse_stream(reply.events(), turn.close)
     return JSONResponse(reply.whole(await turn.whole()))
@@ -312,7 +312,7 @@ async def messages(request: Request) -> Any:
 async def count_tokens_route(request: Request) -> Any:
     body = await read_json(request)
     wanted = turn_input(body)
-    if server_state(request).linked.target(body.data.get("model")) is not None:
+    if app_state(request).linked.target(body.data.get("model")) is not None:
         # an upstream can't count a prompt without running it: an estimate, for budgets
         return JSONResponse({"input_tokens": estimate_tokens(wanted)})
     entry = await model_for(request, body)

@@ -19,15 +19,16 @@ from starlette.requests import Request
 from lmscli.engine import Failed, PredictionStats, SamplingParams
 from lmscli.prompting.tools import CallArgs, CallEnd, CallStart, ContentDelta
 from lmscli.server.errors import APIError
-from lmscli.server.forward import (
+from lmscli.server.links.forward import (
     Attempt,
     Forwarder,
-    PredictionLog,
+    LinkedLog,
     next_hop,
     until_disconnected,
 )
-from lmscli.server.links import Target, describe
-from lmscli.server.turns import (
+from lmscli.server.links.registry import LinkTarget, describe
+from lmscli.server.links.upstream import DONE, SseDecoder, UpstreamReply
+from lmscli.server.pipeline.turns import (
     BlockEvent,
     Blocks,
     Failure,
@@ -37,7 +38,6 @@ from lmscli.server.turns import (
     TurnEvent,
     TurnInput,
 )
-from lmscli.server.upstream import DONE, Completion, SseDecoder
 
 # OpenAI's sampling fields, and those llama.cpp-family servers (llama-server, vLLM, another
 # lmscli) read too; only values the caller changed are sent, so the upstream's defaults hold.
@@ -46,7 +46,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalt
 DEFAULTS = SamplingParams()
 
 
-def chat_payload(target: Target, wanted: TurnInput, params: SamplingParams) -> dict[str, Any]:
+def chat_payload(target: LinkTarget, wanted: TurnInput, params: SamplingParams) -> dict[str, Any]:
     """The turn as a streamed OpenAI chat request, with usage for the stats."""
     messages = list(wanted.messages)
     if wanted.prefill:  # the nearest chat has to a prefill: the answer's start, as history
@@ -74,7 +74,7 @@ def chat_payload(target: Target, wanted: TurnInput, params: SamplingParams) -> d
 class LinkedTurn:
     """One upstream chat stream as a turn's block events (see ``turns.AnyTurn``)."""
 
-    def __init__(self, request: Request, forwarder: Forwarder, target: Target,
+    def __init__(self, request: Request, forwarder: Forwarder, target: LinkTarget,
                  payload: dict[str, Any], call_id_prefix: str = "call_") -> None:
         self.request, self.forwarder, self.target = request, forwarder, target
         self.payload = payload
@@ -83,8 +83,8 @@ class LinkedTurn:
         self.prompt_tokens = 0  # an upstream tells them with the last chunk only
         self.cached_tokens = 0
         self.reasoning_tokens = 0
-        self.completion = Completion()
-        self.log: PredictionLog | None = None
+        self.completion = UpstreamReply()
+        self.log: LinkedLog | None = None
         self._attempt: Attempt | None = None
         self._prefix = call_id_prefix
         # a schema shapes the whole reply: nothing in it is reasoning (as for a local turn)

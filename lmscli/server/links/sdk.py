@@ -18,20 +18,20 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from lmscli.server.body import Body
-from lmscli.server.forward import (
+from lmscli.server.links.forward import (
     Attempt,
     Forwarder,
-    PredictionLog,
+    LinkedLog,
     end_stream,
     next_hop,
     until_disconnected,
     upstream_body,
 )
-from lmscli.server.links import LinkedModel, Target, describe
+from lmscli.server.links.registry import LinkedModel, LinkTarget, describe
+from lmscli.server.links.upstream import DONE, SseDecoder, UpstreamReply
 from lmscli.server.sdk.events import failure_event, fragment_event
 from lmscli.server.state import Cancellable
 from lmscli.server.streams import ndjson, ndjson_stream
-from lmscli.server.upstream import DONE, Completion, SseDecoder
 
 NDJSON = "application/x-ndjson"
 
@@ -43,7 +43,7 @@ def load_answer(model: LinkedModel) -> Response:
     return StreamingResponse(iter([ndjson(line)]), media_type=NDJSON)
 
 
-def sdk_payload(body: Body, target: Target) -> dict[str, Any]:
+def sdk_payload(body: Body, target: LinkTarget) -> dict[str, Any]:
     """The SDK's request as an OpenAI one: streamed, with usage for the stats."""
     payload = upstream_body(body.data, target)
     payload["stream"] = True
@@ -53,7 +53,7 @@ def sdk_payload(body: Body, target: Target) -> dict[str, Any]:
     return payload
 
 
-async def predict(request: Request, body: Body, target: Target, model: LinkedModel,
+async def predict(request: Request, body: Body, target: LinkTarget, model: LinkedModel,
                   forwarder: Forwarder, predictions: dict[str, Cancellable]) -> Response:
     hops = next_hop(request)
     prediction = await until_disconnected(request, open_prediction(
@@ -70,12 +70,12 @@ async def predict(request: Request, body: Body, target: Target, model: LinkedMod
     return ndjson_stream(prediction.lines(prediction_id), on_close)
 
 
-async def open_prediction(forwarder: Forwarder, target: Target, model: LinkedModel,
+async def open_prediction(forwarder: Forwarder, target: LinkTarget, model: LinkedModel,
                           payload: dict[str, Any], hops: int = 1) -> LinkedPrediction:
     """The upstream stream for an SDK prediction (a ``prompt`` goes to ``/completions``),
     on the log bus; no replica answering, or a refusal, is an APIError."""
     path = "/completions" if "prompt" in payload else "/chat/completions"
-    completion = Completion()
+    completion = UpstreamReply()
     attempt, log = await forwarder.open_stream(target, path, payload, completion, hops)
     return LinkedPrediction(attempt, model, completion, log)
 
@@ -84,8 +84,8 @@ class LinkedPrediction:
     """One upstream stream as SDK events; ``cancel()`` ends it between chunks with the
     stop reason ``userStopped``, as a local prediction ends."""
 
-    def __init__(self, attempt: Attempt, model: LinkedModel, completion: Completion,
-                 log: PredictionLog | None) -> None:
+    def __init__(self, attempt: Attempt, model: LinkedModel, completion: UpstreamReply,
+                 log: LinkedLog | None) -> None:
         self.attempt = attempt
         self.info = model.info()
         self.completion = completion
