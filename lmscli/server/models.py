@@ -90,10 +90,16 @@ class LoadProgress:
 @dataclass
 class LoadDone:
     entry: Loaded
-    seconds: float
+    seconds: float | None  # None: it was loaded already, or by another request
+
+
+@dataclass
+class LoadStart:
+    model: Any  # catalog.LocalModel: a just-in-time load of it begins
 
 
 LoadEvent = LoadProgress | LoadDone
+JitEvent = LoadStart | LoadProgress | LoadDone
 EventCb = Callable[[str, str, str | None], None]  # level, message, model identifier
 
 
@@ -143,19 +149,52 @@ class ModelManager:
 
     # -- loading ---------------------------------------------------------------------------
 
-    async def get_or_load(self, name: str, *, ttl_s: float | None = None) -> Loaded:
-        """The loaded model called ``name``, else a JIT load of the downloaded one."""
+    def _found(self, name: str, ttl_s: float | None) -> Loaded | None:
         entry = self.find_loaded(name)
         if entry is not None:
             if ttl_s is not None and entry.jit:
                 entry.ttl_s = ttl_s
             entry.touch()
-            return entry
+        return entry
+
+    async def get_or_load_events(self, name: str, *, ttl_s: float | None = None,
+                                 context_length: int | None = None, jit: bool = True,
+                                 **options: Any) -> AsyncGenerator[JitEvent, None]:
+        """The model called ``name``: at once when it is loaded (``LoadDone`` without
+        seconds), else a load of the downloaded one as events (``LoadStart``, progress,
+        ``LoadDone``). Requests that ask at once load it once. Close the events when done
+        (``contextlib.aclosing``): meanwhile they hold the model's load lock."""
+        if (entry := self._found(name, ttl_s)) is not None:
+            yield LoadDone(entry, None)
+            return
         model = self.resolve_downloaded(name)
-        pending = self._loading.get(model.model_key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        return await self.load(model.model_key, ttl_s=ttl_s or JIT_TTL_S, jit=True)
+        async with self.load_lock(model.model_key):
+            entry = self._found(name, ttl_s)
+            if entry is None and (pending := self.pending(model.model_key)) is not None:
+                entry = await asyncio.shield(pending)  # a load that began elsewhere
+            if entry is not None:
+                yield LoadDone(entry, None)
+                return
+            await self.check_load(model.model_key, None, context_length)
+            yield LoadStart(model)
+            events = self.load_events(model.model_key, context_length=context_length,
+                                      ttl_s=ttl_s or (JIT_TTL_S if jit else None), jit=jit,
+                                      **options)
+            try:
+                async for event in events:
+                    yield event
+            finally:
+                await events.aclose()  # the client left: abort the load between tensors
+
+    async def get_or_load(self, name: str, *, ttl_s: float | None = None,
+                          context_length: int | None = None) -> Loaded:
+        """The loaded model called ``name``, else a JIT load of the downloaded one."""
+        async with contextlib.aclosing(self.get_or_load_events(
+                name, ttl_s=ttl_s, context_length=context_length)) as events:
+            async for event in events:
+                if isinstance(event, LoadDone):
+                    return event.entry
+        raise AssertionError("a load ends with its model, or raises")
 
     async def check_load(self, name: str, identifier: str | None,
                          context_length: int | None) -> Any:

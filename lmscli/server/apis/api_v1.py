@@ -8,7 +8,7 @@ internal_error).
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -22,7 +22,7 @@ from lmscli.engine import PromptProgress
 from lmscli.server.apis.parsing import manager, parse_messages, read_json, sampling
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request, rest_v1_body, shorten
-from lmscli.server.models import JIT_TTL_S, Loaded, LoadProgress
+from lmscli.server.models import Loaded, LoadProgress, LoadStart
 from lmscli.server.pipeline.local import start_turn
 from lmscli.server.pipeline.turns import (
     AnyTurn,
@@ -191,32 +191,13 @@ async def chat(request: Request) -> Response:
         if chat_request.stream:
             return sse_stream(reply.events(), reply.close)
         return JSONResponse(await reply.whole())
-    reply.entry = manager(request).find_loaded(chat_request.name)
     if chat_request.stream:
         # the load and the prompt's progress are events of the stream
         return sse_stream(reply.local_events(wanted), reply.close)
-    if reply.entry is None:
-        started = time.perf_counter()
-        reply.entry = await jit_load(chat_request)
-        reply.load_s = time.perf_counter() - started
+    async for _ in reply.load():  # a whole answer: the load's events are not sent
+        pass
     await reply.start(wanted)
     return JSONResponse(await reply.whole())
-
-
-async def jit_load(chat_request: ChatRequest) -> Loaded:
-    """LM Studio's just-in-time load, with the request's context_length; requests that ask
-    at once load the model once."""
-    models = manager(chat_request.request)
-    model = models.resolve_downloaded(chat_request.name)
-    async with models.load_lock(model.model_key):
-        entry = models.find_loaded(chat_request.name)
-        if entry is not None:
-            return entry
-        if (pending := models.pending(model.model_key)) is not None:  # an HTTP JIT load
-            return await asyncio.shield(pending)
-        await models.check_load(model.model_key, None, chat_request.context_length)
-        return await models.load(model.model_key, context_length=chat_request.context_length,
-                                 ttl_s=float(JIT_TTL_S), jit=True)
 
 
 def message_items(blocks: list[Block]) -> list[dict[str, Any]]:
@@ -280,14 +261,9 @@ class ChatReply:
     async def local_events(self, wanted: TurnInput) -> AsyncIterator[bytes]:
         """A local chat's stream: the JIT load, if any, and the turn's start are in it."""
         try:
-            if self.entry is None:
-                # a name that matches no model is an error event alone: no chat starts
-                model = manager(self.req.request).resolve_downloaded(self.req.name)
-                yield event("chat.start", model_instance_id=model.model_key)
-                async for chunk in self._load(model):
-                    yield chunk
-            else:
-                yield event("chat.start", model_instance_id=self.entry.identifier)
+            # a name that matches no model is an error event alone: no chat starts
+            async for chunk in self.load():
+                yield chunk
             yield event("prompt_processing.start")
             await self.start(wanted)
         except APIError as exc:
@@ -330,31 +306,28 @@ class ChatReply:
                 said = said or item.block.kind == "text"
                 yield block_event(item)
 
-    async def _load(self, model: Any) -> AsyncIterator[bytes]:
-        models = manager(self.req.request)
-        async with models.load_lock(model.model_key):
-            self.entry = models.find_loaded(self.req.name)
-            if self.entry is None and (pending := models.pending(model.model_key)):
-                self.entry = await asyncio.shield(pending)
-            if self.entry is not None:
-                return
-            await models.check_load(model.model_key, None, self.req.context_length)
-            key = model.model_key
-            yield event("model_load.start", model_instance_id=key)
-            events = models.load_events(key, context_length=self.req.context_length,
-                                        ttl_s=float(JIT_TTL_S), jit=True)
-            try:
-                async for item in events:
-                    if isinstance(item, LoadProgress):
-                        yield event("model_load.progress", model_instance_id=key,
-                                    progress=item.progress)
-                    else:
-                        self.entry, self.load_s = item.entry, item.seconds
-            finally:
-                await events.aclose()  # the client left: abort the load
-            assert self.entry is not None
-            yield event("model_load.end", model_instance_id=self.entry.identifier,
-                        load_time_seconds=round(self.load_s or 0.0, 3))
+    async def load(self) -> AsyncIterator[bytes]:
+        """``chat.start``, after LM Studio's just-in-time load (with the request's
+        context_length) when the model must load first: ``model_load.*``."""
+        models = app_state(self.req.request).models
+        key = ""
+        async with contextlib.aclosing(models.get_or_load_events(
+                self.req.name, context_length=self.req.context_length)) as events:
+            async for item in events:
+                if isinstance(item, LoadStart):
+                    key = item.model.model_key
+                    yield event("chat.start", model_instance_id=key) + \
+                        event("model_load.start", model_instance_id=key)
+                elif isinstance(item, LoadProgress):
+                    yield event("model_load.progress", model_instance_id=key,
+                                progress=item.progress)
+                elif item.seconds is None:  # it was loaded
+                    self.entry = item.entry
+                    yield event("chat.start", model_instance_id=item.entry.identifier)
+                else:
+                    self.entry, self.load_s = item.entry, item.seconds
+                    yield event("model_load.end", model_instance_id=item.entry.identifier,
+                                load_time_seconds=round(item.seconds, 3))
 
 
 def block_event(item: BlockEvent) -> bytes:

@@ -61,12 +61,20 @@ class Attempt:
     first: bytes
     rest: AsyncIterator[bytes]
     closed: bool = field(default=False)
+    failure: str | None = None  # why the answer broke off, if it did
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        if self.first:
-            yield self.first
-        async for chunk in self.rest:
-            yield chunk
+        """The answer's bytes. A transport failure after the first (they may have reached
+        the client already) ends them, says why in ``failure`` and marks the link down."""
+        try:
+            if self.first:
+                yield self.first
+            async for chunk in self.rest:
+                yield chunk
+        except httpx.TransportError as exc:
+            self.failure = (f"The linked engine {self.link.name} failed mid-answer: "
+                            f"{describe(exc)}")
+            self.link.mark_down(describe(exc))
 
     async def close(self) -> None:
         """Idempotent; shielded, since it runs while the request is being cancelled."""
@@ -168,18 +176,15 @@ class Forwarder:
     async def _relay(self, attempt: Attempt, log: LinkedLog | None
                      ) -> AsyncIterator[bytes]:
         tail = b"\n"
-        try:
-            async for chunk in attempt.chunks():
-                if log is not None:
-                    log.feed(chunk)
-                tail = chunk[-1:] or tail
-                yield chunk
-        except httpx.TransportError as exc:  # bytes already went out: say so in-band
-            message = f"The linked engine {attempt.link.name} failed mid-answer: {describe(exc)}"
-            attempt.link.mark_down(describe(exc))
+        async for chunk in attempt.chunks():
             if log is not None:
-                log.completion.error = message
-            yield (b"" if tail == b"\n" else b"\n\n") + sse_error(message)
+                log.feed(chunk)
+            tail = chunk[-1:] or tail
+            yield chunk
+        if attempt.failure is not None:  # bytes already went out: say so in-band
+            if log is not None:
+                log.completion.error = attempt.failure
+            yield (b"" if tail == b"\n" else b"\n\n") + sse_error(attempt.failure)
         await attempt.close()
         if log is not None:
             log.end(stopped=False)

@@ -13,7 +13,6 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -27,7 +26,7 @@ from lmscli.server.links.forward import (
     until_disconnected,
     upstream_body,
 )
-from lmscli.server.links.registry import LinkedModel, LinkTarget, describe
+from lmscli.server.links.registry import LinkedModel, LinkTarget
 from lmscli.server.links.upstream import DONE, SseDecoder, UpstreamReply
 from lmscli.server.sdk.events import failure_event, fragment_event
 from lmscli.server.state import Cancellable
@@ -109,15 +108,11 @@ class LinkedPrediction:
         """The predict messages (also the SDK websocket channel's): fragments, tool-call
         generation, then success or error. The caller closes the attempt if it stops early."""
         decoder = SseDecoder()
-        try:
-            async for chunk in self._chunks():
-                for event in decoder.feed(chunk):
-                    for out in self._convert(event):
-                        yield out
-        except httpx.TransportError as exc:
-            self.completion.error = (f"The linked engine {self.attempt.link.name} failed "
-                                     f"mid-answer: {describe(exc)}")
-            self.attempt.link.mark_down(describe(exc))
+        async for chunk in self._chunks():
+            for event in decoder.feed(chunk):
+                for out in self._convert(event):
+                    yield out
+        self.completion.error = self.attempt.failure or self.completion.error
         stopped = self._cancelled.is_set()
         await self.attempt.close()
         for out in self._ending(stopped):

@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from starlette.requests import Request
 
 from lmscli.engine import Failed, PredictionStats, SamplingParams
@@ -26,7 +25,7 @@ from lmscli.server.links.forward import (
     next_hop,
     until_disconnected,
 )
-from lmscli.server.links.registry import LinkTarget, describe
+from lmscli.server.links.registry import LinkTarget
 from lmscli.server.links.upstream import DONE, SseDecoder, UpstreamReply
 from lmscli.server.pipeline.turns import (
     BlockEvent,
@@ -109,15 +108,13 @@ class LinkedTurn:
                 for event in decoder.feed(chunk):
                     for block_event in self.blocks.feed(self._convert(event)):
                         yield block_event
-        except httpx.TransportError as exc:  # bytes already went out: end with a failure
-            self.completion.error = (f"The linked engine {self._attempt.link.name} failed "
-                                     f"mid-answer: {describe(exc)}")
-            self._attempt.link.mark_down(describe(exc))
         except BaseException:
             # the client left (the stream was cancelled or closed): closing the upstream
             # request stops the generation there
             await self.close()
             raise
+        # bytes already went out: a transport failure ends the turn with a failure
+        self.completion.error = self._attempt.failure or self.completion.error
         await self._attempt.close()
         for event in self._ending():
             yield event

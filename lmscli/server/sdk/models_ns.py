@@ -14,7 +14,7 @@ from typing import Any
 from lmscli.server.body import Body
 from lmscli.server.errors import shorten
 from lmscli.server.links.registry import LinkedModel, LinkTarget
-from lmscli.server.models import Loaded, LoadEvent, LoadProgress
+from lmscli.server.models import JitEvent, Loaded, LoadProgress, LoadStart
 from lmscli.server.sdk.errors import DOMAIN_MISMATCH, NO_MODEL, SdkError
 from lmscli.server.sdk.kvconfig import collapse, load_config, load_fields
 from lmscli.server.sdk.protocol import Channel, Context
@@ -206,31 +206,10 @@ async def get_or_load(ctx: Context, channel: Channel, parameter: Any) -> None:
     options = load_config(collapse(p.get("loadConfigStack", dict), "loadConfigStack"),
                           ctx.namespace)
     ttl_ms = p.integer("loadTtlMs", low=1)
-    if (entry := ctx.models.find_loaded(name)) is not None:
-        await _already_loaded(ctx, channel, entry)
-        return
-    model = ctx.models.resolve_downloaded(name)
-    check_model_domain(model, ctx.namespace)
-    async with ctx.models.load_lock(model.model_key):
-        pending = ctx.models.pending(model.model_key)  # a JIT load from an HTTP request
-        if pending is not None:
-            await asyncio.shield(pending)
-        if (entry := ctx.models.find_loaded(name)) is not None:
-            await _already_loaded(ctx, channel, entry)
-            return
-        await ctx.models.check_load(model.model_key, None, options.context_length)
-        await channel.send({"type": "startLoading", "identifier": model.model_key,
-                            "info": listing_info(model)})
-        events = ctx.models.load_events(
-            model.model_key, context_length=options.context_length, gpu_ratio=options.gpu_ratio,
-            parallel=options.parallel, ttl_s=ttl_ms / 1000 if ttl_ms else None)
-        await _stream_load(ctx, channel, events, "loadProgress", "loadSuccess")
-
-
-async def _already_loaded(ctx: Context, channel: Channel, entry: Loaded) -> None:
-    check_domain(entry, ctx.namespace)
-    entry.touch()
-    await channel.send({"type": "alreadyLoaded", "info": instance_info(entry, ctx.namespace)})
+    events = ctx.models.get_or_load_events(
+        name, ttl_s=ttl_ms / 1000 if ttl_ms else None, context_length=options.context_length,
+        jit=False, gpu_ratio=options.gpu_ratio, parallel=options.parallel)
+    await _stream_load(ctx, channel, events, "loadProgress", "loadSuccess")
 
 
 async def load_model(ctx: Context, channel: Channel, parameter: Any) -> None:
@@ -251,7 +230,7 @@ async def load_model(ctx: Context, channel: Channel, parameter: Any) -> None:
 
 
 async def _stream_load(ctx: Context, channel: Channel,
-                       events: AsyncGenerator[LoadEvent, None], progress: str,
+                       events: AsyncGenerator[JitEvent, None], progress: str,
                        success: str) -> None:
     """Progress messages, then the loaded instance; a cancel (or the client leaving) closes
     the events, which aborts the load between tensors."""
@@ -259,11 +238,7 @@ async def _stream_load(ctx: Context, channel: Channel,
     async def relay() -> None:
         try:
             async for event in events:
-                if isinstance(event, LoadProgress):
-                    await channel.send({"type": progress, "progress": event.progress})
-                else:
-                    await channel.send({"type": success,
-                                        "info": instance_info(event.entry, ctx.namespace)})
+                await channel.send(_load_message(ctx, event, progress, success))
         finally:
             await events.aclose()
 
@@ -277,3 +252,18 @@ async def _stream_load(ctx: Context, channel: Channel,
     if task.cancelled():
         raise SdkError("The model load was cancelled.")
     task.result()
+
+
+def _load_message(ctx: Context, event: JitEvent, progress: str, success: str
+                  ) -> dict[str, Any]:
+    """A load event as the channel's message: ``getOrLoad`` may find the model loaded
+    (``alreadyLoaded``) or start loading it (``startLoading``); both then go alike."""
+    if isinstance(event, LoadStart):
+        check_model_domain(event.model, ctx.namespace)
+        return {"type": "startLoading", "identifier": event.model.model_key,
+                "info": listing_info(event.model)}
+    if isinstance(event, LoadProgress):
+        return {"type": progress, "progress": event.progress}
+    check_domain(event.entry, ctx.namespace)
+    kind = "alreadyLoaded" if event.seconds is None else success
+    return {"type": kind, "info": instance_info(event.entry, ctx.namespace)}
