@@ -163,6 +163,36 @@ def _merge_same_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
+def fold_system_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For templates that allow a system message only first: each later one joins the next
+    user turn (or, at the end, the last one), so that the turns before it, and the prompt's
+    prefix with them, stay as they were."""
+    lead = 0
+    while lead < len(messages) and messages[lead].get("role") == "system":
+        lead += 1
+    out = list(messages[:lead])
+    held: list[str] = []
+    for message in messages[lead:]:
+        if message.get("role") == "system":
+            held.append(message.get("content") or "")
+        elif held and message.get("role") == "user":
+            out.append({**message, "content": _joined(*held, message.get("content") or "")})
+            held = []
+        else:
+            out.append(message)
+    if held:
+        users = [i for i, m in enumerate(out) if m.get("role") == "user"]
+        at = users[-1] if users else (lead - 1 if lead else None)
+        if at is None:
+            return [{"role": "system", "content": _joined(*held)}, *out]
+        out[at] = {**out[at], "content": _joined(out[at].get("content") or "", *held)}
+    return out
+
+
+def _joined(*texts: str) -> str:
+    return "\n\n".join(t for t in texts if t)
+
+
 # -- grammars that force one call -----------------------------------------------------------
 
 _WRAPPERS: dict[str, tuple[str, str]] = {

@@ -92,6 +92,7 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 def routes() -> list[Route]:
     o, n = openai_api, native
     return [
+        Route("/", n.root),  # GET and HEAD: clients probe it (Claude Code, Ollama's)
         Route("/lmstudio-greeting", n.greeting),
         Route("/lms-status", n.lms_status),
         Route("/v1/models", o.v1_models),

@@ -175,7 +175,6 @@ def test_responses_bad_input_is_a_400_in_openai_shape(fake_server: ThreadServer)
     bad = [
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input[0].content[0].type"),
-        ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format.type"),
         ({"input": [{"type": "function_call", "call_id": "c", "name": "f",
                      "arguments": "[1]"}]}, "input[0].arguments"),
@@ -273,7 +272,7 @@ def test_messages_bad_input_is_anthropic_shaped(fake_server: ThreadServer) -> No
          "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
         {"max_tokens": 5, "messages": user("hi"), "tool_choice": {"type": "tool",
                                                                   "name": "nope"}},
-        {"max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]},
+        {"max_tokens": 5, "messages": [{"role": "tool", "content": "hi"}]},
         {"max_tokens": 5, "messages": [{"role": "user", "content": []}]},
     ]
     for fields in bad:

@@ -35,7 +35,7 @@ USER = [{"role": "user", "content": "Say hi."}]
 CHAT_PATHS = ["/v1/chat/completions", "/api/v0/chat/completions"]
 TEXT_PATHS = ["/v1/completions", "/api/v0/completions"]
 EMBED_PATHS = ["/v1/embeddings", "/api/v0/embeddings"]
-GET_PATHS = ["/lmstudio-greeting", "/lms-status", "/v1/models", "/api/v0/models",
+GET_PATHS = ["/", "/lmstudio-greeting", "/lms-status", "/v1/models", "/api/v0/models",
              "/lmscli/status", "/lmscli/models/downloaded", "/lmscli/models/loaded",
              "/api/v1/models"]
 # routes the generated requests leave alone, and why

@@ -78,9 +78,13 @@ def chat_messages(body: Body) -> list[dict[str, Any]]:
             out += _user_turn(content, where)
         elif role == "assistant":
             out.append(_assistant_turn(content, where))
+        elif role == "system":
+            # Claude Code sends these mid-conversation (its agent and skill lists); the
+            # template renders them in place, or the prompt builder folds them into a user turn
+            out.append({"role": "system", "content": _text(content, where)})
         else:
-            raise bad_request(f"'messages[{i}].role' must be user or assistant (the system "
-                              "prompt goes in 'system').", f"messages[{i}].role")
+            raise bad_request(f"'messages[{i}].role' must be user, assistant or system.",
+                              f"messages[{i}].role")
     return out
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 import lmscli
 from lmscli import linkstore
@@ -28,6 +28,10 @@ from lmscli.server.pipeline.turns import Idle, TurnInput
 from lmscli.server.sdk.events import SdkEvents
 from lmscli.server.state import app_state
 from lmscli.server.streams import NDJSON_KEEPALIVE, ndjson, ndjson_stream
+
+
+async def root(request: Request) -> Any:
+    return PlainTextResponse("lmscli is running")
 
 
 async def greeting(request: Request) -> Any:

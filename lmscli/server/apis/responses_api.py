@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,8 @@ from lmscli.server.pipeline.turns import (
 )
 from lmscli.server.state import Kept, app_state
 from lmscli.server.streams import sse_event, sse_stream
+
+log = logging.getLogger("lmscli.server")
 
 MAX_STORED = 500  # responses kept for previous_response_id and GET; the oldest go first
 INCOMPLETE = {"maxPredictedTokensReached", "contextLengthReached"}
@@ -114,18 +117,24 @@ def _add_call(out: list[dict[str, Any]], item: Body, where: str) -> None:
 
 
 def function_tools(body: Body) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(the tools as sent, as chat tools): function tools only."""
+    """(the tools as sent, as chat tools): the function tools. The others are left out with
+    a log line, not refused: agents such as Codex offer hosted tools (web_search, …) that only
+    OpenAI's servers run, beside the function tools a local model can call."""
     tools = body.get("tools", list, [])
     chat = []
+    skipped: list[str] = []
     for i, raw in enumerate(tools):
         tool = Body(raw, f"tools[{i}]")
         kind = tool.get("type", str, required=True)
         if kind != "function":
-            raise bad_request(f"'tools[{i}].type' {shorten(kind)!r} is not supported: this "
-                              "server runs function tools only.", f"tools[{i}].type")
+            skipped.append(shorten(kind, 40))
+            continue
         name = check_tool_name(tool)
         chat.append(function_tool(name, tool.get("description", str),
                                   tool.get("parameters", dict)))
+    if skipped:
+        log.info("/v1/responses: left out tools this server cannot run: %s",
+                 ", ".join(sorted(set(skipped))))
     return tools, chat
 
 

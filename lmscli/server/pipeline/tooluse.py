@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from lmscli.prompting import TemplateRenderError, render_chat
 from lmscli.prompting.grammar import SchemaError
-from lmscli.prompting.tools import ToolCallParser, ToolFormat, call_grammar, detect_format
+from lmscli.prompting.template import TemplateTimeout
+from lmscli.prompting.tools import (
+    ToolCallParser,
+    ToolFormat,
+    call_grammar,
+    detect_format,
+    fold_system_messages,
+)
 from lmscli.prompting.tools import prepare_chat as prepare_tool_chat
 from lmscli.server.body import Body
 from lmscli.server.errors import bad_request, shorten
@@ -164,19 +171,30 @@ def _tool_call(raw: Any, where: str) -> dict[str, Any]:
 
 async def chat_prompt(entry: Loaded, messages: list[dict[str, Any]], use: ToolUse) -> str:
     """The exact prompt text: tool conversions for the format, then the chat template,
-    rendered off the event loop within TEMPLATE_BUDGET_S."""
-    prepared, template_tools = prepare_tool_chat(messages, use.tools, use.fmt)
-    instance = entry.instance
-    render = partial(render_chat, entry.model.chat_template, prepared, tools=template_tools,
-                     bos_token=instance.bos_token, eos_token=instance.eos_token,
-                     time_budget_s=TEMPLATE_BUDGET_S)
+    rendered off the event loop within TEMPLATE_BUDGET_S. A template that refuses system
+    messages after the first turn gets them folded into the user turns."""
     try:
-        # the template stops itself at the budget; the wait's own limit covers a single
-        # operation that can't be interrupted
-        return await asyncio.wait_for(asyncio.to_thread(render), TEMPLATE_BUDGET_S + 1)
+        try:
+            return await _render(entry, messages, use)
+        except TemplateRenderError as exc:
+            folded = fold_system_messages(messages)
+            if folded == messages or isinstance(exc, TemplateTimeout):
+                raise
+            return await _render(entry, folded, use)
     except TemplateRenderError as exc:
         raise bad_request(str(exc), "messages", "template_error") from None
     except asyncio.TimeoutError:
         raise bad_request(f"The model's chat template ran for more than "
                           f"{TEMPLATE_BUDGET_S:g} s and was stopped.", "messages",
                           "template_error") from None
+
+
+async def _render(entry: Loaded, messages: list[dict[str, Any]], use: ToolUse) -> str:
+    prepared, template_tools = prepare_tool_chat(messages, use.tools, use.fmt)
+    instance = entry.instance
+    render = partial(render_chat, entry.model.chat_template, prepared, tools=template_tools,
+                     bos_token=instance.bos_token, eos_token=instance.eos_token,
+                     time_budget_s=TEMPLATE_BUDGET_S)
+    # the template stops itself at the budget; the wait's own limit covers a single
+    # operation that can't be interrupted
+    return await asyncio.wait_for(asyncio.to_thread(render), TEMPLATE_BUDGET_S + 1)

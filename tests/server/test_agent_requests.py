@@ -1,0 +1,113 @@
+"""What coding agents send that other clients don't: Claude Code's system messages in the
+middle of ``messages`` and its probe of ``/``, Codex's hosted tools beside its function tools.
+Fake engine behind a real server; the official SDKs and raw bodies as the agents send them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+
+from lmscli.engine.fake import FakeEngine
+from lmscli.prompting.tools import fold_system_messages
+from tests.conftest import ThreadServer, prediction_logs
+from tests.gguf_factory import make_gguf
+
+MODEL = "tiny-chat"
+AGENTS = "Available agent types for the Agent tool: general-purpose, Explore"
+# a template that, like Gemma's or Llama 2's, takes a system message only first
+FIRST_SYSTEM_ONLY = (
+    "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('System role only first') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def claude_code_body(model: str) -> dict:
+    """The shape of Claude Code's first request (2.1.x), cut down."""
+    return {"model": model, "max_tokens": 20, "stream": True,
+            "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1"},
+                       {"type": "text", "text": "You are Claude Code.",
+                        "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi."}]},
+                         {"role": "system", "content": AGENTS}],
+            "thinking": {"type": "adaptive"}, "metadata": {"user_id": "u"},
+            "context_management": {"edits": []}, "output_config": {"effort": "low"}}
+
+
+def prompt_of(server: ThreadServer, ask: object) -> str:
+    given, _ = prediction_logs(server.base_url, 2, ask)  # type: ignore[arg-type]
+    return given["input"]
+
+
+def test_a_system_message_mid_conversation_is_rendered_in_place(
+        fake_server: ThreadServer) -> None:
+    url = fake_server.base_url + "/v1/messages?beta=true"
+    headers = {"anthropic-beta": "mid-conversation-system-2026-04-07"}
+
+    def ask() -> None:
+        with httpx.stream("POST", url, json=claude_code_body(MODEL), headers=headers,
+                          timeout=30) as r:
+            assert r.status_code == 200
+            assert "message_stop" in r.read().decode()
+
+    prompt = prompt_of(fake_server, ask)
+    assert prompt.index("Say hi.") < prompt.index(f"<|im_start|>system\n{AGENTS}")
+    count = anthropic.Anthropic(base_url=fake_server.base_url, api_key="x",
+                                max_retries=0).messages.count_tokens(
+        model=MODEL, messages=claude_code_body(MODEL)["messages"])
+    assert count.input_tokens > len(AGENTS.split())
+
+
+def test_a_template_that_refuses_it_gets_it_folded_into_a_user_turn(
+        fake_models: Path) -> None:
+    make_gguf(fake_models / "test/strict-chat-GGUF/strict-chat.Q4_0.gguf", context_length=512,
+              chat_template=FIRST_SYSTEM_ONLY)
+    server = ThreadServer(FakeEngine())
+    try:
+        def ask() -> None:
+            body = claude_code_body("strict-chat") | {"stream": False}
+            r = httpx.post(server.base_url + "/v1/messages", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+
+        prompt = prompt_of(server, ask)
+        assert prompt.count("<|im_start|>system") == 1
+        assert f"Say hi.\n\n{AGENTS}<|im_end|>" in prompt
+        # chat completions take system messages anywhere too, and fold them the same way
+        chat = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        assert chat.chat.completions.create(model="strict-chat", messages=[
+            {"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Now?"}]).choices[0].message.content
+    finally:
+        server.stop()
+
+
+def test_folding_keeps_the_turns_before_it() -> None:
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "system", "content": "T"},
+                {"role": "user", "content": "c"}]
+    assert fold_system_messages(messages) == [
+        *messages[:3], {"role": "user", "content": "T\n\nc"}]
+    at_the_end = [{"role": "user", "content": "a"}, {"role": "system", "content": "T"}]
+    assert fold_system_messages(at_the_end) == [{"role": "user", "content": "a\n\nT"}]
+    assert fold_system_messages(messages[:3]) == messages[:3]
+
+
+def test_hosted_tools_are_left_out_not_refused(fake_server: ThreadServer) -> None:
+    """Codex offers web_search beside its function tools: the model gets the functions."""
+    client = openai.OpenAI(base_url=fake_server.base_url + "/v1", api_key="x", max_retries=0)
+    tools = [{"type": "web_search", "external_web_access": False},
+             {"type": "function", "name": "shell", "description": "Run a command",
+              "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+              "strict": False}]
+    prompt = prompt_of(fake_server, lambda: client.responses.create(
+        model=MODEL, input="hi", tools=tools, store=False, reasoning={"effort": "low"},
+        include=["reasoning.encrypted_content"], prompt_cache_key="k"))
+    assert "shell" in prompt and "web_search" not in prompt
+
+
+def test_the_root_answers_probes(fake_server: ThreadServer) -> None:
+    assert httpx.head(fake_server.base_url + "/").status_code == 200
+    assert httpx.get(fake_server.base_url + "/").text == "lmscli is running"
