@@ -41,6 +41,11 @@ from lmscli.server.state import AppState, Settings
 log = logging.getLogger("lmscli.server")
 
 
+# a path no route serves answers in the body of the family whose paths it extends
+# (an Anthropic client asking for /v1/messages/batches parses only Anthropic's errors)
+UNROUTED = (("/v1/messages/", ANTHROPIC), ("/api/v1/", REST_V1))
+
+
 class ApiRoute(Route):
     """A route, and the API family whose error body its clients parse."""
 
@@ -52,14 +57,17 @@ class ApiRoute(Route):
 
 def surface_of(scope: Scope) -> Surface:
     """The API family of the route a request reached (or will reach: the guard answers before
-    routing); OpenAI's for a path no route serves."""
+    routing); for a path no route serves, that of the paths it extends, else OpenAI's."""
     route = scope.get("route")
     if route is None:
         for candidate in getattr(scope.get("app"), "routes", []):
             if candidate.matches(scope)[0] != Match.NONE:
                 route = candidate
                 break
-    return getattr(route, "surface", OPENAI)
+    if route is not None:
+        return getattr(route, "surface", OPENAI)
+    path = scope.get("path", "")
+    return next((surface for prefix, surface in UNROUTED if path.startswith(prefix)), OPENAI)
 
 
 def error_body(scope: Scope, error: APIError) -> dict[str, Any]:

@@ -135,8 +135,8 @@ class ModelManager:
         return self._loading.get(model_key)
 
     def load_lock(self, model_key: str) -> asyncio.Lock:
-        """For callers that stream a load's progress themselves (``load_events``): held while
-        deciding to load ``model_key`` and loading it, so that two at once load it once."""
+        """Held while deciding to load ``model_key`` just in time and loading it, so that two
+        requests at once load it once (``get_or_load_events``)."""
         return self._load_locks.setdefault(model_key, asyncio.Lock())
 
     def resolve_downloaded(self, name: str) -> Any:
@@ -175,7 +175,8 @@ class ModelManager:
             if entry is not None:
                 yield LoadDone(entry, None)
                 return
-            await self.check_load(model.model_key, None, context_length)
+            if not jit:  # a JIT load checks the fit itself, once the last JIT model is gone
+                await self.check_load(model.model_key, None, context_length)
             yield LoadStart(model)
             events = self.load_events(model.model_key, context_length=context_length,
                                       ttl_s=ttl_s or (JIT_TTL_S if jit else None), jit=jit,

@@ -98,10 +98,7 @@ def test_local_v1_chat_splits_reasoning_as_a_linked_one_does(fake_server: Thread
 def test_sdk_fragments_mark_reasoning(fake_server: ThreadServer) -> None:
     """lmscli's predict route (what ``respond()`` reads) marks reasoning fragments as LM
     Studio does: the tags, then the reasoning, apart from the answer."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": THOUGHT}]}
-    with httpx.stream("POST", fake_server.base_url + "/lmscli/predict", json=body,
-                      timeout=30) as r:
-        lines = [json.loads(line) for line in r.iter_lines() if line]
+    lines = predict_lines(fake_server, THOUGHT)
     fragments = [(m["fragment"]["reasoningType"], m["fragment"]["content"])
                  for m in lines if m["type"] == "fragment"]
     assert fragments[0] == ("reasoningStartTag", "<think>")
@@ -110,3 +107,25 @@ def test_sdk_fragments_mark_reasoning(fake_server: ThreadServer) -> None:
     assert ("reasoningEndTag", "</think>") in fragments
     assert "".join(c for kind, c in fragments if kind == "none") == "Hello there"
     assert lines[-1]["type"] == "success"
+    assert token_counts_add_up(lines)
+
+
+def predict_lines(server: ThreadServer, content: str) -> list[dict[str, Any]]:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    with httpx.stream("POST", server.base_url + "/lmscli/predict", json=body, timeout=30) as r:
+        return [json.loads(line) for line in r.iter_lines() if line]
+
+
+def token_counts_add_up(lines: list[dict[str, Any]]) -> bool:
+    """Every token is counted once, with the text it made (tags show as none)."""
+    counts = sum(m["fragment"]["tokensCount"] for m in lines if m["type"] == "fragment")
+    return counts == lines[-1]["stats"]["predictedTokensCount"]
+
+
+def test_tokens_held_back_count_with_the_text_that_follows(fake_server: ThreadServer) -> None:
+    """Leading whitespace waits to see whether a think block opens; its token is not lost."""
+    # one token at a time ([[slow]]), so that the held one arrives alone
+    lines = predict_lines(fake_server, "[[slow]] [[reply: \n \nHello there]]")
+    assert "".join(m["fragment"]["content"] for m in lines if m["type"] == "fragment") == \
+        "\n \nHello there"
+    assert token_counts_add_up(lines)

@@ -47,6 +47,8 @@ def test_messages_errors_are_anthropics_from_every_layer(keyed: ThreadServer) ->
                            content=b"x" * (2 << 20))  # the guard, while reading
     assert too_large.status_code == 413 and anthropic_shaped(too_large)
     assert too_large.json()["error"]["type"] == "request_too_large"
+    unknown = httpx.get(url + "/batches", headers=auth)  # no route: the family's paths
+    assert unknown.status_code == 404 and anthropic_shaped(unknown)
     with pytest.raises(anthropic.NotFoundError):  # the handler, through the official SDK
         anthropic.Anthropic(base_url=keyed.base_url, api_key=KEY, max_retries=0).messages \
             .create(model="no-such-model", max_tokens=5,
@@ -59,6 +61,7 @@ def test_rest_v1_errors_are_v1s_from_every_layer(keyed: ThreadServer) -> None:
     assert refused.status_code == 401 and v1_shaped(refused)
     wrong_method = httpx.put(keyed.base_url + "/api/v1/models", headers=auth, json={})
     assert wrong_method.status_code == 405 and v1_shaped(wrong_method)
+    assert v1_shaped(httpx.get(keyed.base_url + "/api/v1/nothing-here", headers=auth))
     missing = httpx.get(keyed.base_url + "/api/v1/models/download/status/nope", headers=auth)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "job_not_found"
     unknown = httpx.post(keyed.base_url + "/api/v1/chat", headers=auth,

@@ -155,17 +155,19 @@ class Turn:
         self.reasoning_tokens = 0  # estimated from the fragments' token counts
         self.finished: Finished | None = None  # set before the last blocks close
         self._running: Running | None = None
-
-    @property
-    def identifier(self) -> str:
-        return self.prepared.entry.identifier
+        self._unsent_tokens = 0  # of fragments whose text is held back or shows as none
 
     async def start(self) -> None:
         """Submit the prediction; errors up to its first event are HTTP errors."""
         p = self.prepared
         self._running = Running(p.entry, PredictionRequest(p.prompt, self.params, p.grammar),
                                 p.use.log_recovered())
-        first = await self._running.first()
+        try:
+            first = await self._running.first()
+        except BaseException:
+            # a refusal, or the client left while it waited for a slot: release it now
+            self._running.close()
+            raise
         if isinstance(first, PromptProgress):
             self.prompt_tokens, self.cached_tokens = first.total_tokens, first.cached_tokens
 
@@ -192,6 +194,8 @@ class Turn:
                         yield block_event
                     yield self.finished
                 elif isinstance(event, Failed):
+                    for block_event in self._close():  # what was held back, then why
+                        yield block_event
                     yield Failure(event)
 
     async def whole(self) -> Finished:
@@ -223,10 +227,21 @@ class Turn:
             self._running.close()
 
     def _blocks(self, fragment: Fragment) -> list[BlockEvent]:
-        out = self.blocks.feed(self._parse(fragment))
+        self._unsent_tokens += fragment.tokens
+        return self._counted(self.blocks.feed(self._parse(fragment)))
+
+    def _counted(self, out: list[BlockEvent]) -> list[BlockEvent]:
+        """``out``, the tokens since the last text sent shared by the pieces they made (by
+        length): text held back, and tags that show as no text, count with what follows."""
         grew = [e for e in out if isinstance(e, Grew)]
-        if len(grew) == 1:  # the usual case: the fragment's tokens made just this
-            grew[0].tokens = fragment.tokens
+        if not grew:
+            return out
+        tokens, self._unsent_tokens = self._unsent_tokens, 0
+        total = sum(len(e.text) for e in grew) or 1
+        for event in grew[:-1]:
+            event.tokens = round(tokens * len(event.text) / total)
+            tokens -= event.tokens
+        grew[-1].tokens = tokens
         return out
 
     def _parse(self, fragment: Fragment) -> list[TurnEvent]:
@@ -238,7 +253,8 @@ class Turn:
         return events
 
     def _close(self) -> list[BlockEvent]:
-        return self.blocks.feed(self.parser.feed("", final=True)) + self.blocks.close()
+        return self._counted(self.blocks.feed(self.parser.feed("", final=True))
+                             + self.blocks.close())
 
     def _finished(self, done: Done) -> Finished:
         stats = done.stats

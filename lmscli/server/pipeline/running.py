@@ -1,6 +1,6 @@
 """Running one prediction from an async handler: engine events cross into the event loop.
 
-Only the pipeline (``pipeline.py``) submits predictions; everything here is its insides.
+Only the pipeline (``local.py``) submits predictions; everything here is its insides.
 """
 
 from __future__ import annotations

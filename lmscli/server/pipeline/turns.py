@@ -1,7 +1,7 @@
 """A turn's input and output types, shared by every API and by local and linked engines.
 
 Each API translates its request into a ``TurnInput`` (chat messages and OpenAI-shaped tools,
-or raw text); the pipeline (``pipeline.py``) or a linked engine (``link_turn.py``) runs it and
+or raw text); the pipeline (``local.py``) or a linked engine (``links/turn.py``) runs it and
 the generated text is split into *blocks* (reasoning, text, tool calls) that open, grow and
 close in the order of the reply. Each API renders the blocks in its own shape, whole or
 streamed.

@@ -1,7 +1,7 @@
 """The SDK's requests read into lmscli's own request fields.
 
 A prediction arrives as a chat history plus a KV config stack (``llm.prediction.*``); it is
-turned into the OpenAI-shaped body that ``server.parsing`` already validates (sampling
+turned into the OpenAI-shaped body that ``apis/parsing.py`` already validates (sampling
 fields, messages, tools, ``response_format``), so the websocket, /v1 and /api/v0 accept and
 refuse exactly the same values. A load arrives as ``llm.load.*`` / ``embedding.load.*``.
 Keys lmscli has no use for are ignored, as LM Studio ignores keys it doesn't know.
