@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmscli.logbus.bus import LogBus
 from lmscli.logbus.events import server_log
 from lmscli.server.state import app_state
+from lmscli.server.streams import NDJSON_TYPE
 
 STREAM_PATH = "/lmscli/logs/stream"
 KEEPALIVE_S = 15.0
@@ -46,7 +47,7 @@ async def stream(request: Request) -> StreamingResponse:
     state = app_state(request)
     bus: LogBus = state.logs
     server = state.uvicorn_server
-    return StreamingResponse(_lines(bus, server), media_type="application/x-ndjson",
+    return StreamingResponse(_lines(bus, server), media_type=NDJSON_TYPE,
                              headers={"Cache-Control": "no-cache"})
 
 

@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 # machine a write and a client-side parse per token slow decoding down (see bench/).
 STREAM_COALESCE_S = 0.025
 SSE_HEADERS = {"Cache-Control": "no-cache"}
+NDJSON_TYPE = "application/x-ndjson"
 SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it
 NDJSON_KEEPALIVE = b"\n"  # a blank line: NDJSON readers skip it
 
@@ -62,7 +63,16 @@ def sse_stream(content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[N
 
 def ndjson_stream(content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]
                   ) -> ClosingStream:
-    return ClosingStream(content, on_close, media_type="application/x-ndjson")
+    return ClosingStream(content, on_close, media_type=NDJSON_TYPE)
+
+
+def ndjson_lines(content: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(content, media_type=NDJSON_TYPE)
+
+
+def ndjson_answer(line: dict[str, Any]) -> StreamingResponse:
+    """A stream of one line: what a client that reads progress gets when there is none."""
+    return StreamingResponse(iter([ndjson(line)]), media_type=NDJSON_TYPE)
 
 
 async def watch_disconnect(request: Request, on_disconnect: Callable[[], Any]) -> None:

@@ -17,7 +17,7 @@ from lmscli.server.body import Body
 from lmscli.server.errors import bad_request, shorten
 from lmscli.server.links.linked import estimate_tokens
 from lmscli.server.pipeline.local import count_tokens, model_for, open_turn, prepare
-from lmscli.server.pipeline.tooluse import function_tool
+from lmscli.server.pipeline.tooluse import check_tool_name, function_tool
 from lmscli.server.pipeline.turns import (
     AnyTurn,
     Block,
@@ -28,7 +28,6 @@ from lmscli.server.pipeline.turns import (
     Opened,
     TurnInput,
     chat_response_format,
-    check_tool_name,
 )
 from lmscli.server.state import app_state
 from lmscli.server.streams import sse_event, sse_stream

@@ -8,15 +8,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 
 import lmscli
 from lmscli import linkstore
 from lmscli.server.apis.parsing import (
     chat_input,
     manager,
+    raw_input,
     read_json,
-    response_grammar,
     sampling,
 )
 from lmscli.server.body import Body
@@ -24,10 +24,16 @@ from lmscli.server.errors import APIError, bad_request
 from lmscli.server.links import sdk as link_sdk
 from lmscli.server.models import MAX_PARALLEL, Loaded, LoadEvent, LoadProgress
 from lmscli.server.pipeline.local import predict_model, start_turn
-from lmscli.server.pipeline.turns import Idle, TurnInput
+from lmscli.server.pipeline.turns import Idle
 from lmscli.server.sdk.events import SdkEvents
 from lmscli.server.state import app_state
-from lmscli.server.streams import NDJSON_KEEPALIVE, ndjson, ndjson_stream
+from lmscli.server.streams import (
+    NDJSON_KEEPALIVE,
+    ndjson,
+    ndjson_answer,
+    ndjson_lines,
+    ndjson_stream,
+)
 
 
 async def root(request: Request) -> Any:
@@ -97,14 +103,13 @@ async def load(request: Request) -> Any:
     if body.get("get_or_load", bool, False) and (entry := models.find_loaded(name)):
         entry.touch()
         line = {"type": "success", "info": entry.info(), "alreadyLoaded": True}
-        return StreamingResponse(iter([ndjson(line)]),
-                                 media_type="application/x-ndjson")
+        return ndjson_answer(line)
     # what can be refused before loading is a plain 4xx, not a line in the stream
     await models.check_load(name, identifier, context_length)
     events = models.load_events(name, identifier=identifier, context_length=context_length,
                                 gpu_ratio=ratio, ttl_s=float(ttl) if ttl else None,
                                 parallel=parallel)
-    return StreamingResponse(load_lines(name, events), media_type="application/x-ndjson")
+    return ndjson_lines(load_lines(name, events))
 
 
 async def load_lines(name: str, events: AsyncGenerator[LoadEvent, None]) -> AsyncIterator[bytes]:
@@ -158,7 +163,8 @@ async def predict(request: Request) -> Any:
         return await link_sdk.predict(request, body, target, state.linked.model(target),
                                       state.linked.forwarder, predictions)
     params = sampling(body)  # before a load: a bad number shouldn't cost one
-    wanted = raw_input(body) if "prompt" in body.data else chat_input(body)
+    wanted = raw_input(body.get("prompt", str, required=True), body) \
+        if "prompt" in body.data else chat_input(body)
     entry = await predict_model(request, body)
     turn = await start_turn(entry, wanted, params)
     prediction_id = secrets.token_hex(8)
@@ -179,15 +185,6 @@ async def predict(request: Request) -> Any:
         await turn.close()
 
     return ndjson_stream(lines(), on_close)
-
-
-def raw_input(body: Body) -> TurnInput:
-    """Text to complete, as it is (``lms.llm().complete()``)."""
-    prompt = body.get("prompt", str, required=True)
-    if not prompt:
-        raise bad_request("Field 'prompt' must not be empty: there is nothing to complete.",
-                          "prompt")
-    return TurnInput([], schema_grammar=response_grammar(body), prompt=prompt)
 
 
 async def cancel(request: Request) -> Any:

@@ -15,8 +15,8 @@ from starlette.responses import JSONResponse, Response
 from lmscli.engine import PredictionStats
 from lmscli.server.apis.parsing import (
     chat_input,
+    raw_input,
     read_json,
-    response_grammar,
     sampling,
 )
 from lmscli.server.body import Body
@@ -82,13 +82,12 @@ class CompletionReply:
 
     def _whole(self, entry: Loaded, blocks: list[Block], finished: Finished) -> dict[str, Any]:
         stats = finished.stats
-        text = "".join(b.text for b in blocks if b.kind == "text")
         choice: dict[str, Any] = {"index": 0, "logprobs": None,
                                   "finish_reason": FINISH[stats.stop_reason]}
         if self.chat:
             choice["message"] = chat_message(blocks)
         else:
-            choice["text"] = text
+            choice["text"] = "".join(b.text for b in blocks if b.kind == "text")
         out = self._base(entry) | {"choices": [choice], "usage": usage(stats)}
         if self.rest:
             out |= lmstudio_extras(entry, stats, app_state(self.request).engine)
@@ -168,12 +167,7 @@ async def chat_completions(request: Request, rest: bool = False) -> Any:
     body = await read_json(request)
     if (forwarded := await forward(request, body, "/chat/completions")) is not None:
         return forwarded
-    wanted = chat_input(body)
-    params = sampling(body)
-    completion = CompletionReply(request, body, chat=True, rest=rest)
-    entry = await model_for(request, body)
-    turn = await start_turn(entry, wanted, params, request=request)
-    return await completion.respond(entry, turn)
+    return await complete(request, body, chat_input(body), chat=True, rest=rest)
 
 
 async def completions(request: Request, rest: bool = False) -> Any:
@@ -186,15 +180,17 @@ async def completions(request: Request, rest: bool = False) -> Any:
             raise bad_request("Field 'prompt' must be a string (or an array of one string).",
                               "prompt")
         prompt = prompt[0]
-    if not prompt:
-        raise bad_request("Field 'prompt' must not be empty: there is nothing to complete.",
-                          "prompt")
-    wanted = TurnInput([], schema_grammar=response_grammar(body), prompt=prompt)
+    return await complete(request, body, raw_input(prompt, body), chat=False, rest=rest)
+
+
+async def complete(request: Request, body: Body, wanted: TurnInput, *, chat: bool,
+                   rest: bool) -> Any:
+    """Everything is checked before the model loads: a bad field shouldn't cost a load."""
     params = sampling(body)
-    completion = CompletionReply(request, body, chat=False, rest=rest)
+    reply = CompletionReply(request, body, chat=chat, rest=rest)
     entry = await model_for(request, body)
     turn = await start_turn(entry, wanted, params, request=request)
-    return await completion.respond(entry, turn)
+    return await reply.respond(entry, turn)
 
 
 async def forward(request: Request, body: Body, path: str) -> Response | None:

@@ -3,6 +3,7 @@ and the model a request names."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -130,17 +131,24 @@ def response_grammar(body: Body) -> str | None:
     if fmt is None:
         return None
     spec = Body(fmt, "response_format")
+    return format_grammar(spec, lambda: Body(spec.get("json_schema", dict, required=True),
+                                             "response_format.json_schema"))
+
+
+def format_grammar(spec: Body, schema_in: Callable[[], Body] | None = None) -> str | None:
+    """GBNF for a structured-output format: ``text`` (none), ``json_object`` or
+    ``json_schema``, whose ``schema`` is in ``schema_in()`` (chat's ``response_format`` nests
+    it) or in the format itself (Responses' ``text.format``)."""
     kind = spec.get("type", str, required=True)
     if kind == "text":
         return None
     if kind == "json_object":
         return any_json_grammar()
     if kind != "json_schema":
-        raise bad_request("'response_format.type' must be text, json_object or json_schema.",
-                          "response_format.type")
-    inner = Body(spec.get("json_schema", dict, required=True), "response_format.json_schema")
-    where = "response_format.json_schema.schema"
-    return schema_grammar(inner.get("schema", dict, required=True), where)
+        raise bad_request(f"'{spec.prefix}.type' must be text, json_object or json_schema.",
+                          f"{spec.prefix}.type")
+    holder = schema_in() if schema_in else spec
+    return schema_grammar(holder.get("schema", dict, required=True), f"{holder.prefix}.schema")
 
 
 def schema_grammar(schema: dict[str, Any], where: str) -> str:
@@ -150,6 +158,14 @@ def schema_grammar(schema: dict[str, Any], where: str) -> str:
     except SchemaError as exc:
         raise bad_request(f"Unsupported JSON schema: {shorten(str(exc), 500)}", where,
                           "invalid_schema") from None
+
+
+def raw_input(prompt: str, body: Body) -> TurnInput:
+    """Text to complete as it is (text completions, ``lms.llm().complete()``)."""
+    if not prompt:
+        raise bad_request("Field 'prompt' must not be empty: there is nothing to complete.",
+                          "prompt")
+    return TurnInput([], schema_grammar=response_grammar(body), prompt=prompt)
 
 
 def chat_input(body: Body, schema_param: str = "response_format") -> TurnInput:

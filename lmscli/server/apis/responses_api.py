@@ -15,12 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from lmscli.engine import PredictionStats
-from lmscli.prompting.grammar import any_json_grammar
-from lmscli.server.apis.parsing import read_json, sampling, schema_grammar
+from lmscli.server.apis.parsing import format_grammar, read_json, sampling
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request, shorten
 from lmscli.server.pipeline.local import open_turn
-from lmscli.server.pipeline.tooluse import function_tool
+from lmscli.server.pipeline.tooluse import check_tool_name, function_tool
 from lmscli.server.pipeline.turns import (
     AnyTurn,
     Block,
@@ -32,7 +31,6 @@ from lmscli.server.pipeline.turns import (
     TurnInput,
     assistant_message,
     chat_response_format,
-    check_tool_name,
 )
 from lmscli.server.state import Kept, app_state
 from lmscli.server.streams import sse_event, sse_stream
@@ -154,16 +152,7 @@ def text_format(body: Body) -> tuple[dict[str, Any], str | None]:
     fmt = Body(body.get("text", dict, {}), "text").get("format", dict)
     if fmt is None:
         return {"type": "text"}, None
-    spec = Body(fmt, "text.format")
-    kind = spec.get("type", str, required=True)
-    if kind == "text":
-        return fmt, None
-    if kind == "json_object":
-        return fmt, any_json_grammar()
-    if kind != "json_schema":
-        raise bad_request("'text.format.type' must be text, json_object or json_schema.",
-                          "text.format.type")
-    return fmt, schema_grammar(spec.get("schema", dict, required=True), "text.format.schema")
+    return fmt, format_grammar(Body(fmt, "text.format"))
 
 
 def reject_unsupported(body: Body) -> None:

@@ -29,7 +29,7 @@ from lmscli.server.body import Body
 from lmscli.server.errors import APIError
 from lmscli.server.links.registry import Link, Links, LinkTarget, describe, error_text
 from lmscli.server.links.upstream import SseDecoder, UpstreamReply
-from lmscli.server.streams import ClosingStream
+from lmscli.server.streams import ClosingStream, sse, watch_disconnect
 
 CONNECT_TIMEOUT_S = 3.0
 # A large model may think for minutes before its first byte; a dead one is noticed on connect.
@@ -285,14 +285,14 @@ def refusal(attempt: Attempt) -> APIError:
 
 
 def sse_error(message: str) -> bytes:
-    body = {"error": {"message": message, "type": "server_error", "code": "upstream_failed"}}
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+    return sse({"error": {"message": message, "type": "server_error",
+                          "code": "upstream_failed"}})
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     """``work``'s result, or None (``work`` cancelled) if the client leaves first."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(request))
+    watcher = asyncio.ensure_future(watch_disconnect(request, lambda: None))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
@@ -306,9 +306,3 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     return None
-
-
-async def _disconnect(request: Request) -> None:
-    # the body has been read, so the next message is the disconnect
-    while (await request.receive())["type"] != "http.disconnect":
-        await asyncio.sleep(0.1)

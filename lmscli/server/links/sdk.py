@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from lmscli.server.body import Body
 from lmscli.server.links.forward import (
@@ -30,16 +30,14 @@ from lmscli.server.links.registry import LinkedModel, LinkTarget
 from lmscli.server.links.upstream import DONE, SseDecoder, UpstreamReply
 from lmscli.server.sdk.events import failure_event, fragment_event
 from lmscli.server.state import Cancellable
-from lmscli.server.streams import ndjson, ndjson_stream
-
-NDJSON = "application/x-ndjson"
+from lmscli.server.streams import ndjson, ndjson_answer, ndjson_stream
 
 
 def load_answer(model: LinkedModel) -> Response:
     """What a load of a linked model answers: success, nothing loaded, no time spent."""
     line = {"type": "success", "info": model.info(), "loadTimeSec": 0.0,
             "alreadyLoaded": True}
-    return StreamingResponse(iter([ndjson(line)]), media_type=NDJSON)
+    return ndjson_answer(line)
 
 
 def sdk_payload(body: Body, target: LinkTarget) -> dict[str, Any]:

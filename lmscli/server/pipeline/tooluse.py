@@ -81,14 +81,20 @@ def parse_tools(body: Body) -> list[dict[str, Any]] | None:
         if tool.get("type", str, "function") != "function":
             raise bad_request(f"'tools[{i}].type' must be \"function\".", f"tools[{i}].type")
         fn = Body(tool.get("function", dict, required=True), f"tools[{i}].function")
-        name = fn.get("name", str, required=True)
-        if not name or len(name) > MAX_TOOL_NAME_CHARS or not name.isprintable():
-            raise bad_request(f"'tools[{i}].function.name' must be 1 to {MAX_TOOL_NAME_CHARS} "
-                              "printable characters.", f"tools[{i}].function.name")
+        check_tool_name(fn)
         fn.get("description", str)
         fn.get("parameters", dict)
         out.append(prompt_tool(tool.data, fn.data))
     return out
+
+
+def check_tool_name(tool: Body, key: str = "name") -> str:
+    name = tool.get(key, str, required=True)
+    if not name or len(name) > MAX_TOOL_NAME_CHARS or not name.isprintable():
+        where = f"{tool.prefix}.{key}"
+        raise bad_request(f"'{where}' must be 1 to {MAX_TOOL_NAME_CHARS} printable characters.",
+                          where)
+    return name
 
 
 def prompt_tool(tool: dict[str, Any], fn: dict[str, Any]) -> dict[str, Any]:

@@ -22,9 +22,7 @@ from lmscli.prompting.tools import (
     ContentDelta,
     ParseEvent,
 )
-from lmscli.server.body import Body
-from lmscli.server.errors import bad_request
-from lmscli.server.pipeline.tooluse import MAX_TOOL_NAME_CHARS, ToolUse
+from lmscli.server.pipeline.tooluse import ToolUse
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -48,10 +46,6 @@ class TurnInput:
     # no chat template, no tools, and the reply comes back unsplit
     prompt: str | None = None
 
-    @property
-    def raw(self) -> bool:
-        return self.prompt is not None
-
 
 def chat_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     """A Responses ``text.format`` or an Anthropic ``output_config.format`` (flat: ``type``,
@@ -64,15 +58,6 @@ def chat_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     if isinstance(fmt.get("strict"), bool):
         spec["strict"] = fmt["strict"]
     return {"type": "json_schema", "json_schema": spec}
-
-
-def check_tool_name(tool: Body, key: str = "name") -> str:
-    name = tool.get(key, str, required=True)
-    if not name or len(name) > MAX_TOOL_NAME_CHARS or not name.isprintable():
-        where = f"{tool.prefix}.{key}"
-        raise bad_request(f"'{where}' must be 1 to {MAX_TOOL_NAME_CHARS} printable characters.",
-                          where)
-    return name
 
 
 # -- reasoning, text and calls out of generated text -----------------------------------------
