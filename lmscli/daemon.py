@@ -56,7 +56,9 @@ def _log_tail(log_path: str) -> str:
 def start_server(port: int, host: str, cors: bool = False, *, api_key: str | None = None,
                  allowed_hosts: Sequence[str] = (), max_body_mb: float | None = None,
                  allow_unauthenticated: bool = False, parallel: int | None = None,
-                 max_queue: int | None = None) -> serverstate.ServerState:
+                 max_queue: int | None = None, cache_ram: int | None = None,
+                 cache_dir: str | None = None,
+                 cache_disk: int | None = None) -> serverstate.ServerState:
     """Spawn ``python -m lmscli.server`` detached; return once it answers the greeting.
     Without ``api_key`` the server takes LMS_API_KEY (or LM_API_TOKEN) from the environment."""
     log_path = paths.server_log_file()
@@ -68,6 +70,9 @@ def start_server(port: int, host: str, cors: bool = False, *, api_key: str | Non
     cmd += ["--max-body-mb", str(max_body_mb)] if max_body_mb is not None else []
     cmd += ["--parallel", str(parallel)] if parallel is not None else []
     cmd += ["--max-queue", str(max_queue)] if max_queue is not None else []
+    for flag, value in (("--cache-ram", cache_ram), ("--cache-dir", cache_dir),
+                        ("--cache-disk", cache_disk)):
+        cmd += [flag, str(value)] if value is not None else []
     env = os.environ.copy()
     if api_key:
         env[serverstate.API_KEY_ENVS[0]] = api_key  # not in argv, which every user can read

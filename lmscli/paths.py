@@ -55,6 +55,11 @@ def metadata_cache_file() -> Path:
     return internal_dir() / "gguf-metadata-cache.json"
 
 
+def prompt_cache_dir() -> Path:
+    """Saved prompt states (KV caches), kept across server restarts."""
+    return home() / "prompt-cache"
+
+
 def chat_history_file() -> Path:
     return home() / "chat-history"
 

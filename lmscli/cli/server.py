@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -47,6 +48,16 @@ def start(
     max_queue: int = typer.Option(
         64, "--max-queue", min=0, max=100_000, help="Requests that may wait for a model's "
         "free slot; past that the server answers 503 with Retry-After."),
+    cache_ram: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--cache-ram", metavar="SIZE", help="Host memory for saved prompt caches, so "
+        "that a conversation that lost its slot does not process its prompt again (e.g. 2G; "
+        "0 turns it off). Default: an eighth of the machine's memory, at most 8G."),
+    cache_dir: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--cache-dir", metavar="DIR", help="Where saved prompt caches are also kept, "
+        "across restarts. Default: prompt-cache in lmscli's data folder."),
+    cache_disk: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--cache-disk", metavar="SIZE", help="Disk space for saved prompt caches "
+        "(default 4G; 0 keeps them in memory only)."),
 ) -> None:
     """Starts the local server"""
     port = port or serverstate.last_port()
@@ -68,7 +79,8 @@ def start(
         return
     options: dict[str, Any] = {"api_key": api_key, "allowed_hosts": allowed_hosts or [],
                "max_body_mb": max_body_mb, "allow_unauthenticated": allow_unauthenticated,
-               "parallel": parallel, "max_queue": max_queue}
+               "parallel": parallel, "max_queue": max_queue,
+               **_cache_options(cache_ram, cache_dir, cache_disk)}
     if foreground:
         from lmscli.server.run import serve
 
@@ -77,6 +89,21 @@ def start(
 
     state = daemon.start_server(port, host, cors, **options)
     console.info(f"Success! Server is now running on port {state.port}")
+
+
+def _cache_options(ram: str | None, folder: str | None, disk: str | None) -> dict[str, Any]:
+    """The prompt cache's options, checked here so that a bad size is one line, not a server
+    that fails to start."""
+    from lmscli.engine.promptcache import parse_size
+
+    def size(flag: str, value: str | None) -> int | None:
+        try:
+            return None if value is None else parse_size(value)
+        except ValueError as exc:
+            raise UserInputError(f"option '{flag}': {exc}") from None
+
+    return {"cache_ram": size("--cache-ram", ram), "cache_disk": size("--cache-disk", disk),
+            "cache_dir": str(Path(folder).expanduser().resolve()) if folder else None}
 
 
 def _check_bind(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:

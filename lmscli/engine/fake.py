@@ -5,12 +5,15 @@ asks for one with ``[[reply: text]]``; ``[[fail]]`` makes the prediction fail an
 ``[[slow]]`` adds a delay per token so that cancellation and interleaving can be tested;
 ``[[count: N]]`` replies ``n1 n2 … nN``, text that the prompt itself does not contain.
 A grammar containing ``!invalid`` is rejected, as llama.cpp rejects a grammar it can't parse.
+Each sequence's "KV cache" is the list of tokens decoded into it (``kv``): a decode at a
+position that does not follow what the sequence holds fails, as it would corrupt llama.cpp's.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ from lmscli.engine.slots import Batch
 from lmscli.engine.types import LoadOptions, PredictionRequest
 
 DEFAULT_REPLY = "Hello! I am the fake engine."
+STATE_MAGIC = b"FAKEKV"
 EOS = 0
 SLOW_S = 0.05
 
@@ -65,6 +69,8 @@ class FakeInstance(ModelInstance):
         self._words: list[str] = [""]  # token 0 is the end of a reply
         # the sequence ids of recent steps, so that tests can see what was decoded together
         self.decoded_batches: deque[list[int]] = deque(maxlen=1000)
+        self.kv: dict[int, list[int]] = {}
+        self.decoded_tokens = 0  # prompt and answer tokens decoded, all sequences
 
     def _load(self, on_progress: ProgressFn | None) -> None:
         with open(self.spec.path, "rb") as f:
@@ -108,7 +114,35 @@ class FakeInstance(ModelInstance):
 
     def _decode(self, batch: Batch) -> int:
         self.decoded_batches.append(sorted(set(batch.seq_ids)))
+        ends = {seq: len(self.kv.get(seq, [])) for seq in set(batch.seq_ids)}
+        for pos, seq in zip(batch.positions, batch.seq_ids, strict=True):
+            if pos != ends[seq]:
+                raise RuntimeError(f"sequence {seq} decodes position {pos}, "
+                                   f"but holds {ends[seq]}")
+            ends[seq] += 1
+        for token, seq in zip(batch.tokens, batch.seq_ids, strict=True):
+            self.kv.setdefault(seq, []).append(token)
+        self.decoded_tokens += len(batch)
         return 0
+
+    def _seq_rm(self, seq_id: int, start: int) -> bool:
+        self.kv[seq_id] = self.kv.get(seq_id, [])[:start]
+        return True
+
+    def _seq_cp(self, src: int, dst: int, count: int) -> None:
+        self.kv[dst] = self.kv.get(src, [])[:count]
+
+    def _save_state(self, seq_id: int) -> bytes | None:
+        return STATE_MAGIC + array("i", self.kv.get(seq_id, [])).tobytes()
+
+    def _restore_state(self, seq_id: int, data: bytes) -> bool:
+        body = data[len(STATE_MAGIC):]
+        if not data.startswith(STATE_MAGIC) or len(body) % 4 or self.kv.get(seq_id):
+            return False
+        tokens = array("i")
+        tokens.frombytes(body)
+        self.kv[seq_id] = tokens.tolist()
+        return True
 
     def _sample(self, sampler: FakeSampler, index: int) -> int:
         return sampler.next()

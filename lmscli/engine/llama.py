@@ -32,6 +32,7 @@ from lmscli.errors import InvalidModelFileError
 log = logging.getLogger("lmscli.llama")
 PENALTY_LAST_N = 64  # as llama-cpp-python's Llama
 EMBED_CONTEXT = 2048
+STATE_FLAGS = 0  # a sequence's whole state, copied to host memory
 _errors = threading.local()  # llama.cpp's error lines, per calling thread
 
 
@@ -153,6 +154,7 @@ def _context(model: LlamaModel, *, n_ctx: int, n_seq: int, embeddings: bool) -> 
 
 class LlamaInstance(ModelInstance):
     engine_name = "llama.cpp"
+    engine_version = llama_cpp.__version__
 
     def __init__(self, spec: ModelSpec, options: LoadOptions) -> None:
         super().__init__(spec, options)
@@ -285,6 +287,20 @@ class LlamaInstance(ModelInstance):
 
     def _seq_cp(self, src: int, dst: int, count: int) -> None:
         ll.llama_memory_seq_cp(self.memory, src, dst, 0, count)
+
+    def _save_state(self, seq_id: int) -> bytes | None:
+        size = ll.llama_state_seq_get_size_ext(self.ctx, seq_id, STATE_FLAGS)
+        if not size:
+            return None
+        buf = (ctypes.c_uint8 * size)()
+        n = ll.llama_state_seq_get_data_ext(self.ctx, buf, size, seq_id, STATE_FLAGS)
+        return ctypes.string_at(buf, n) if n else None
+
+    def _restore_state(self, seq_id: int, data: bytes) -> bool:
+        # points at the bytes object's own buffer: llama.cpp only reads it
+        src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        return ll.llama_state_seq_set_data_ext(self.ctx, src, len(data), seq_id,
+                                               STATE_FLAGS) > 0
 
     # -- embeddings ------------------------------------------------------------------------
 

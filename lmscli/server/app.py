@@ -157,6 +157,7 @@ def websocket_routes() -> list[WebSocketRoute]:
 def create_app(engine: Engine, settings: Settings | None = None,
                uvicorn_server: Any = None) -> Starlette:
     settings = settings or Settings()
+    engine.prompt_cache = settings.prompt_cache()
     logs = LogBus()
     models = ModelManager(engine, on_event=RuntimeLog(logs, engine, log), bus=logs,
                           parallel=settings.parallel, max_queue=settings.max_queue)

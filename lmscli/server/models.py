@@ -76,6 +76,9 @@ class Loaded:
             "parallel": None if self.instance.spec.is_embedding else self.instance.parallel,
             "jit": self.jit,
         })
+        cache = self.instance.cache
+        if cache is not None and cache.enabled and not self.instance.spec.is_embedding:
+            info["promptCache"] = cache.stats(self.instance.cache_key)
         return info
 
 
@@ -312,6 +315,9 @@ class ModelManager:
                            param="context_length", code="context_length_too_large")
         needed = await asyncio.to_thread(load_bytes, model.abs_path, model.size_bytes, n_ctx)
         free = mem_available()
+        cache = self.engine.prompt_cache
+        if free is not None and needed > free and cache is not None:
+            free += cache.release(needed - free)  # saved prompts yield to a model
         if free is not None and needed > free:
             raise APIError(400, f"Loading {model.model_key} with a context of {n_ctx} tokens "
                            f"needs about {needed / 2**30:.1f} GiB of memory, and "

@@ -10,8 +10,10 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from lmscli import serverstate
+from lmscli.engine.promptcache import DEFAULT_DISK_BYTES, parse_size
 from lmscli.errors import ExitCode
 from lmscli.server.security import (
     DEFAULT_MAX_BODY_MB,
@@ -56,7 +58,8 @@ def serve(host: str, port: int, cors: bool = False, engine_name: str | None = No
           announce: bool = False, *, api_key: str | None = None,
           allowed_hosts: Sequence[str] = (), max_body_mb: float = DEFAULT_MAX_BODY_MB,
           allow_unauthenticated: bool = False, parallel: int = 4, max_queue: int = 64,
-          sdk_port: bool = True) -> int:
+          sdk_port: bool = True, cache_ram: int | None = None, cache_dir: str | None = None,
+          cache_disk: int | None = None) -> int:
     """Serve until stopped; returns the process exit code. ``api_key`` None reads it from
     LMS_API_KEY (or LM_API_TOKEN); LMS_ALLOWED_HOSTS adds to ``allowed_hosts``. With
     ``sdk_port``, the server also listens where the lmstudio SDK looks for it."""
@@ -91,7 +94,9 @@ def serve(host: str, port: int, cors: bool = False, engine_name: str | None = No
     settings = Settings(host=host, port=port, cors=cors, api_key=api_key,
                         allowed_hosts=(*allowed_hosts, *env_allowed_hosts()),
                         max_body_mb=max_body_mb, parallel=parallel, max_queue=max_queue,
-                        sdk_port=sdk_sock.getsockname()[1] if sdk_sock else None)
+                        sdk_port=sdk_sock.getsockname()[1] if sdk_sock else None,
+                        cache_ram=cache_ram, cache_dir=Path(cache_dir) if cache_dir else None,
+                        cache_disk=DEFAULT_DISK_BYTES if cache_disk is None else cache_disk)
     config.app = create_app(engine, settings, server)
     pid = os.getpid()
     serverstate.write_state(serverstate.ServerState(pid, host, port, time.time(),
@@ -112,6 +117,13 @@ def positive_mb(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError("must be a number of megabytes above 0")
     return value
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def bounded_int(low: int, high: int) -> Callable[[str], int]:
@@ -137,10 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-body-mb", type=positive_mb, default=DEFAULT_MAX_BODY_MB)
     parser.add_argument("--parallel", type=bounded_int(1, 64), default=4)
     parser.add_argument("--max-queue", type=bounded_int(0, 100_000), default=64)
+    parser.add_argument("--cache-ram", type=size, default=None)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--cache-disk", type=size, default=None)
     parser.add_argument("--no-sdk-port", action="store_false", dest="sdk_port",
                         help="don't also listen on a port where the lmstudio SDK looks")
     args = parser.parse_args(argv)
     return serve(args.host, args.port, args.cors, args.engine, api_key=args.api_key,
                  allowed_hosts=args.allowed_hosts, max_body_mb=args.max_body_mb,
                  allow_unauthenticated=args.allow_unauthenticated, parallel=args.parallel,
-                 max_queue=args.max_queue, sdk_port=args.sdk_port)
+                 max_queue=args.max_queue, sdk_port=args.sdk_port, cache_ram=args.cache_ram,
+                 cache_dir=args.cache_dir, cache_disk=args.cache_disk)

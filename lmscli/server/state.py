@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from starlette.requests import HTTPConnection
 
+from lmscli import paths
 from lmscli.engine import Engine
+from lmscli.engine.promptcache import DEFAULT_DISK_BYTES, PromptCache, default_ram_bytes
 from lmscli.logbus import LogBus
 from lmscli.server.links.linked import Linked
 from lmscli.server.models import ModelManager
@@ -32,6 +35,13 @@ class Settings:
     max_queue: int = 64  # requests that may wait for a slot, per model, before 503s
     sdk_port: int | None = None  # the loopback port also served for lmstudio SDK discovery
     link_refresh_s: float = 30.0  # how often linked engines are asked for their models
+    cache_ram: int | None = None  # bytes of saved prompt states in RAM; None: the default
+    cache_dir: Path | None = None  # where they are also kept on disk; None: the default
+    cache_disk: int = DEFAULT_DISK_BYTES  # bytes on disk; 0: not on disk
+
+    def prompt_cache(self) -> PromptCache:
+        ram = default_ram_bytes() if self.cache_ram is None else self.cache_ram
+        return PromptCache(ram, self.cache_dir or paths.prompt_cache_dir(), self.cache_disk)
 
     def guard(self) -> Guard:
         hosts = HostPolicy.for_bind(self.host, self.allowed_hosts, keyed=bool(self.api_key))

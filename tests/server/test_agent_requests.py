@@ -111,3 +111,22 @@ def test_hosted_tools_are_left_out_not_refused(fake_server: ThreadServer) -> Non
 def test_the_root_answers_probes(fake_server: ThreadServer) -> None:
     assert httpx.head(fake_server.base_url + "/").status_code == 200
     assert httpx.get(fake_server.base_url + "/").text == "lmscli is running"
+
+
+def test_claude_codes_billing_header_stays_out_of_the_prompt(
+        fake_server: ThreadServer) -> None:
+    """Its value changes between sessions; first in the prompt, it would make each new session
+    process the whole system prompt and tool list again instead of finding them cached."""
+    prompts = []
+    for version in ("2.1.197.38b", "2.1.197.1c0; cch=5f0e2"):
+        body = claude_code_body(MODEL) | {"stream": False}
+        body["system"][0]["text"] = (f"x-anthropic-billing-header: cc_version={version}; "
+                                     "cc_entrypoint=sdk-cli;")
+
+        def ask(body: dict = body) -> None:
+            r = httpx.post(fake_server.base_url + "/v1/messages", json=body, timeout=30)
+            assert r.status_code == 200
+
+        prompts.append(prompt_of(fake_server, ask))
+    assert prompts[0] == prompts[1]
+    assert "billing" not in prompts[0] and "You are Claude Code." in prompts[0]

@@ -39,6 +39,10 @@ STOP_REASONS = {"eosFound": "end_turn", "stopStringFound": "stop_sequence",
                 "failed": "end_turn"}
 CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 SKIPPED_BLOCKS = {"thinking", "redacted_thinking"}  # earlier reasoning: templates drop it
+# Claude Code's first system block: an account header whose value changes between sessions
+# (and, in some releases, every request). It means nothing to a model, and first in the prompt
+# it would put the whole system prompt and tool list after it out of the prompt cache's reach.
+BILLING_HEADER = "x-anthropic-billing-header:"
 
 
 # -- the request -----------------------------------------------------------------------------
@@ -143,7 +147,9 @@ def _text(content: Any, where: str) -> str:
         kind = block.get("type", str, required=True)
         if kind != "text":
             raise _unsupported_block(kind, block.prefix, "text")
-        texts.append(block.get("text", str, required=True))
+        text = block.get("text", str, required=True)
+        if not (where == "system" and text.startswith(BILLING_HEADER)):
+            texts.append(text)
     return "\n".join(texts) if where == "system" else "".join(texts)
 
 

@@ -57,6 +57,7 @@ async def status(request: Request) -> Any:
         "sdkPort": settings.sdk_port,
         "engine": {"name": engine.name, "version": engine.version},
         "loaded": len(manager(request).loaded),
+        "promptCache": engine.prompt_cache.stats() if engine.prompt_cache else None,
     })
 
 
