@@ -97,6 +97,11 @@ def chat(client: httpx.Client, base: str, model: str, messages: list[dict[str, s
             "prompt": usage.get("prompt_tokens", 0), "cached": cached}
 
 
+def fresh_client() -> httpx.Client:
+    """A new connection per request: llama-server closes kept-alive ones under our feet."""
+    return httpx.Client(timeout=3600, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 # -- servers --------------------------------------------------------------------------------
 
 def lmscli_home(tmp: Path, model: Path) -> Path:
@@ -114,7 +119,7 @@ def start_lmscli(stack: contextlib.ExitStack, args: argparse.Namespace, tmp: Pat
     env = os.environ | {"LMSCLI_HOME": str(home)}
     log_file = tmp / "lmscli.log"
     proc = spawn([sys.executable, "-m", "lmscli.server", "--port", str(args.lmscli_port),
-                  *extra], env, log_file)
+                  *args.lmscli_arg, *extra], env, log_file)
     stack.callback(stop, proc)
     base = f"http://127.0.0.1:{args.lmscli_port}"
     wait_ready(base + "/lmstudio-greeting", proc, log_file)
@@ -143,7 +148,7 @@ def conversations(client: httpx.Client, base: str, model: str, k: int, args: arg
 def run_turns(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmscli-bench-") as tmp, \
-            contextlib.ExitStack() as stack, httpx.Client(timeout=600) as client:
+            contextlib.ExitStack() as stack, fresh_client() as client:
         targets = {"lmscli": start_lmscli(stack, args, Path(tmp))[:2]}
         targets["llama-server"] = (f"http://127.0.0.1:{args.llama_port}",
                                    start_llama_server(stack, args, Path(tmp)).model)
@@ -170,8 +175,7 @@ def run_turns(args: argparse.Namespace) -> None:
 
 def run_restart(args: argparse.Namespace) -> None:
     warm, cold = [], []
-    with tempfile.TemporaryDirectory(prefix="lmscli-bench-") as tmp, \
-            httpx.Client(timeout=600) as client:
+    with tempfile.TemporaryDirectory(prefix="lmscli-bench-") as tmp, fresh_client() as client:
         for rep in range(args.reps):
             seen = [{"role": "system", "content": system_prompt(f"r{rep}", TOPICS[rep],
                                                                 args.facts)},
@@ -215,7 +219,7 @@ def cached_of(api: str, usage: dict[str, Any]) -> tuple[int, int]:
 def run_replay(args: argparse.Namespace) -> None:
     files = args.sessions or sorted(SESSIONS.glob("*.json"))
     with tempfile.TemporaryDirectory(prefix="lmscli-bench-") as tmp, \
-            contextlib.ExitStack() as stack, httpx.Client(timeout=3600) as client:
+            contextlib.ExitStack() as stack, fresh_client() as client:
         base, model, _ = start_lmscli(stack, args, Path(tmp))
         for path in files:
             recorded = json.loads(Path(path).read_text())
@@ -298,6 +302,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "0.5B for replay)")
     p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
     p.add_argument("--llama-arg", action="append", default=[])
+    p.add_argument("--lmscli-arg", action="append", default=[],
+                   help="e.g. --lmscli-arg=--cache-disk=0")
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--ctx", type=int, default=None, help="total context (shared by slots)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmscli.engine.promptcache import Hit, PromptCache
+from lmscli.engine.promptcache import Hit, PromptCache, State
 from lmscli.engine.slots import Batch, Choice, Sequence, Slot, choose_slot
 from lmscli.engine.types import (
     Done,
@@ -237,7 +237,10 @@ class ModelInstance:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._take_inbox(block=not self._running and not self._admissible())
+            idle = not self._running and not self._admissible()
+            if idle and self._inbox.empty() and self._stash_idle_slot():
+                continue  # look for work again before the next one
+            self._take_inbox(block=idle)
             if self._stopping:
                 break
             self._admit()
@@ -358,19 +361,33 @@ class ModelInstance:
         if slot.tokens:
             self._seq_rm(slot.id, 0)
             slot.tokens = []
-        slot.prompt_len = 0
+        slot.prompt_len = slot.saved = 0
 
     def _evict_slot(self, slot: Slot) -> None:
         """Give the slot up for other work, its cache saved first when worth keeping."""
         self._stash(slot)
         self._clear_slot(slot)
 
+    def _stash_idle_slot(self) -> bool:
+        """With nothing to do, save one idle slot that the prompt cache lacks: when another
+        conversation needs that slot, it need not wait for the copy."""
+        if self.cache is None or not self.cache.enabled:
+            return False
+        for slot in self.slots:
+            if slot.seq is None and len(slot.tokens) >= MIN_SAVE \
+                    and slot.saved != len(slot.tokens):
+                self._stash(slot)
+                return True
+        return False
+
     def _stash(self, slot: Slot) -> None:
         """Save what ``slot`` holds in the prompt cache, unless it is short or already there."""
         cache = self.cache
         if cache is None or len(slot.tokens) < MIN_SAVE or not cache.enabled \
-                or cache.covers(self.cache_key, slot.tokens):
+                or slot.saved == len(slot.tokens) or cache.covers(self.cache_key, slot.tokens):
+            slot.saved = len(slot.tokens)
             return
+        slot.saved = len(slot.tokens)
         try:
             data = self._save_state(slot.id)
         except Exception as exc:  # the cache is an optimisation: never fail a request for it
@@ -396,6 +413,7 @@ class ModelInstance:
             self._seq_rm(slot.id, 0)
             return None
         slot.tokens = hit.entry.tokens.tolist()
+        slot.saved = len(slot.tokens)
         reuse = min(hit.prefix, len(prompt) - 1)
         self.cache.restored(self.cache_key, reuse)
         return self._reuse_prefix(slot, slot, reuse, prompt)
@@ -441,6 +459,7 @@ class ModelInstance:
                 self._clear_slot(slot)
                 return 0
             slot.tokens = slot.tokens[:reuse]
+            slot.saved = min(slot.saved, reuse)
             return reuse
         self._evict_slot(slot)
         if reuse:
@@ -575,7 +594,7 @@ class ModelInstance:
             return
         for slot in self.slots:
             self._stash(slot)
-        self.cache.flush()
+        self.cache.persist(self.cache_key)
 
     def _fail_late_calls(self) -> None:
         while True:
@@ -632,11 +651,11 @@ class ModelInstance:
     def _seq_cp(self, src: int, dst: int, count: int) -> None:
         """Share the first ``count`` positions of ``src`` with ``dst``."""
 
-    def _save_state(self, seq_id: int) -> bytes | None:
+    def _save_state(self, seq_id: int) -> State | None:
         """A copy of the sequence's KV state, for the prompt cache; None: not supported."""
         return None
 
-    def _restore_state(self, seq_id: int, data: bytes) -> bool:
+    def _restore_state(self, seq_id: int, data: State) -> bool:
         """Load a state from ``_save_state`` into an empty sequence; False when refused."""
         return False
 

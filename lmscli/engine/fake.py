@@ -25,6 +25,7 @@ from lmscli.engine.base import (
     PredictionFailure,
     ProgressFn,
 )
+from lmscli.engine.promptcache import State
 from lmscli.engine.slots import Batch
 from lmscli.engine.types import LoadOptions, PredictionRequest
 
@@ -135,7 +136,7 @@ class FakeInstance(ModelInstance):
     def _save_state(self, seq_id: int) -> bytes | None:
         return STATE_MAGIC + array("i", self.kv.get(seq_id, [])).tobytes()
 
-    def _restore_state(self, seq_id: int, data: bytes) -> bool:
+    def _restore_state(self, seq_id: int, data: State) -> bool:
         body = data[len(STATE_MAGIC):]
         if not data.startswith(STATE_MAGIC) or len(body) % 4 or self.kv.get(seq_id):
             return False

@@ -25,6 +25,7 @@ from lmscli.engine.base import (
     PredictionFailure,
     ProgressFn,
 )
+from lmscli.engine.promptcache import State
 from lmscli.engine.slots import Batch
 from lmscli.engine.types import LoadOptions, PredictionRequest
 from lmscli.errors import InvalidModelFileError
@@ -288,17 +289,25 @@ class LlamaInstance(ModelInstance):
     def _seq_cp(self, src: int, dst: int, count: int) -> None:
         ll.llama_memory_seq_cp(self.memory, src, dst, 0, count)
 
-    def _save_state(self, seq_id: int) -> bytes | None:
+    def _save_state(self, seq_id: int) -> State | None:
         size = ll.llama_state_seq_get_size_ext(self.ctx, seq_id, STATE_FLAGS)
         if not size:
             return None
-        buf = (ctypes.c_uint8 * size)()
-        n = ll.llama_state_seq_get_data_ext(self.ctx, buf, size, seq_id, STATE_FLAGS)
-        return ctypes.string_at(buf, n) if n else None
+        # a bytearray, written in place: its pages are touched once, and it is kept as it is
+        state = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(state)
+        n = ll.llama_state_seq_get_data_ext(self.ctx, view, size, seq_id, STATE_FLAGS)
+        del view
+        if not n:
+            return None
+        del state[n:]
+        return state
 
-    def _restore_state(self, seq_id: int, data: bytes) -> bool:
-        # points at the bytes object's own buffer: llama.cpp only reads it
-        src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+    def _restore_state(self, seq_id: int, data: State) -> bool:
+        if isinstance(data, bytearray):
+            src: Any = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        else:  # the bytes object's own buffer: llama.cpp only reads it
+            src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
         return ll.llama_state_seq_set_data_ext(self.ctx, src, len(data), seq_id,
                                                STATE_FLAGS) > 0
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("lmscli.promptcache")
+State = bytes | bytearray  # a bytearray that llama.cpp wrote into is kept as it is: no copy
 
 MAGIC = b"LMSKV1\n"
 SUFFIX = ".lmskv"
@@ -53,8 +54,8 @@ class Entry:
     key: str
     tokens: array  # 'i': the tokens whose KV the state holds, from position 0
     size: int  # bytes of state
-    crc: int
-    data: bytes | None = None  # in RAM
+    crc: int | None = None  # of the state, once written to disk (off the engine's thread)
+    data: State | None = None  # in RAM
     path: Path | None = None  # on disk
     used: int = 0  # recency: a larger number was used later
     writing: bool = False  # queued for the disk: kept listed until written
@@ -114,7 +115,7 @@ class PromptCache:
                     return True
         return False
 
-    def load(self, hit: Hit) -> bytes | None:
+    def load(self, hit: Hit) -> State | None:
         """The entry's state, from RAM or disk; None when it cannot be read (it is then
         dropped, with a log line)."""
         entry = hit.entry
@@ -143,10 +144,12 @@ class PromptCache:
 
     # -- keeping ---------------------------------------------------------------------------
 
-    def save(self, key: str, tokens: Sequence[int], data: bytes) -> None:
+    def save(self, key: str, tokens: Sequence[int], data: State) -> None:
         """Keep a state that holds ``tokens``; entries it makes redundant (their tokens a
-        prefix of these) go."""
-        entry = Entry(key, array("i", tokens), len(data), zlib.crc32(data))
+        prefix of these) go. It goes to the disk when it leaves RAM, or on ``persist``: a
+        write while a prompt is decoded would slow the decode down (on a CPU, it takes a core).
+        """
+        entry = Entry(key, array("i", tokens), len(data))
         with self._lock:
             for old in [e for e in self._entries if e.key == key
                         and len(e.tokens) <= len(entry.tokens)
@@ -158,11 +161,16 @@ class PromptCache:
             if self.ram_limit >= entry.size:
                 entry.data = data
                 self._bound_ram()
-        if self.disk_dir is not None and self.disk_limit >= entry.size:
-            self._queue_write(entry, data)
-        elif entry.data is None:
-            with self._lock:
-                self._forget_if_gone(entry)
+            else:
+                self._write_back(entry, data)
+
+    def persist(self, key: str) -> None:
+        """Write what RAM holds for ``key`` to the disk, and wait until it is written."""
+        with self._lock:
+            for entry in self._entries:
+                if entry.key == key and entry.data is not None:
+                    self._write_back(entry, entry.data)
+        self.flush()
 
     def release(self, nbytes: int) -> int:
         """Free at least ``nbytes`` of RAM (least recently used first), for a model that
@@ -228,8 +236,17 @@ class PromptCache:
         while total > self.ram_limit and in_ram:
             oldest = in_ram.pop(0)
             total -= oldest.size
+            self._write_back(oldest, oldest.data)
             oldest.data = None
             self._forget_if_gone(oldest)
+
+    def _write_back(self, entry: Entry, data: State | None) -> None:
+        """Queue the state for the disk, unless it is there already or does not fit."""
+        if data is not None and entry.path is None and not entry.writing \
+                and self.disk_dir is not None and self.disk_limit >= entry.size:
+            self._queue_write(entry, data)
+        else:
+            self._forget_if_gone(entry)
 
     def _bound_disk(self) -> None:
         on_disk = sorted((e for e in self._entries if e.path is not None), key=lambda e: e.used)
@@ -245,7 +262,7 @@ class PromptCache:
 
     # -- disk --------------------------------------------------------------------------------
 
-    def _queue_write(self, entry: Entry, data: bytes) -> None:
+    def _queue_write(self, entry: Entry, data: State) -> None:
         entry.writing = True
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="prompt-cache",
@@ -264,7 +281,7 @@ class PromptCache:
             finally:
                 self._writes.task_done()
 
-    def _write(self, entry: Entry, data: bytes) -> None:
+    def _write(self, entry: Entry, data: State) -> None:
         path: Path | None = None
         try:
             path = self._write_file(entry, data)
@@ -280,8 +297,9 @@ class PromptCache:
                 else:
                     self._forget_if_gone(entry)
 
-    def _write_file(self, entry: Entry, data: bytes) -> Path:
+    def _write_file(self, entry: Entry, data: State) -> Path:
         assert self.disk_dir is not None
+        entry.crc = zlib.crc32(data)
         self.disk_dir.mkdir(parents=True, exist_ok=True)
         path = self.disk_dir / file_name(entry.key, entry.tokens)
         header = json.dumps({"key": entry.key, "tokens": len(entry.tokens),
@@ -310,15 +328,16 @@ class PromptCache:
             self._entries.append(entry)
         self._bound_disk()
 
-    def _read(self, entry: Entry, path: Path) -> bytes | None:
+    def _read(self, entry: Entry, path: Path) -> State | None:
         try:
             with open(path, "rb") as f:
                 f.seek(_data_offset(path, entry))
-                data = f.read(entry.size + 1)
+                data = bytearray(entry.size)
+                got = f.readinto(data)
         except OSError as exc:
             log.warning("Skipped prompt cache file %s: %s", path.name, exc.strerror or exc)
             return None
-        if len(data) != entry.size or zlib.crc32(data) != entry.crc:
+        if got != entry.size or zlib.crc32(data) != entry.crc:
             log.warning("Skipped prompt cache file %s: its contents are damaged", path.name)
             return None
         with contextlib.suppress(OSError):

@@ -20,6 +20,7 @@ class Slot:
     id: int
     tokens: list[int] = field(default_factory=list)
     prompt_len: int = 0  # how many of ``tokens`` were the last prompt (the rest: its answer)
+    saved: int = 0  # len(tokens) when they were last found in, or saved to, the prompt cache
     last_used: float = 0.0
     seq: Sequence | None = None
 

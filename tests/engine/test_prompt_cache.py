@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,12 +79,25 @@ def test_the_disk_keeps_states_for_the_next_server(tmp_path: Path) -> None:
     data = bytes(range(256)) * 40
     cache.save(KEY, toks(range(300)), data)
     cache.flush()
+    assert not list(tmp_path.glob("*.lmskv"))  # written when it leaves RAM, or on persist
+    cache.persist(KEY)
     assert len(list(tmp_path.glob("*.lmskv"))) == 1
     again = PromptCache(2**20, tmp_path, 2**20)
     hit = again.lookup(KEY, toks(range(200), range(900, 950)))
     assert hit is not None and hit.prefix == 200 and again.load(hit) == data
     assert again.stats()["diskBytes"] == len(data)
     assert again.lookup("another model", toks(range(300))) is None
+
+
+def test_a_state_that_leaves_ram_goes_to_the_disk(tmp_path: Path) -> None:
+    cache = PromptCache(250, tmp_path, 2**20)
+    for i in range(3):
+        cache.save(KEY, toks(range(i * 1000, i * 1000 + 10)), bytes([i]) * 100)
+    cache.flush()
+    assert len(list(tmp_path.glob("*.lmskv"))) == 1  # the oldest, pushed out of RAM
+    hit = cache.lookup(KEY, toks(range(10)))
+    assert hit is not None and cache.load(hit) == bytes([0]) * 100
+    assert cache.stats()["entries"] == 3
 
 
 def test_the_disk_is_bounded_too(tmp_path: Path) -> None:
@@ -216,8 +230,29 @@ def test_short_prompts_are_not_worth_saving(one_slot: FakeInstance) -> None:
     short = conversation("a", words=MIN_SAVE // 4)
     ask(one_slot, short)
     ask(one_slot, conversation("b"))
-    assert one_slot.cache is not None and one_slot.cache.stats()["saves"] == 0
+    assert one_slot.cache is not None
+    assert one_slot.cache.lookup(one_slot.cache_key, one_slot.tokenize(short)) is None
     assert ask(one_slot, short).stats.cached_tokens == 0
+
+
+def wait_saved(inst: FakeInstance, prompt: str) -> None:
+    assert inst.cache is not None
+    deadline = time.monotonic() + 5
+    while not inst.cache.lookup(inst.cache_key, inst.tokenize(prompt)):
+        assert time.monotonic() < deadline, "never saved"
+        time.sleep(0.01)
+
+
+def test_an_idle_engine_saves_its_slots_before_they_are_needed(
+        one_slot: FakeInstance) -> None:
+    a, b = conversation("a"), conversation("b")
+    ask(one_slot, a)
+    wait_saved(one_slot, a)
+    assert one_slot.cache is not None
+    saves = one_slot.cache.stats()["saves"]
+    ask(one_slot, b)  # evicts a: already saved, not copied again
+    wait_saved(one_slot, b)
+    assert one_slot.cache.stats()["saves"] == saves + 1  # b's own, saved while idle
 
 
 def test_a_state_the_engine_refuses_is_dropped_and_the_prompt_decoded(
