@@ -4,6 +4,7 @@ Fake engine behind a real server; the official SDKs and raw bodies as the agents
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import anthropic
@@ -130,3 +131,45 @@ def test_claude_codes_billing_header_stays_out_of_the_prompt(
         prompts.append(prompt_of(fake_server, ask))
     assert prompts[0] == prompts[1]
     assert "billing" not in prompts[0] and "You are Claude Code." in prompts[0]
+
+
+SPAWN_CALL = ('[TOOL_REQUEST]{"name": "multi_agent_v1.spawn_agent", '
+              '"arguments": {"task": "lint"}}[END_TOOL_REQUEST]')
+NAMESPACE = {"type": "namespace", "name": "multi_agent_v1",
+             "description": "Tools for spawning and managing sub-agents.",
+             "tools": [{"type": "function", "name": "spawn_agent", "description": "Spawn one.",
+                        "strict": False, "parameters": {
+                            "type": "object", "properties": {"task": {"type": "string"}},
+                            "required": ["task"], "additionalProperties": False}}]}
+
+
+def test_namespace_tools_are_offered_and_called_in_their_namespace(
+        fake_server: ThreadServer) -> None:
+    """Codex groups its sub-agent tools in a namespace: the model sees them by a qualified
+    name, and Codex gets its calls back with ``namespace`` and the tool's own name."""
+    client = openai.OpenAI(base_url=fake_server.base_url + "/v1", api_key="x", max_retries=0)
+    ask = f"Start a linter. [[reply: {SPAWN_CALL}]]"
+    prompt = prompt_of(fake_server, lambda: client.responses.create(
+        model=MODEL, input=ask, tools=[NAMESPACE], store=False))
+    assert "multi_agent_v1.spawn_agent" in prompt
+    assert "Tools for spawning and managing sub-agents." in prompt
+    for stream in (False, True):
+        if stream:
+            events = list(client.responses.create(model=MODEL, input=ask, tools=[NAMESPACE],
+                                                  stream=True))
+            done = [e for e in events if e.type == "response.function_call_arguments.done"]
+            assert done and done[0].name == "spawn_agent"
+            response = next(e.response for e in events if e.type == "response.completed")
+        else:
+            response = client.responses.create(model=MODEL, input=ask, tools=[NAMESPACE])
+        (call,) = [item for item in response.output if item.type == "function_call"]
+        assert (call.namespace, call.name, json.loads(call.arguments)) == (
+            "multi_agent_v1", "spawn_agent", {"task": "lint"})
+    # the call comes back in the next request's input, as Codex sends it
+    follow = [{"type": "message", "role": "user", "content": "Start a linter."},
+              {"type": "function_call", "call_id": call.call_id, "name": "spawn_agent",
+               "namespace": "multi_agent_v1", "arguments": call.arguments},
+              {"type": "function_call_output", "call_id": call.call_id, "output": "agent 7"}]
+    prompt = prompt_of(fake_server, lambda: client.responses.create(
+        model=MODEL, input=follow, tools=[NAMESPACE], store=False))
+    assert '"name": "multi_agent_v1.spawn_agent"' in prompt and "agent 7" in prompt

@@ -107,33 +107,74 @@ def _add_call(out: list[dict[str, Any]], item: Body, where: str) -> None:
     except ValueError:
         raise bad_request(f"'{where}.arguments' must be a JSON object string.",
                           f"{where}.arguments") from None
+    name = item.get("name", str, required=True)
+    if namespace := item.get("namespace", str):
+        name = in_namespace(namespace, name)
     call = {"id": item.get("call_id", str, required=True), "type": "function",
-            "function": {"name": item.get("name", str, required=True), "arguments": arguments}}
+            "function": {"name": name, "arguments": arguments}}
     if not out or out[-1]["role"] != "assistant":
         out.append({"role": "assistant", "content": ""})
     out[-1].setdefault("tool_calls", []).append(call)
 
 
+def in_namespace(namespace: str, name: str) -> str:
+    """The name the model sees for a function of a namespace tool."""
+    return f"{namespace}.{name}"
+
+
 def function_tools(body: Body) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(the tools as sent, as chat tools): the function tools. The others are left out with
+    """(the tools as sent, as chat tools): the function tools, and those grouped in
+    namespace tools (the model sees them as ``namespace.name``). The others are left out with
     a log line, not refused: agents such as Codex offer hosted tools (web_search, …) that only
     OpenAI's servers run, beside the function tools a local model can call."""
     tools = body.get("tools", list, [])
-    chat = []
+    chat: list[dict[str, Any]] = []
     skipped: list[str] = []
     for i, raw in enumerate(tools):
         tool = Body(raw, f"tools[{i}]")
         kind = tool.get("type", str, required=True)
-        if kind != "function":
+        if kind == "function":
+            chat.append(function_tool(check_tool_name(tool), tool.get("description", str),
+                                      tool.get("parameters", dict)))
+        elif kind == "namespace":
+            skipped += _namespace_tools(tool, chat)
+        else:
             skipped.append(shorten(kind, 40))
-            continue
-        name = check_tool_name(tool)
-        chat.append(function_tool(name, tool.get("description", str),
-                                  tool.get("parameters", dict)))
     if skipped:
         log.info("/v1/responses: left out tools this server cannot run: %s",
                  ", ".join(sorted(set(skipped))))
     return tools, chat
+
+
+def _namespace_tools(tool: Body, chat: list[dict[str, Any]]) -> list[str]:
+    """Adds a namespace tool's functions to ``chat``; returns the kinds it left out."""
+    namespace = check_tool_name(tool)
+    about = tool.get("description", str)
+    skipped = []
+    for j, raw in enumerate(tool.get("tools", list, [])):
+        inner = Body(raw, f"{tool.prefix}.tools[{j}]")
+        kind = inner.get("type", str, required=True)
+        if kind != "function":
+            skipped.append(f"{namespace}.{shorten(kind, 40)}")
+            continue
+        description = inner.get("description", str)
+        if about:
+            description = f"({about}) {description or ''}".strip()
+        chat.append(function_tool(in_namespace(namespace, check_tool_name(inner)),
+                                  description, inner.get("parameters", dict)))
+    return skipped
+
+
+def namespaces(tools: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """The model's name of each namespace function: its namespace and its own name."""
+    out = {}
+    for tool in tools:
+        if isinstance(tool, dict) and tool.get("type") == "namespace":
+            for inner in tool.get("tools") or []:
+                if isinstance(inner, dict) and isinstance(inner.get("name"), str):
+                    out[in_namespace(tool["name"], inner["name"])] = (tool["name"],
+                                                                       inner["name"])
+    return out
 
 
 def chat_tool_choice(body: Body) -> str | dict[str, Any] | None:
@@ -144,7 +185,10 @@ def chat_tool_choice(body: Body) -> str | dict[str, Any] | None:
     if spec.get("type", str, required=True) != "function":
         raise bad_request("'tool_choice' must be none, auto, required or "
                           '{"type": "function", "name": ...}.', "tool_choice")
-    return {"type": "function", "function": {"name": spec.get("name", str, required=True)}}
+    name = spec.get("name", str, required=True)
+    if namespace := spec.get("namespace", str):
+        name = in_namespace(namespace, name)
+    return {"type": "function", "function": {"name": name}}
 
 
 def text_format(body: Body) -> tuple[dict[str, Any], str | None]:
@@ -216,6 +260,7 @@ class Draft:
             "metadata": body.get("metadata", dict, {}),
         }
         self._item_ids: dict[int, str] = {}
+        self._namespaced = namespaces(tools)
 
     def response(self, status: str, output: list[dict[str, Any]], **rest: Any) -> dict[str, Any]:
         return {"id": self.id, "object": "response", "created_at": self.created_at,
@@ -237,8 +282,15 @@ class Draft:
         if block.kind == "text":
             content = [text_part(block.text)] if done else []
             return base | {"type": "message", "role": "assistant", "content": content}
-        return base | {"type": "function_call", "call_id": block.call_id, "name": block.name,
-                       "arguments": block.text if done else ""}
+        return base | {"type": "function_call", "call_id": block.call_id,
+                       "arguments": block.text if done else "", **self.call_name(block)}
+
+    def call_name(self, block: Block) -> dict[str, str]:
+        """``name``, and ``namespace`` for a function of a namespace tool."""
+        if block.name in self._namespaced:
+            namespace, name = self._namespaced[block.name]
+            return {"name": name, "namespace": namespace}
+        return {"name": block.name}
 
     def final(self, blocks: list[Block], finished: Finished, reasoning_tokens: int
               ) -> dict[str, Any]:
@@ -334,8 +386,8 @@ class EventStream:
 
     def _closed(self, block: Block, at: dict[str, Any]) -> list[bytes]:
         if block.kind == "call":
-            out = [self.event("response.function_call_arguments.done", **at, name=block.name,
-                              arguments=block.text)]
+            out = [self.event("response.function_call_arguments.done", **at,
+                              name=self.draft.call_name(block)["name"], arguments=block.text)]
         else:
             text_done = "response.reasoning_text.done" if block.kind == "reasoning" \
                 else "response.output_text.done"
