@@ -55,6 +55,7 @@ NO_ROOM = 1  # llama_decode: no KV cells for the batch (nothing was changed)
 # (2 cores) about 2.4 µs a token against about 3 ms to decode one (bench/prompt_cache.py
 # break-even), so the share leaves room for engines whose decode is 30x faster (a GPU).
 MIN_SAVE = 32
+PERSIST_S = 10.0  # at unload, the longest wait for saved states to reach the disk
 MIN_RESTORE = 8
 RESTORE_SHARE = 32
 
@@ -172,7 +173,8 @@ class ModelInstance:
             file = f"{os.path.realpath(self.spec.path)}:{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             file = self.spec.path
-        shape = f"ctx={self.context_length} seq={self.parallel} kv={self.kv_type}"
+        shape = (f"ctx={self.context_length} seq={self.parallel} kv={self.kv_type} "
+                 f"gpu={self.options.gpu_ratio}")
         return f"{self.engine_name} {self.engine_version} | {file} | {shape}"
 
 
@@ -381,25 +383,31 @@ class ModelInstance:
         return False
 
     def _stash(self, slot: Slot) -> None:
-        """Save what ``slot`` holds in the prompt cache, unless it is short or already there."""
+        """Save what ``slot`` holds in the prompt cache, unless it is short or already there.
+        The cache is an optimisation: nothing it raises may fail a request or the loop."""
         cache = self.cache
         if cache is None or len(slot.tokens) < MIN_SAVE or not cache.enabled \
-                or slot.saved == len(slot.tokens) or cache.covers(self.cache_key, slot.tokens):
+                or slot.saved == len(slot.tokens):
             slot.saved = len(slot.tokens)
             return
         slot.saved = len(slot.tokens)
         try:
+            if cache.covers(self.cache_key, slot.tokens):
+                return
             data = self._save_state(slot.id)
-        except Exception as exc:  # the cache is an optimisation: never fail a request for it
+            if data:
+                cache.save(self.cache_key, slot.tokens, data)
+        except Exception as exc:
             log.warning("Could not save a prompt's state: %s", exc)
-            return
-        if data:
-            cache.save(self.cache_key, slot.tokens, data)
 
     def _restore(self, slot: Slot, hit: Hit, prompt: list[int]) -> int | None:
         """Make ``slot`` hold the saved state's prefix of ``prompt``; None if it can't."""
         assert self.cache is not None
-        data = self.cache.load(hit)
+        try:
+            data = self.cache.load(hit)
+        except Exception as exc:  # MemoryError, a disk that went away: decode instead
+            log.warning("Could not read a saved prompt state: %s", exc)
+            data = None
         self._evict_slot(slot)
         try:
             restored = data is not None and self._restore_state(slot.id, data)
@@ -585,11 +593,14 @@ class ModelInstance:
         # a failure while freeing must never hang the caller waiting in close()
         with contextlib.suppress(Exception):
             self._unload()
+        # freed first: the states queued for the disk are Python memory, not the model's
+        if self.cache is not None and not self.cache.written(PERSIST_S):
+            log.warning("Some saved prompt states were not written to disk in time.")
         self._fail_late_calls()
 
     def _keep_caches(self) -> None:
-        """Before unloading, what the slots hold goes to the prompt cache (and its disk), for
-        the next load of this model."""
+        """Before unloading, what the slots hold goes to the prompt cache, and what it holds
+        for this model is queued for its disk, for the next load."""
         if self.cache is None or self.status == "loading":
             return
         for slot in self.slots:

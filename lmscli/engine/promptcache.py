@@ -18,6 +18,7 @@ import os
 import queue
 import struct
 import threading
+import time
 import zlib
 from array import array
 from collections import Counter
@@ -32,6 +33,7 @@ State = bytes | bytearray  # a bytearray that llama.cpp wrote into is kept as it
 MAGIC = b"LMSKV1\n"
 SUFFIX = ".lmskv"
 DEFAULT_DISK_BYTES = 4 * 2**30
+QUEUE_BYTES = 256 * 2**20  # states waiting for the disk, at least (else: the RAM bound)
 _HEAD = struct.Struct("<I")  # length of the JSON header that follows the magic
 
 
@@ -58,7 +60,7 @@ class Entry:
     data: State | None = None  # in RAM
     path: Path | None = None  # on disk
     used: int = 0  # recency: a larger number was used later
-    writing: bool = False  # queued for the disk: kept listed until written
+    pending: State | None = None  # queued for the disk: readable, and listed, until written
 
 
 @dataclass
@@ -102,6 +104,8 @@ class PromptCache:
                 n = common_prefix(entry.tokens, wanted)
                 if n and (best is None or n > best.prefix):
                     best = Hit(entry, n)
+            if best is not None:  # the next save must not push it out before it is read
+                self._touch(best.entry)
             return best
 
     def covers(self, key: str, tokens: Sequence[int]) -> bool:
@@ -121,7 +125,7 @@ class PromptCache:
         entry = hit.entry
         with self._lock:
             self._touch(entry)
-            data, path = entry.data, entry.path
+            data, path = entry.data or entry.pending, entry.path
         if data is None and path is not None:
             data = self._read(entry, path)
             if data is not None and self.ram_limit >= entry.size:
@@ -165,12 +169,24 @@ class PromptCache:
                 self._write_back(entry, data)
 
     def persist(self, key: str) -> None:
-        """Write what RAM holds for ``key`` to the disk, and wait until it is written."""
+        """Queue what RAM holds for ``key`` for the disk, the most recently used first
+        (``written`` waits for it)."""
         with self._lock:
-            for entry in self._entries:
+            for entry in sorted(self._entries, key=lambda e: -e.used):
                 if entry.key == key and entry.data is not None:
                     self._write_back(entry, entry.data)
-        self.flush()
+
+    def written(self, within_s: float) -> bool:
+        """Wait until every queued state is on disk, at most ``within_s``."""
+        deadline = time.monotonic() + within_s
+        done = self._writes.all_tasks_done
+        with done:
+            while self._writes.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                done.wait(left)
+        return True
 
     def release(self, nbytes: int) -> int:
         """Free at least ``nbytes`` of RAM (least recently used first), for a model that
@@ -178,7 +194,7 @@ class PromptCache:
         with self._lock:
             before = sum(e.size for e in self._entries if e.data is not None)
             limit, self.ram_limit = self.ram_limit, max(0, before - nbytes)
-            self._bound_ram()
+            self._bound_ram(to_disk=False)  # a write would hold the memory a while longer
             self.ram_limit = limit
             return before - sum(e.size for e in self._entries if e.data is not None)
 
@@ -226,24 +242,28 @@ class PromptCache:
             self._entries.remove(entry)
 
     def _forget_if_gone(self, entry: Entry) -> None:
-        if entry.data is None and entry.path is None and not entry.writing \
+        if entry.data is None and entry.path is None and entry.pending is None \
                 and entry in self._entries:
             self._entries.remove(entry)
 
-    def _bound_ram(self) -> None:
+    def _bound_ram(self, to_disk: bool = True) -> None:
         in_ram = sorted((e for e in self._entries if e.data is not None), key=lambda e: e.used)
         total = sum(e.size for e in in_ram)
         while total > self.ram_limit and in_ram:
             oldest = in_ram.pop(0)
             total -= oldest.size
-            self._write_back(oldest, oldest.data)
+            if to_disk:
+                self._write_back(oldest, oldest.data)
             oldest.data = None
             self._forget_if_gone(oldest)
 
     def _write_back(self, entry: Entry, data: State | None) -> None:
-        """Queue the state for the disk, unless it is there already or does not fit."""
-        if data is not None and entry.path is None and not entry.writing \
-                and self.disk_dir is not None and self.disk_limit >= entry.size:
+        """Queue the state for the disk, unless it is there already or does not fit; while
+        queued it is still in memory, so the queue is bounded like RAM."""
+        queued = sum(e.size for e in self._entries if e.pending is not None)
+        if data is not None and entry.path is None and entry.pending is None \
+                and self.disk_dir is not None and self.disk_limit >= entry.size \
+                and queued + entry.size <= max(self.ram_limit, QUEUE_BYTES, entry.size):
             self._queue_write(entry, data)
         else:
             self._forget_if_gone(entry)
@@ -263,7 +283,7 @@ class PromptCache:
     # -- disk --------------------------------------------------------------------------------
 
     def _queue_write(self, entry: Entry, data: State) -> None:
-        entry.writing = True
+        entry.pending = data
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="prompt-cache",
                                             daemon=True)
@@ -287,7 +307,7 @@ class PromptCache:
             path = self._write_file(entry, data)
         finally:
             with self._lock:
-                entry.writing = False
+                entry.pending = None
                 if path is not None and entry in self._entries:
                     entry.path = path
                     self._bound_disk()
@@ -299,7 +319,7 @@ class PromptCache:
 
     def _write_file(self, entry: Entry, data: State) -> Path:
         assert self.disk_dir is not None
-        entry.crc = zlib.crc32(data)
+        entry.crc = checksum(entry.tokens, data)
         self.disk_dir.mkdir(parents=True, exist_ok=True)
         path = self.disk_dir / file_name(entry.key, entry.tokens)
         header = json.dumps({"key": entry.key, "tokens": len(entry.tokens),
@@ -320,6 +340,9 @@ class PromptCache:
         assert self.disk_dir is not None
         if not self.disk_dir.is_dir():
             return
+        for tmp in self.disk_dir.glob("*.tmp"):  # a write that a killed server left
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         for path in sorted(self.disk_dir.glob("*" + SUFFIX), key=_mtime):
             entry = read_header(path)
             if entry is None:
@@ -337,12 +360,17 @@ class PromptCache:
         except OSError as exc:
             log.warning("Skipped prompt cache file %s: %s", path.name, exc.strerror or exc)
             return None
-        if got != entry.size or zlib.crc32(data) != entry.crc:
+        if got != entry.size or checksum(entry.tokens, data) != entry.crc:
             log.warning("Skipped prompt cache file %s: its contents are damaged", path.name)
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recency survives a restart
         return data
+
+
+def checksum(tokens: array, data: State) -> int:
+    """Over the tokens too: a state restored under the wrong tokens would answer wrongly."""
+    return zlib.crc32(data, zlib.crc32(tokens.tobytes()))
 
 
 def file_name(key: str, tokens: array) -> str:
@@ -363,12 +391,12 @@ def read_header(path: Path) -> Entry | None:
             head = json.loads(f.read(length))
             count, size, crc = int(head["tokens"]), int(head["bytes"]), int(head["crc32"])
             tokens = array("i")
-            tokens.frombytes(f.read(count * tokens.itemsize))
             expected = len(MAGIC) + _HEAD.size + length + count * tokens.itemsize + size
-            if len(tokens) != count or os.path.getsize(path) != expected:
+            if count < 0 or size < 0 or os.path.getsize(path) != expected:
                 raise ValueError("it is truncated")
+            tokens.frombytes(f.read(count * tokens.itemsize))
             return Entry(str(head["key"]), tokens, size, crc, path=path)
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+    except Exception as exc:  # whatever is in the file, the server must start
         log.warning("Skipped prompt cache file %s: %s", path.name, exc)
         return None
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import logging
 import queue
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lmscli.engine import Done, LoadOptions, ModelSpec, PredictionRequest, SamplingParams
 from lmscli.engine.base import MIN_SAVE, ModelInstance
 from lmscli.engine.fake import FakeEngine, FakeInstance
-from lmscli.engine.promptcache import PromptCache, parse_size
+from lmscli.engine.promptcache import MAGIC, PromptCache, parse_size
 from tests.gguf_factory import make_gguf
 
 KEY = "fake 1.0 | m.gguf | ctx=4096 seq=1 kv=f16"
@@ -81,7 +84,7 @@ def test_the_disk_keeps_states_for_the_next_server(tmp_path: Path) -> None:
     cache.flush()
     assert not list(tmp_path.glob("*.lmskv"))  # written when it leaves RAM, or on persist
     cache.persist(KEY)
-    assert len(list(tmp_path.glob("*.lmskv"))) == 1
+    assert cache.written(5) and len(list(tmp_path.glob("*.lmskv"))) == 1
     again = PromptCache(2**20, tmp_path, 2**20)
     hit = again.lookup(KEY, toks(range(200), range(900, 950)))
     assert hit is not None and hit.prefix == 200 and again.load(hit) == data
@@ -98,6 +101,33 @@ def test_a_state_that_leaves_ram_goes_to_the_disk(tmp_path: Path) -> None:
     hit = cache.lookup(KEY, toks(range(10)))
     assert hit is not None and cache.load(hit) == bytes([0]) * 100
     assert cache.stats()["entries"] == 3
+
+
+def test_a_state_waiting_for_the_disk_is_still_read_from_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = PromptCache(250, tmp_path, 2**20)
+    disk_free = threading.Event()
+    write = cache._write_file
+
+    def slow_write(entry: Any, data: Any) -> Path:
+        disk_free.wait(5)
+        return write(entry, data)
+
+    monkeypatch.setattr(cache, "_write_file", slow_write)
+    for i in range(3):
+        cache.save(KEY, toks(range(i * 1000, i * 1000 + 10)), bytes([i]) * 100)
+    hit = cache.lookup(KEY, toks(range(10)))  # out of RAM, not yet on disk
+    assert hit is not None and cache.load(hit) == bytes([0]) * 100
+    disk_free.set()
+    assert cache.written(5) and len(list(tmp_path.glob("*.lmskv"))) == 1
+    assert cache.stats()["entries"] == 3
+
+
+def test_memory_given_to_a_model_is_not_held_by_disk_writes(tmp_path: Path) -> None:
+    cache = PromptCache(1000, tmp_path, 2**20)
+    cache.save(KEY, toks(range(10)), bytes(400))
+    assert cache.release(400) == 400
+    assert cache.written(5) and not list(tmp_path.glob("*.lmskv"))
 
 
 def test_the_disk_is_bounded_too(tmp_path: Path) -> None:
@@ -123,9 +153,14 @@ def test_damaged_cache_files_are_skipped_with_a_log_line(
     damaged.write_bytes(bytes(raw))
     truncated.write_bytes(truncated.read_bytes()[:-100])
     (tmp_path / "stray.lmskv").write_bytes(b"not a cache file at all")
+    huge = MAGIC + struct.pack("<I", 40) + b'{"key":"k","tokens":1e15,"bytes":1,"crc32":1}'
+    (tmp_path / "huge.lmskv").write_bytes(huge)
+    (tmp_path / "left-by-a-kill.tmp").write_bytes(b"half a state")
     with caplog.at_level(logging.WARNING, "lmscli.promptcache"):
         again = PromptCache(0, tmp_path, 2**20)
-        assert again.stats()["entries"] == 1  # the truncated and the stray file are skipped
+        # the truncated, stray and huge files are skipped; the half-written one removed
+        assert again.stats()["entries"] == 1
+        assert not list(tmp_path.glob("*.tmp"))
         hit = again.lookup(KEY, toks(range(500, 600))) or again.lookup(KEY, toks(range(100)))
         assert hit is not None and again.load(hit) is None  # the damaged one: read, refused
     assert again.stats()["entries"] == 0
