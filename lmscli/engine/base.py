@@ -55,9 +55,9 @@ NO_ROOM = 1  # llama_decode: no KV cells for the batch (nothing was changed)
 # (2 cores) about 2.4 µs a token against about 3 ms to decode one (bench/prompt_cache.py
 # break-even), so the share leaves room for engines whose decode is 30x faster (a GPU).
 MIN_SAVE = 32
-PERSIST_S = 10.0  # at unload, the longest wait for saved states to reach the disk
 MIN_RESTORE = 8
 RESTORE_SHARE = 32
+PERSIST_S = 10.0  # at unload, the longest wait for saved states to reach the disk
 
 log = logging.getLogger("lmscli.engine")
 
@@ -176,8 +176,6 @@ class ModelInstance:
         shape = (f"ctx={self.context_length} seq={self.parallel} kv={self.kv_type} "
                  f"gpu={self.options.gpu_ratio}")
         return f"{self.engine_name} {self.engine_version} | {file} | {shape}"
-
-
     def close(self) -> None:
         """End what runs, drop what waits, free the model. Safe to call twice."""
         if self._closed:
@@ -400,8 +398,9 @@ class ModelInstance:
         except Exception as exc:
             log.warning("Could not save a prompt's state: %s", exc)
 
-    def _restore(self, slot: Slot, hit: Hit, prompt: list[int]) -> int | None:
-        """Make ``slot`` hold the saved state's prefix of ``prompt``; None if it can't."""
+    def _restore(self, slot: Slot, hit: Hit, prompt: list[int]) -> int:
+        """Make ``slot`` hold the saved state's prefix of ``prompt``; returns its length, 0
+        when the state could not be restored (the slot is then empty)."""
         assert self.cache is not None
         try:
             data = self.cache.load(hit)
@@ -419,7 +418,7 @@ class ModelInstance:
                 log.warning("The engine refused a saved prompt state; it was dropped.")
                 self.cache.discard(hit.entry)
             self._seq_rm(slot.id, 0)
-            return None
+            return 0
         slot.tokens = hit.entry.tokens.tolist()
         slot.saved = len(slot.tokens)
         reuse = min(hit.prefix, len(prompt) - 1)
@@ -437,10 +436,8 @@ class ModelInstance:
         except Exception as exc:  # a request the backend refuses must not stop the loop
             self._fail_waiting(prediction, Failed(_describe(exc)))
             return
-        reuse = self._restore(slot, hit, prompt) if hit is not None else None
-        if reuse is None:
-            reuse = self._reuse_prefix(slot, choice.source, choice.reuse, prompt) \
-                if hit is None else 0
+        reuse = self._reuse_prefix(slot, choice.source, choice.reuse, prompt) if hit is None \
+            else self._restore(slot, hit, prompt)
         if self.cache is not None and hit is None and reuse < MIN_RESTORE <= len(prompt):
             self.cache.missed(self.cache_key)  # nothing of it held anywhere: a cold prompt
         seq = Sequence(prediction, prompt, slot, reuse, sampler)

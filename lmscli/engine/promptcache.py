@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmscli.engine.slots import common_prefix
+
 log = logging.getLogger("lmscli.promptcache")
 State = bytes | bytearray  # a bytearray that llama.cpp wrote into is kept as it is: no copy
 
@@ -37,26 +39,12 @@ QUEUE_BYTES = 256 * 2**20  # states waiting for the disk, at least (else: the RA
 _HEAD = struct.Struct("<I")  # length of the JSON header that follows the magic
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading items ``a`` and ``b`` share (both lists, or both arrays)."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n:  # compare in blocks: a slice comparison runs in C
-        j = min(i + 256, n)
-        if a[i:j] != b[i:j]:
-            while a[i] == b[i]:
-                i += 1
-            return i
-        i = j
-    return n
-
-
 @dataclass(eq=False)
 class Entry:
     key: str
     tokens: array  # 'i': the tokens whose KV the state holds, from position 0
     size: int  # bytes of state
-    crc: int | None = None  # of the state, once written to disk (off the engine's thread)
+    crc: int | None = None  # of tokens and state, once written to disk (by the writer)
     data: State | None = None  # in RAM
     path: Path | None = None  # on disk
     used: int = 0  # recency: a larger number was used later
@@ -82,7 +70,7 @@ class PromptCache:
         self._lock = threading.Lock()
         self._clock = 0
         self._counts: dict[str, Counter[str]] = {}  # hits, misses, saves, restoredTokens
-        self._writes: queue.Queue[tuple[Entry, bytes] | None] = queue.Queue()
+        self._writes: queue.Queue[tuple[Entry, State]] = queue.Queue()
         self._writer: threading.Thread | None = None
         if self.disk_dir is not None:
             self._scan()
@@ -125,7 +113,8 @@ class PromptCache:
         entry = hit.entry
         with self._lock:
             self._touch(entry)
-            data, path = entry.data or entry.pending, entry.path
+            data = entry.data if entry.data is not None else entry.pending
+            path = entry.path
         if data is None and path is not None:
             data = self._read(entry, path)
             if data is not None and self.ram_limit >= entry.size:
@@ -201,11 +190,6 @@ class PromptCache:
     def discard(self, entry: Entry) -> None:
         with self._lock:
             self._drop(entry)
-
-    def flush(self) -> None:
-        """Wait until every state queued for the disk is written."""
-        if self._writer is not None:
-            self._writes.join()
 
     def stats(self, key: str | None = None) -> dict[str, Any]:
         """Sizes and counts: the whole cache's, or only what was saved under ``key``."""
@@ -292,10 +276,9 @@ class PromptCache:
 
     def _write_loop(self) -> None:
         while True:
-            item = self._writes.get()
+            entry, data = self._writes.get()
             try:
-                if item is not None:
-                    self._write(*item)
+                self._write(entry, data)
             except Exception as exc:  # a full disk must not stop the server
                 log.warning("Could not write to the prompt cache: %s", exc)
             finally:

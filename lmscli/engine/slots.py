@@ -8,6 +8,7 @@ fake and the llama.cpp engine share it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,12 +36,18 @@ class Choice:
         return {self.slot.id, self.source.id}
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence_[int], b: Sequence_[int]) -> int:
+    """How many leading items ``a`` and ``b`` share (both lists, or both arrays)."""
     n = min(len(a), len(b))
     i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    while i < n:  # compare in blocks: a slice comparison runs in C
+        j = min(i + 256, n)
+        if a[i:j] != b[i:j]:
+            while a[i] == b[i]:
+                i += 1
+            return i
+        i = j
+    return n
 
 
 def choose_slot(slots: list[Slot], prompt: list[int]) -> Choice | None:

@@ -81,7 +81,7 @@ def test_the_disk_keeps_states_for_the_next_server(tmp_path: Path) -> None:
     cache = PromptCache(2**20, tmp_path, 2**20)
     data = bytes(range(256)) * 40
     cache.save(KEY, toks(range(300)), data)
-    cache.flush()
+    assert cache.written(5)
     assert not list(tmp_path.glob("*.lmskv"))  # written when it leaves RAM, or on persist
     cache.persist(KEY)
     assert cache.written(5) and len(list(tmp_path.glob("*.lmskv"))) == 1
@@ -96,7 +96,7 @@ def test_a_state_that_leaves_ram_goes_to_the_disk(tmp_path: Path) -> None:
     cache = PromptCache(250, tmp_path, 2**20)
     for i in range(3):
         cache.save(KEY, toks(range(i * 1000, i * 1000 + 10)), bytes([i]) * 100)
-    cache.flush()
+    assert cache.written(5)
     assert len(list(tmp_path.glob("*.lmskv"))) == 1  # the oldest, pushed out of RAM
     hit = cache.lookup(KEY, toks(range(10)))
     assert hit is not None and cache.load(hit) == bytes([0]) * 100
@@ -134,7 +134,7 @@ def test_the_disk_is_bounded_too(tmp_path: Path) -> None:
     cache = PromptCache(0, tmp_path, 250)
     for i in range(4):
         cache.save(KEY, toks(range(i * 1000, i * 1000 + 10)), bytes([i]) * 100)
-    cache.flush()
+    assert cache.written(5)
     assert len(list(tmp_path.glob("*.lmskv"))) == 2
     hit = cache.lookup(KEY, toks(range(3000, 3010)))
     assert hit is not None and cache.load(hit) == bytes([3]) * 100  # RAM off: read back
@@ -146,7 +146,7 @@ def test_damaged_cache_files_are_skipped_with_a_log_line(
     cache = PromptCache(0, tmp_path, 2**20)
     cache.save(KEY, toks(range(100)), b"x" * 500)
     cache.save(KEY, toks(range(500, 600)), b"y" * 500)
-    cache.flush()
+    assert cache.written(5)
     damaged, truncated = sorted(tmp_path.glob("*.lmskv"))
     raw = bytearray(damaged.read_bytes())
     raw[-10] ^= 0xFF

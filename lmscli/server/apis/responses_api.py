@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
@@ -122,32 +122,39 @@ def in_namespace(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
 
 
-def function_tools(body: Body) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(the tools as sent, as chat tools): the function tools, and those grouped in
-    namespace tools (the model sees them as ``namespace.name``). The others are left out with
-    a log line, not refused: agents such as Codex offer hosted tools (web_search, …) that only
-    OpenAI's servers run, beside the function tools a local model can call."""
-    tools = body.get("tools", list, [])
-    chat: list[dict[str, Any]] = []
+@dataclass
+class Tools:
+    sent: list[Any]  # as the client sent them, echoed in the response
+    chat: list[dict[str, Any]] = field(default_factory=list)  # what the model is offered
+    # the model's name of each namespace function: its namespace and its own name
+    namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def function_tools(body: Body) -> Tools:
+    """The function tools, and those grouped in namespace tools (the model sees them as
+    ``namespace.name``). The others are left out with a log line, not refused: agents such as
+    Codex offer hosted tools (web_search, …) that only OpenAI's servers run, beside the
+    function tools a local model can call."""
+    tools = Tools(body.get("tools", list, []))
     skipped: list[str] = []
-    for i, raw in enumerate(tools):
+    for i, raw in enumerate(tools.sent):
         tool = Body(raw, f"tools[{i}]")
         kind = tool.get("type", str, required=True)
         if kind == "function":
-            chat.append(function_tool(check_tool_name(tool), tool.get("description", str),
-                                      tool.get("parameters", dict)))
+            tools.chat.append(function_tool(check_tool_name(tool), tool.get("description", str),
+                                            tool.get("parameters", dict)))
         elif kind == "namespace":
-            skipped += _namespace_tools(tool, chat)
+            skipped += _namespace_tools(tool, tools)
         else:
             skipped.append(shorten(kind, 40))
     if skipped:
         log.info("/v1/responses: left out tools this server cannot run: %s",
                  ", ".join(sorted(set(skipped))))
-    return tools, chat
+    return tools
 
 
-def _namespace_tools(tool: Body, chat: list[dict[str, Any]]) -> list[str]:
-    """Adds a namespace tool's functions to ``chat``; returns the kinds it left out."""
+def _namespace_tools(tool: Body, tools: Tools) -> list[str]:
+    """Adds a namespace tool's functions to ``tools``; returns the kinds it left out."""
     namespace = check_tool_name(tool)
     about = tool.get("description", str)
     skipped = []
@@ -157,24 +164,14 @@ def _namespace_tools(tool: Body, chat: list[dict[str, Any]]) -> list[str]:
         if kind != "function":
             skipped.append(f"{namespace}.{shorten(kind, 40)}")
             continue
+        name = check_tool_name(inner)
         description = inner.get("description", str)
         if about:
             description = f"({about}) {description or ''}".strip()
-        chat.append(function_tool(in_namespace(namespace, check_tool_name(inner)),
-                                  description, inner.get("parameters", dict)))
+        qualified = in_namespace(namespace, name)
+        tools.namespaced[qualified] = (namespace, name)
+        tools.chat.append(function_tool(qualified, description, inner.get("parameters", dict)))
     return skipped
-
-
-def namespaces(tools: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
-    """The model's name of each namespace function: its namespace and its own name."""
-    out = {}
-    for tool in tools:
-        if isinstance(tool, dict) and tool.get("type") == "namespace":
-            for inner in tool.get("tools") or []:
-                if isinstance(inner, dict) and isinstance(inner.get("name"), str):
-                    out[in_namespace(tool["name"], inner["name"])] = (tool["name"],
-                                                                       inner["name"])
-    return out
 
 
 def chat_tool_choice(body: Body) -> str | dict[str, Any] | None:
@@ -241,8 +238,7 @@ def store_of(request: Request) -> Kept[Stored]:
 class Draft:
     """The response object as it goes from in_progress to its end, and its output items."""
 
-    def __init__(self, body: Body, tools: list[dict[str, Any]], fmt: dict[str, Any],
-                 params: Any) -> None:
+    def __init__(self, body: Body, tools: Tools, fmt: dict[str, Any], params: Any) -> None:
         self.id = "resp_" + secrets.token_hex(24)
         self.created_at = int(time.time())
         self.model = body.data.get("model")  # the loaded model's identifier, once known
@@ -256,11 +252,11 @@ class Draft:
             "store": body.get("store", bool, True),
             "temperature": params.temperature, "top_p": params.top_p,
             "text": {"format": fmt}, "tool_choice": body.data.get("tool_choice") or "auto",
-            "tools": tools, "truncation": "disabled", "user": None,
+            "tools": tools.sent, "truncation": "disabled", "user": None,
             "metadata": body.get("metadata", dict, {}),
         }
         self._item_ids: dict[int, str] = {}
-        self._namespaced = namespaces(tools)
+        self._namespaced = tools.namespaced
 
     def response(self, status: str, output: list[dict[str, Any]], **rest: Any) -> dict[str, Any]:
         return {"id": self.id, "object": "response", "created_at": self.created_at,
@@ -406,7 +402,7 @@ async def create(request: Request) -> Any:
     body = await read_json(request)
     reject_unsupported(body)
     params = sampling(body, limit_key="max_output_tokens")
-    tools, chat_tools = function_tools(body)
+    tools = function_tools(body)
     fmt, grammar = text_format(body)
     new = input_messages(body)
     previous = body.text("previous_response_id")
@@ -415,7 +411,7 @@ async def create(request: Request) -> Any:
     instructions = body.text("instructions")
     system = [{"role": "system", "content": instructions}] if instructions else []
     draft = Draft(body, tools, fmt, params)  # every field is checked before a load
-    wanted = TurnInput(system + history + new, chat_tools or None, chat_tool_choice(body),
+    wanted = TurnInput(system + history + new, tools.chat or None, chat_tool_choice(body),
                        grammar, "text.format", response_format=chat_response_format(fmt))
     # from here on, only the turn's own end may end the request
     draft.model, turn = await open_turn(request, body, wanted, params)
