@@ -53,18 +53,22 @@ class RegexError(ValueError):
     """A pattern outside the supported subset."""
 
 
-def pattern_gbnf(pattern: str, any_char: str, add_rule: Callable[[str], str]) -> str:
+def pattern_gbnf(pattern: str, any_char: str, add_rule: Callable[[str], str], *,
+                 whole: bool = False) -> str:
     """GBNF for the JSON-escaped contents of a string matching ``pattern``. ``any_char`` is
     the grammar's rule for one JSON string character (unanchored ends repeat it);
-    ``add_rule`` makes a rule of a GBNF body and returns its name."""
+    ``add_rule`` makes a rule of a GBNF body and returns its name. ``whole``: the pattern
+    matches the whole string, as if anchored at both ends."""
     if len(pattern) > MAX_PATTERN_CHARS:
         raise RegexError(f"patterns are limited to {MAX_PATTERN_CHARS} characters")
-    return _Parser(pattern, any_char, add_rule).top()
+    return _Parser(pattern, any_char, add_rule, whole).top()
 
 
 class _Parser:
-    def __init__(self, source: str, any_char: str, add_rule: Callable[[str], str]) -> None:
+    def __init__(self, source: str, any_char: str, add_rule: Callable[[str], str],
+                 whole: bool = False) -> None:
         self.s = source
+        self.whole = whole
         self.i = 0
         self.depth = 0
         self.any_char = any_char
@@ -75,9 +79,9 @@ class _Parser:
     def top(self) -> str:
         alternatives = []
         while True:
-            anchored_start = self.eat("^")
+            anchored_start = self.eat("^") or self.whole
             body = self.sequence()
-            anchored_end = self.eat("$")
+            anchored_end = self.eat("$") or self.whole
             if self.i < len(self.s) and self.peek() != "|":
                 raise self.error("unexpected character")
             head = "" if anchored_start else f"{self.any_char}* "

@@ -229,6 +229,17 @@ def call_grammar(tools: list[dict[str, Any]], fmt: ToolFormat, name: str | None 
     return _wrap_grammar(body, *_WRAPPERS[fmt])
 
 
+def input_call_grammar(name: str, fmt: ToolFormat, input_gbnf: str) -> str:
+    """GBNF for one call of the freeform tool ``name``: its one argument, ``input``, is a
+    string whose JSON-escaped text ``input_gbnf`` (a grammar with its own ``root``) writes."""
+    key = "parameters" if fmt == "llama3" else "arguments"
+    text = _free_rule_name("input-text", set(_GBNF_RULE.findall(input_gbnf)))
+    inner = _GBNF_TOKEN.sub(lambda m: text if m.group(0) == "root" else m.group(0), input_gbnf)
+    head = '{"name": ' + json.dumps(name) + ', "' + key + '": {"input": "'
+    return _wrap_grammar(f"root ::= {gbnf_literal(head)} {text} {gbnf_literal(chr(34) + '}}')}"
+                         f"\n{inner}", *_WRAPPERS[fmt])
+
+
 def _function(tool: dict[str, Any]) -> dict[str, Any]:
     # OpenAI shape {"type": "function", "function": {...}}; a bare function is accepted too.
     function = tool.get("function")

@@ -5,6 +5,7 @@ fallback [TOOL_REQUEST] format and a Qwen-style native template), structured out
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import anthropic
@@ -92,6 +93,27 @@ def test_responses_two_round_tool_call(tool_server: tuple[ProcessServer, str]) -
                                         "call_id": call.call_id, "output": RESULT}])
     assert answer.output_text.strip()
     assert all(item.type == "message" for item in answer.output)
+
+
+def test_responses_forced_custom_tool_follows_its_grammar(
+        tool_server: tuple[ProcessServer, str]) -> None:
+    """A freeform tool's Lark grammar holds the real model's input to it, streamed or not."""
+    server, model = tool_server
+    tool = {"type": "custom", "name": "run_sql", "description": "Run one SQL query.",
+            "format": {"type": "grammar", "syntax": "lark", "definition": (
+                'start: "SELECT " COLUMN " FROM users WHERE id = " INT\n'
+                'COLUMN: "name" | "email"\n%import common.INT')}}
+    kw: dict[str, Any] = {"model": model, "input": "What is the email of user 42?",
+                          "tools": [tool], "temperature": 0, "max_output_tokens": 60,
+                          "tool_choice": {"type": "custom", "name": "run_sql"}}
+    whole = oai(server).responses.create(**kw)
+    (call,) = whole.output
+    assert call.type == "custom_tool_call" and call.name == "run_sql"
+    query = re.compile(r"SELECT (name|email) FROM users WHERE id = \d+")
+    assert query.fullmatch(call.input)
+    events = list(oai(server).responses.create(**kw, stream=True))
+    done = [e.input for e in events if e.type == "response.custom_tool_call_input.done"]
+    assert len(done) == 1 and query.fullmatch(done[0])
 
 
 def test_responses_structured_output(real_server: ProcessServer) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import anthropic
 import httpx
 import openai
+import pytest
 
 from lmscli.engine.fake import FakeEngine
 from lmscli.prompting.tools import fold_system_messages
@@ -173,3 +174,77 @@ def test_namespace_tools_are_offered_and_called_in_their_namespace(
     prompt = prompt_of(fake_server, lambda: client.responses.create(
         model=MODEL, input=follow, tools=[NAMESPACE], store=False))
     assert '"name": "multi_agent_v1.spawn_agent"' in prompt and "agent 7" in prompt
+
+
+PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hi\n*** End Patch\n"
+PATCH_CALL = ("[TOOL_REQUEST]" + json.dumps({"name": "apply_patch",
+                                             "arguments": {"input": PATCH}})
+              + "[END_TOOL_REQUEST]")
+APPLY_PATCH = {"type": "custom", "name": "apply_patch",
+               "description": "Use this tool to edit files.",
+               "format": {"type": "grammar", "syntax": "lark", "definition": (
+                   'start: "*** Begin Patch" LF hunk+ "*** End Patch" LF?\n'
+                   'hunk: "*** Add File: " /(.+)/ LF ("+" /(.*)/ LF)+\n'
+                   "%import common.LF")}}
+
+
+def test_custom_tools_are_offered_with_one_text_input_and_called_back_as_custom_calls(
+        fake_server: ThreadServer) -> None:
+    """Codex's freeform tools (apply_patch): the model calls them as a function of one
+    string; the client gets a custom_tool_call with that string as its input."""
+    client = openai.OpenAI(base_url=fake_server.base_url + "/v1", api_key="x", max_retries=0)
+    ask = f"Add hello.txt. [[reply: {PATCH_CALL}]]"
+    prompt = prompt_of(fake_server, lambda: client.responses.create(
+        model=MODEL, input=ask, tools=[APPLY_PATCH], store=False))
+    assert '"name": "apply_patch"' in prompt and '"input"' in prompt
+    assert "*** Begin Patch" in prompt  # the grammar is in the input's description
+    whole = client.responses.create(model=MODEL, input=ask, tools=[APPLY_PATCH])
+    (call,) = whole.output
+    assert (call.type, call.name, call.input) == ("custom_tool_call", "apply_patch", PATCH)
+    assert call.id.startswith("ctc_") and call.call_id
+    events = list(client.responses.create(model=MODEL, input=ask, tools=[APPLY_PATCH],
+                                          stream=True))
+    deltas = [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"]
+    done = [e.input for e in events if e.type == "response.custom_tool_call_input.done"]
+    assert "".join(deltas) == PATCH and done == [PATCH]
+    assert not [e for e in events if e.type.startswith("response.function_call")]
+    final = next(e.response for e in events if e.type == "response.completed")
+    assert final.output[0].type == "custom_tool_call" and final.output[0].input == PATCH
+    # the call and its output come back in the next request's input
+    follow = [{"type": "message", "role": "user", "content": "Add hello.txt."},
+              {"type": "custom_tool_call", "call_id": call.call_id, "name": "apply_patch",
+               "input": PATCH},
+              {"type": "custom_tool_call_output", "call_id": call.call_id,
+               "output": "Done: A hello.txt"}]
+    prompt = prompt_of(fake_server, lambda: client.responses.create(
+        model=MODEL, input=follow, tools=[APPLY_PATCH], store=False))
+    assert json.dumps({"input": PATCH}) in prompt and "Done: A hello.txt" in prompt
+
+
+def test_a_custom_tool_can_be_forced_and_live_in_a_namespace(fake_server: ThreadServer) -> None:
+    client = openai.OpenAI(base_url=fake_server.base_url + "/v1", api_key="x", max_retries=0)
+    spaced = {"type": "namespace", "name": "files", "description": "File tools.",
+              "tools": [APPLY_PATCH]}
+    reply = PATCH_CALL.replace('"apply_patch"', '"files.apply_patch"')
+    response = client.responses.create(
+        model=MODEL, input=f"Add it. [[reply: {reply}]]", tools=[spaced],
+        tool_choice={"type": "custom", "name": "apply_patch", "namespace": "files"})  # type: ignore[arg-type,typeddict-unknown-key]
+    (call,) = response.output
+    assert (call.type, call.namespace, call.name, call.input) == (
+        "custom_tool_call", "files", "apply_patch", PATCH)
+
+
+@pytest.mark.parametrize("fmt, param", [
+    ({"type": "grammar", "syntax": "lark", "definition": "start: undefined"},
+     "tools[0].format.definition"),
+    ({"type": "grammar", "syntax": "lark", "definition": "start: /a/i"},
+     "tools[0].format.definition"),
+    ({"type": "grammar", "syntax": "peg", "definition": "x"}, "tools[0].format.syntax"),
+    ({"type": "json"}, "tools[0].format.type"),
+])
+def test_a_custom_tool_grammar_the_server_cannot_follow_is_a_400(
+        fake_server: ThreadServer, fmt: dict, param: str) -> None:
+    tool = {"type": "custom", "name": "apply_patch", "format": fmt}
+    r = httpx.post(fake_server.base_url + "/v1/responses", timeout=30,
+                   json={"model": MODEL, "input": "hi", "tools": [tool]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

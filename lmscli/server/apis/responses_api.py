@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from lmscli.engine import PredictionStats
+from lmscli.prompting.lark import GrammarSyntaxError, lark_input_gbnf, regex_input_gbnf
 from lmscli.server.apis.parsing import format_grammar, read_json, sampling
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request, shorten
@@ -63,12 +64,15 @@ def input_messages(body: Body) -> list[dict[str, Any]]:
             out.append(_message(item, f"input[{i}]"))
         elif kind == "function_call":
             _add_call(out, item, f"input[{i}]")
-        elif kind == "function_call_output":
+        elif kind == "custom_tool_call":
+            _add_call(out, item, f"input[{i}]", custom=True)
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             out.append({"role": "tool", "tool_call_id": item.get("call_id", str),
                         "content": _text(item.data.get("output"), f"input[{i}].output")})
         elif kind != "reasoning":  # earlier reasoning is dropped, as chat templates drop it
             raise bad_request(f"'input[{i}].type' {shorten(kind)!r} is not supported: send "
-                              "message, function_call or function_call_output items.",
+                              "message, function_call, function_call_output, custom_tool_call or"
+                              " custom_tool_call_output items.",
                               f"input[{i}].type")
     return out
 
@@ -98,9 +102,12 @@ def _text(content: Any, where: str) -> str:
     return "".join(parts)
 
 
-def _add_call(out: list[dict[str, Any]], item: Body, where: str) -> None:
-    """A function_call item joins the assistant turn it belongs to."""
-    arguments = item.text("arguments", "{}") or "{}"
+def _add_call(out: list[dict[str, Any]], item: Body, where: str, custom: bool = False) -> None:
+    """A function_call (or custom_tool_call) item joins the assistant turn it belongs to."""
+    if custom:  # the model wrote it as a call with one argument
+        arguments = json.dumps({"input": item.get("input", str, "")}, ensure_ascii=False)
+    else:
+        arguments = item.text("arguments", "{}") or "{}"
     try:
         if not isinstance(json.loads(arguments), dict):
             raise ValueError
@@ -128,6 +135,48 @@ class Tools:
     chat: list[dict[str, Any]] = field(default_factory=list)  # what the model is offered
     # the model's name of each namespace function: its namespace and its own name
     namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # the model's name of each freeform (custom) tool, and the GBNF of its input or None
+    custom: dict[str, str | None] = field(default_factory=dict)
+
+    def forced_input(self, choice: str | dict[str, Any] | None) -> str | None:
+        """The grammar of a forced freeform tool's input, if it has one."""
+        if isinstance(choice, dict):
+            return self.custom.get(choice["function"]["name"])
+        return None
+
+
+def custom_tool(tool: Body, name: str, description: str | None, tools: Tools
+                ) -> dict[str, Any]:
+    """A freeform tool, offered to the model as a function of one string, ``input``; its
+    grammar (Lark or a regex) constrains that string when the call is forced."""
+    fmt = Body(tool.get("format", dict, {"type": "text"}), f"{tool.prefix}.format")
+    kind = fmt.get("type", str, "text")
+    about = "The tool's input, as free text."
+    grammar = None
+    if kind == "grammar":
+        syntax = fmt.get("syntax", str, required=True)
+        definition = fmt.get("definition", str, required=True)
+        grammar = input_grammar(syntax, definition, f"{fmt.prefix}.definition")
+        about = f"The tool's input, text that follows this {syntax} grammar:\n{definition}"
+    elif kind != "text":
+        raise bad_request(f"'{fmt.prefix}.type' must be text or grammar.", f"{fmt.prefix}.type")
+    tools.custom[name] = grammar
+    return function_tool(name, description, {
+        "type": "object", "properties": {"input": {"type": "string", "description": about}},
+        "required": ["input"]})
+
+
+def input_grammar(syntax: str, definition: str, where: str) -> str:
+    try:
+        if syntax == "lark":
+            return lark_input_gbnf(definition)
+        if syntax == "regex":
+            return regex_input_gbnf(definition)
+    except GrammarSyntaxError as exc:
+        raise bad_request(f"'{where}' is not a grammar this server can follow: "
+                          f"{shorten(str(exc), 300)}", where, "invalid_grammar") from None
+    raise bad_request(f"'{where.rpartition('.')[0]}.syntax' must be lark or regex.",
+                      f"{where.rpartition('.')[0]}.syntax")
 
 
 def function_tools(body: Body) -> Tools:
@@ -143,6 +192,9 @@ def function_tools(body: Body) -> Tools:
         if kind == "function":
             tools.chat.append(function_tool(check_tool_name(tool), tool.get("description", str),
                                             tool.get("parameters", dict)))
+        elif kind == "custom":
+            tools.chat.append(custom_tool(tool, check_tool_name(tool), tool.get("description", str),
+                                          tools))
         elif kind == "namespace":
             skipped += _namespace_tools(tool, tools)
         else:
@@ -161,16 +213,18 @@ def _namespace_tools(tool: Body, tools: Tools) -> list[str]:
     for j, raw in enumerate(tool.get("tools", list, [])):
         inner = Body(raw, f"{tool.prefix}.tools[{j}]")
         kind = inner.get("type", str, required=True)
-        if kind != "function":
+        if kind not in ("function", "custom"):
             skipped.append(f"{namespace}.{shorten(kind, 40)}")
             continue
         name = check_tool_name(inner)
+        qualified = in_namespace(namespace, name)
+        tools.namespaced[qualified] = (namespace, name)
         description = inner.get("description", str)
         if about:
             description = f"({about}) {description or ''}".strip()
-        qualified = in_namespace(namespace, name)
-        tools.namespaced[qualified] = (namespace, name)
-        tools.chat.append(function_tool(qualified, description, inner.get("parameters", dict)))
+        tools.chat.append(
+            custom_tool(inner, qualified, description, tools) if kind == "custom" else
+            function_tool(qualified, description, inner.get("parameters", dict)))
     return skipped
 
 
@@ -179,9 +233,10 @@ def chat_tool_choice(body: Body) -> str | dict[str, Any] | None:
     if not isinstance(choice, dict):
         return choice  # none | auto | required, checked with the tools
     spec = Body(choice, "tool_choice")
-    if spec.get("type", str, required=True) != "function":
-        raise bad_request("'tool_choice' must be none, auto, required or "
-                          '{"type": "function", "name": ...}.', "tool_choice")
+    if spec.get("type", str, required=True) not in ("function", "custom"):
+        raise bad_request("'tool_choice' must be none, auto, required, "
+                          '{"type": "function", "name": ...} or {"type": "custom", "name": ...}.',
+                          "tool_choice")
     name = spec.get("name", str, required=True)
     if namespace := spec.get("namespace", str):
         name = in_namespace(namespace, name)
@@ -257,6 +312,7 @@ class Draft:
         }
         self._item_ids: dict[int, str] = {}
         self._namespaced = tools.namespaced
+        self.custom = tools.custom
 
     def response(self, status: str, output: list[dict[str, Any]], **rest: Any) -> dict[str, Any]:
         return {"id": self.id, "object": "response", "created_at": self.created_at,
@@ -265,7 +321,8 @@ class Draft:
                 "usage": None} | self.echo | rest
 
     def item_id(self, block: Block) -> str:
-        prefix = {"reasoning": "rs_", "text": "msg_", "call": "fc_"}[block.kind]
+        prefix = "ctc_" if self.is_custom(block) else \
+            {"reasoning": "rs_", "text": "msg_", "call": "fc_"}[block.kind]
         return self._item_ids.setdefault(block.index, prefix + secrets.token_hex(24))
 
     def item(self, block: Block, status: str) -> dict[str, Any]:
@@ -278,8 +335,15 @@ class Draft:
         if block.kind == "text":
             content = [text_part(block.text)] if done else []
             return base | {"type": "message", "role": "assistant", "content": content}
+        if self.is_custom(block):
+            return base | {"type": "custom_tool_call", "call_id": block.call_id,
+                           "input": custom_input(block.text) if done else "",
+                           **self.call_name(block)}
         return base | {"type": "function_call", "call_id": block.call_id,
                        "arguments": block.text if done else "", **self.call_name(block)}
+
+    def is_custom(self, block: Block) -> bool:
+        return block.kind == "call" and block.name in self.custom
 
     def call_name(self, block: Block) -> dict[str, str]:
         """``name``, and ``namespace`` for a function of a namespace tool."""
@@ -297,6 +361,22 @@ class Draft:
             "incomplete" if incomplete else "completed", output,
             completed_at=int(time.time()), usage=usage(stats, reasoning_tokens),
             incomplete_details={"reason": "max_output_tokens"} if incomplete else None)
+
+
+def custom_input(arguments: str) -> str:
+    """A freeform tool's input out of the call's arguments: ``input``, or the one string a
+    model wrote under another name, or else the arguments as they are."""
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(parsed, dict):
+        if isinstance(parsed.get("input"), str):
+            return parsed["input"]
+        strings = [v for v in parsed.values() if isinstance(v, str)]
+        if len(parsed) == 1 and strings:
+            return strings[0]
+    return arguments
 
 
 def text_part(text: str) -> dict[str, Any]:
@@ -364,7 +444,8 @@ class EventStream:
                                       part=self._part(block, "")))
             return out
         if isinstance(event, Grew):
-            return [self._delta(block, at, event.text)]
+            # a freeform call's input is known once its arguments are whole
+            return [] if draft.is_custom(block) else [self._delta(block, at, event.text)]
         return self._closed(block, at)
 
     def _part(self, block: Block, text: str) -> dict[str, Any]:
@@ -381,7 +462,11 @@ class EventStream:
                           logprobs=[])
 
     def _closed(self, block: Block, at: dict[str, Any]) -> list[bytes]:
-        if block.kind == "call":
+        if self.draft.is_custom(block):
+            text = custom_input(block.text)
+            out = [self.event("response.custom_tool_call_input.delta", **at, delta=text),
+                   self.event("response.custom_tool_call_input.done", **at, input=text)]
+        elif block.kind == "call":
             out = [self.event("response.function_call_arguments.done", **at,
                               name=self.draft.call_name(block)["name"], arguments=block.text)]
         else:
@@ -411,8 +496,10 @@ async def create(request: Request) -> Any:
     instructions = body.text("instructions")
     system = [{"role": "system", "content": instructions}] if instructions else []
     draft = Draft(body, tools, fmt, params)  # every field is checked before a load
-    wanted = TurnInput(system + history + new, tools.chat or None, chat_tool_choice(body),
-                       grammar, "text.format", response_format=chat_response_format(fmt))
+    choice = chat_tool_choice(body)
+    wanted = TurnInput(system + history + new, tools.chat or None, choice, grammar,
+                       "text.format", response_format=chat_response_format(fmt),
+                       input_grammar=tools.forced_input(choice))
     # from here on, only the turn's own end may end the request
     draft.model, turn = await open_turn(request, body, wanted, params)
 

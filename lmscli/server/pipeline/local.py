@@ -27,6 +27,7 @@ from lmscli.engine import (
     PromptProgress,
     SamplingParams,
 )
+from lmscli.prompting.tools import input_call_grammar
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request
 from lmscli.server.models import Loaded
@@ -107,6 +108,10 @@ async def prepare(entry: Loaded, wanted: TurnInput) -> Prepared:
 
 async def _chat(entry: Loaded, wanted: TurnInput) -> Prepared:
     use = tool_use(Body({"tools": wanted.tools, "tool_choice": wanted.tool_choice}), entry)
+    if use.grammar and wanted.input_grammar and isinstance(wanted.tool_choice, dict):
+        name = wanted.tool_choice["function"]["name"]
+        grammar = input_call_grammar(name, use.fmt, wanted.input_grammar)
+        use = dataclasses.replace(use, grammar=grammar)
     if use.grammar and wanted.schema_grammar:
         raise bad_request("Structured output cannot be combined with a required tool call.",
                           wanted.schema_param)

@@ -45,6 +45,8 @@ class TurnInput:
     # raw text to complete instead of messages (text completions, the SDK's complete()):
     # no chat template, no tools, and the reply comes back unsplit
     prompt: str | None = None
+    # a forced freeform tool's grammar: GBNF for the JSON-escaped text of its ``input``
+    input_grammar: str | None = None
 
 
 def chat_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
