@@ -74,8 +74,15 @@ def error_body(scope: Scope, error: APIError) -> dict[str, Any]:
     return surface_of(scope).error_body(error)
 
 
+def refused(request: Request, status: int, message: str) -> None:
+    """One log line for each request the server refuses: what a client sent wrong, in the
+    server's own log, where an agent's user looks first."""
+    log.info("%s %s -> %d: %s", request.method, request.url.path, status, message[:300])
+
+
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
+    refused(request, exc.status, exc.message)
     return JSONResponse(error_body(request.scope, exc), status_code=exc.status,
                         headers=exc.headers)
 
@@ -86,6 +93,7 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"Unexpected endpoint or method. ({request.method} {request.url.path})"
     else:
         message = str(exc.detail)
+    refused(request, exc.status_code, message)
     body = error_body(request.scope, APIError(exc.status_code, message))
     return JSONResponse(body, status_code=exc.status_code)
 
