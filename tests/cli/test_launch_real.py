@@ -20,7 +20,8 @@ from tests.conftest import MODEL_CACHE, QWEN_MODEL_REL, ProcessServer, link_mode
 
 pytestmark = pytest.mark.real
 # the releases these tests were written against; a new one can change what it sends
-PACKAGES = {"claude": "@anthropic-ai/claude-code@2.1.197", "codex": "@openai/codex@0.171.0"}
+PACKAGES = {"claude": "@anthropic-ai/claude-code@2.1.197", "codex": "@openai/codex@0.171.0",
+            "opencode": "opencode-ai@1.18.33"}
 NPM_PREFIX = MODEL_CACHE.parent / "npm"
 
 
@@ -91,6 +92,7 @@ def test_codex_runs_on_the_local_model(agent_server: ProcessServer, agents_bin: 
     print(f"codex exec took {took:.0f} s")
 
 
+@pytest.mark.timeout(1500)  # its ~19k-token prompt: ~7 minutes on 2 cores
 def test_claude_code_runs_on_the_local_model(agent_server: ProcessServer, agents_bin: Path,
                                              tmp_path: Path) -> None:
     r, took = launch(agent_server, agents_bin, tmp_path, "launch", "claude", "--", "-p",
@@ -100,3 +102,14 @@ def test_claude_code_runs_on_the_local_model(agent_server: ProcessServer, agents
     assert result["is_error"] is False and result["result"].strip()
     assert refused(agent_server) == []
     print(f"claude -p took {took:.0f} s")
+
+
+def test_opencode_runs_on_the_local_model(agent_server: ProcessServer, agents_bin: Path,
+                                          tmp_path: Path) -> None:
+    r, took = launch(agent_server, agents_bin, tmp_path, "launch", "opencode", "--", "run",
+                     "Say hello")
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    # OpenCode names the agent and model it took (our provider's), then prints the answer
+    assert "build · qwen2.5-coder-0.5b-instruct" in r.stderr and r.stdout.strip()
+    assert refused(agent_server) == []
+    print(f"opencode run took {took:.0f} s")
