@@ -33,7 +33,7 @@ AGENTS = {
 
 
 @dataclass(frozen=True)
-class Target:
+class AgentTarget:
     """The server and model an agent is pointed at."""
 
     base_url: str  # http://host:port
@@ -51,7 +51,7 @@ class Launch:
     then: list[str] = field(default_factory=list)  # how to run it after --save
 
 
-def launch(agent: str, target: Target, home: Path, environ: dict[str, str],
+def launch(agent: str, target: AgentTarget, home: Path, environ: dict[str, str],
            save: bool = False) -> Launch:
     """The run of ``agent`` against ``target``; ``home`` and ``environ`` locate its config,
     which is read (to write it back with this server in it) only to ``save``. Raises
@@ -62,7 +62,7 @@ def launch(agent: str, target: Target, home: Path, environ: dict[str, str],
 
 # -- Claude Code: environment variables ------------------------------------------------------
 
-def _claude(target: Target, home: Path, environ: dict[str, str], save: bool) -> Launch:
+def _claude(target: AgentTarget, home: Path, environ: dict[str, str], save: bool) -> Launch:
     env = {"ANTHROPIC_BASE_URL": target.base_url,
            "ANTHROPIC_AUTH_TOKEN": target.api_key or PLACEHOLDER_KEY}
     for role in ("MODEL", "SMALL_FAST_MODEL", "DEFAULT_HAIKU_MODEL", "DEFAULT_SONNET_MODEL",
@@ -85,7 +85,7 @@ CODEX_PROVIDER = "lmscli"
 CODEX_KEY_VAR = "LMSCLI_API_KEY"
 
 
-def _codex(target: Target, home: Path, environ: dict[str, str], save: bool) -> Launch:
+def _codex(target: AgentTarget, home: Path, environ: dict[str, str], save: bool) -> Launch:
     provider = {"name": "lmscli", "base_url": f"{target.base_url}/v1", "wire_api": "responses"}
     env = {}
     if target.api_key:  # without env_key, Codex sends no key at all
@@ -139,7 +139,7 @@ def _with_tables(text: str, tables: dict[str, dict[str, object]]) -> str:
 
 # -- OpenCode: a provider in its JSON config -------------------------------------------------
 
-def _opencode(target: Target, home: Path, environ: dict[str, str], save: bool) -> Launch:
+def _opencode(target: AgentTarget, home: Path, environ: dict[str, str], save: bool) -> Launch:
     options = {"baseURL": f"{target.base_url}/v1"}
     if target.api_key:
         options["apiKey"] = target.api_key

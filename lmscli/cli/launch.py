@@ -13,7 +13,7 @@ import typer
 
 from lmscli import catalog
 from lmscli.cli import act, connect, console, prefs, render, steps
-from lmscli.cli.agents import AGENT_CONTEXT, AGENTS, Launch, Target, launch, shell_lines
+from lmscli.cli.agents import AGENT_CONTEXT, AGENTS, AgentTarget, Launch, launch, shell_lines
 from lmscli.errors import UserInputError
 
 PANEL = "Local models"
@@ -67,7 +67,7 @@ def launch_agent(
     os.execvpe(path, [about.command, *run.args, *ctx.args], {**os.environ, **run.env})
 
 
-def agent_target(name: str | None, context_length: int, yes: bool) -> Target:
+def agent_target(name: str | None, context_length: int, yes: bool) -> AgentTarget:
     """The server (started if needed) and a model loaded on it for an agent."""
     client = connect.client(start=True)
     assert client is not None
@@ -80,7 +80,7 @@ def agent_target(name: str | None, context_length: int, yes: bool) -> Target:
         console.warn(f"{info['identifier']} is loaded with a context of {context} tokens; "
                      f"coding agents need about {context_length}. To reload it: lms unload "
                      f"{info['identifier']} && lms load {info['modelKey']} -c {context_length}")
-    return Target(base_url, info["identifier"], context, connect.target().api_key)
+    return AgentTarget(base_url, info["identifier"], context, connect.target().api_key)
 
 
 def agent_model(client: Any, name: str | None, context_length: int, yes: bool
