@@ -158,10 +158,17 @@ def load(
     parallel: Optional[int] = typer.Option(None, "--parallel", min=1, max=64,  # noqa: UP045
                                            help="Maximum number of predictions the model can "
                                            "run at a given time (default 4)."),
+    speculative: Optional[str] = typer.Option(None, "--speculative", metavar="off|ngram",  # noqa: UP045
+                                              help="Speculative decoding: \"ngram\" drafts "
+                                              "tokens from the context and verifies them in "
+                                              "one step (default off)."),
     exact: bool = typer.Option(False, "--exact", help="Match the model's path exactly."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Never ask: take the best match."),
 ) -> None:
     """Load a model"""
+    if speculative not in (None, "off", "ngram"):
+        raise UserInputError(f"option '--speculative' argument {speculative!r} is invalid. "
+                             'Use "off" or "ngram".')
     ratio = parse_gpu(gpu)
     linked = linked_model(model_key) if model_key and not exact else None
     if linked is not None:  # before fuzzy matching, which would pick a local model
@@ -179,7 +186,8 @@ def load(
         line = render.PercentLine(f"Loading {key}")
         try:
             info = client.load(key, identifier=identifier, context_length=context_length,
-                               gpu=ratio, ttl=ttl, parallel=parallel, on_progress=line.update)
+                               gpu=ratio, ttl=ttl, parallel=parallel, speculative=speculative,
+                               on_progress=line.update)
         except KeyboardInterrupt:
             line.finish()
             console.warn("Load cancelled.")

@@ -12,7 +12,11 @@ _CAMEL = {"stop_reason": "stopReason", "tokens_per_second": "tokensPerSecond",
           "predicted_tokens_count": "predictedTokensCount",
           "total_tokens_count": "totalTokensCount",
           "cached_prompt_tokens_count": "cachedPromptTokensCount",
-          "stop_string": "stopString"}
+          "stop_string": "stopString",
+          "total_draft_tokens_count": "totalDraftTokensCount",
+          "accepted_draft_tokens_count": "acceptedDraftTokensCount",
+          "rejected_draft_tokens_count": "rejectedDraftTokensCount",
+          "ignored_draft_tokens_count": "ignoredDraftTokensCount"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class LlmPredictionStats:
     total_tokens_count: int | None = None
     cached_prompt_tokens_count: int | None = None
     stop_string: str | None = None
+    # speculative decoding, when the model drafts (lmstudio-python's names)
+    total_draft_tokens_count: int | None = None
+    accepted_draft_tokens_count: int | None = None
+    rejected_draft_tokens_count: int | None = None
+    ignored_draft_tokens_count: int | None = None
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> LlmPredictionStats:

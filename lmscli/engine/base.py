@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmscli.engine.drafting import Drafter
 from lmscli.engine.promptcache import Hit, PromptCache, State
 from lmscli.engine.slots import Batch, Choice, Sequence, Slot, choose_slot
 from lmscli.engine.types import (
@@ -488,6 +489,8 @@ class ModelInstance:
         if not self._running:
             return
         batch = self._build_batch()
+        if any(s.draft for s in self._running) and not self._evict_until(len(batch), set()):
+            batch = self._build_batch(drafting=False)  # guesses never crowd out real work
         if not self._fit(batch):
             return
         status = self._decode(batch)
@@ -500,12 +503,17 @@ class ModelInstance:
             raise RuntimeError(f"llama_decode returned {status}")
         self._after_decode(batch)
 
-    def _build_batch(self) -> Batch:
+    def _build_batch(self, drafting: bool = True) -> Batch:
         batch = Batch()
         generating = [s for s in self._running if not s.prompting]
+        # drafted tokens share what the batch has beyond one token per generating sequence
+        spare = (self.n_batch - len(generating)) // max(1, len(generating)) if drafting else 0
         for seq in generating:
             seq.logits_at = batch.add(seq.last_token, seq.n_past, seq.slot.id, True)
-            seq.chunk = 1
+            seq.draft = self._draft(seq, spare)
+            seq.draft_at = [batch.add(token, seq.n_past + 1 + i, seq.slot.id, True)
+                            for i, token in enumerate(seq.draft)]
+            seq.chunk = 1 + len(seq.draft)
         budget = min(PROMPT_SHARE if generating else PROMPT_CHUNK, self.n_batch - len(batch))
         for seq in (s for s in self._running if s.prompting):
             if budget <= 0:
@@ -541,15 +549,54 @@ class ModelInstance:
         for seq in list(self._running):
             if not seq.chunk:
                 continue
-            was_prompting = seq.prompting
-            added = seq.prompt[seq.n_past:seq.n_past + seq.chunk] if was_prompting \
-                else [seq.last_token]
-            seq.slot.tokens.extend(added)
-            seq.n_past += len(added)
-            if was_prompting:
-                seq.progress()
+            if not seq.prompting:
+                self._verify(seq)
+                continue
+            seq.slot.tokens.extend(seq.prompt[seq.n_past:seq.n_past + seq.chunk])
+            seq.n_past += seq.chunk
+            seq.progress()
             if not seq.prompting:
                 self._on_token(seq, self._sample(seq.sampler, seq.logits_at))
+
+    def _draft(self, seq: Sequence, spare: int) -> list[int]:
+        """Tokens guessed to follow ``seq.last_token``, to verify in this step's decode."""
+        if self.options.speculative != "ngram" or spare < 1:
+            return []
+        if seq.drafter is None:
+            seq.drafter = Drafter(seq.slot.tokens)
+        room = min(spare, self.context_length - seq.n_past - 2)
+        if seq.limit is not None:
+            room = min(room, seq.limit - seq.predicted - 1)
+        return seq.drafter.draft(seq.last_token, room)
+
+    def _verify(self, seq: Sequence) -> None:
+        """Sample after the decoded token and, while each sample is the next drafted token
+        (already decoded), after that one too. The sampler sees the same tokens in the same
+        order as without drafting, so the output is the same; what the model did not write
+        is removed from the KV cache."""
+        self._keep(seq, seq.last_token)
+        at, accepted = seq.logits_at, 0
+        while True:
+            token = self._sample(seq.sampler, at)
+            self._on_token(seq, token)
+            if seq.slot.seq is not seq or accepted == len(seq.draft) or \
+                    token != seq.draft[accepted]:
+                break
+            self._keep(seq, token)
+            at, accepted = seq.draft_at[accepted], accepted + 1
+        if accepted < len(seq.draft) and not self._seq_rm(seq.slot.id, seq.n_past):
+            raise RuntimeError("llama.cpp could not drop the rejected draft tokens")
+        seq.drafted += len(seq.draft)
+        seq.accepted += accepted
+        if seq.drafter is not None:
+            seq.drafter.update(len(seq.draft), accepted)
+
+    def _keep(self, seq: Sequence, token: int) -> None:
+        """``token`` is decoded into the sequence's KV cache, at ``n_past``."""
+        seq.slot.tokens.append(token)
+        seq.n_past += 1
+        if seq.drafter is not None:
+            seq.drafter.extend((token,))
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         if self._is_eog(token):

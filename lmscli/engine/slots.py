@@ -120,6 +120,11 @@ class Sequence:
                                   and params.max_tokens >= 0 else None)
         self.logits_at = -1  # index of this sequence's logits in the current batch
         self.chunk = 0  # tokens this sequence has in the current batch
+        self.drafter: Any = None  # its n-gram drafter, once it generates with drafting on
+        self.draft: list[int] = []  # tokens guessed to follow last_token, in this batch
+        self.draft_at: list[int] = []  # the batch indexes of their logits
+        self.drafted = 0  # draft tokens verified, all steps
+        self.accepted = 0  # of those, the ones the model wrote
         self._stops = StopMatcher(params.stop)
         self._utf8 = Utf8Stream()
 
@@ -162,4 +167,6 @@ class Sequence:
             predicted_tokens=self.predicted,
             time_to_first_token_s=(first - started) if first is not None else None,
             tokens_per_second=tps, total_time_s=ended - started, stop_string=stop,
+            draft_tokens=self.drafted if self.drafter is not None else None,
+            accepted_draft_tokens=self.accepted if self.drafter is not None else None,
         )

@@ -62,6 +62,8 @@ class PredictionStats:
     tokens_per_second: float | None = None
     total_time_s: float = 0.0
     stop_string: str | None = None
+    draft_tokens: int | None = None  # drafted and verified; None: no drafting
+    accepted_draft_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -81,6 +83,12 @@ class PredictionStats:
         }
         if self.stop_string is not None:
             out["stopString"] = self.stop_string
+        if self.draft_tokens is not None and self.accepted_draft_tokens is not None:
+            # LM Studio's draft statistics; a draft is verified whole, so none is ignored
+            out |= {"totalDraftTokensCount": self.draft_tokens,
+                    "acceptedDraftTokensCount": self.accepted_draft_tokens,
+                    "rejectedDraftTokensCount": self.draft_tokens - self.accepted_draft_tokens,
+                    "ignoredDraftTokensCount": 0}
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -109,6 +117,7 @@ class LoadOptions:
     seed: int | None = None
     parallel: int = 4  # predictions decoded together (LM Studio's max concurrent predictions)
     max_queue: int = 64  # predictions waiting for a slot before submit refuses more
+    speculative: Literal["off", "ngram"] = "off"  # draft-free drafting from the context
 
 
 class QueueFull(Exception):

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from lmscli import catalog
 from lmscli.engine import Engine, LoadOptions, ModelInstance, ModelSpec
@@ -74,6 +74,7 @@ class Loaded:
             "status": self.instance.status,
             "queued": self.instance.queued,
             "parallel": None if self.instance.spec.is_embedding else self.instance.parallel,
+            "speculative": self.instance.options.speculative,
             "jit": self.jit,
         })
         cache = self.instance.cache
@@ -249,6 +250,7 @@ class ModelManager:
     async def load(self, name: str, *, identifier: str | None = None,
                    context_length: int | None = None, gpu_ratio: float | None = None,
                    ttl_s: float | None = None, jit: bool = False, parallel: int | None = None,
+                   speculative: Literal["off", "ngram"] | None = None,
                    on_progress: ProgressCb | None = None) -> Loaded:
         model = self.resolve_downloaded(name)
         if identifier is not None:
@@ -264,7 +266,8 @@ class ModelManager:
             if jit:
                 await self._evict_jit()
             options = LoadOptions(context_length=context_length, gpu_ratio=gpu_ratio,
-                                  parallel=parallel or self.parallel, max_queue=self.max_queue)
+                                  parallel=parallel or self.parallel, max_queue=self.max_queue,
+                                  speculative=speculative or "off")
             entry = await self._load_now(model, identifier, options, ttl_s, jit, on_progress)
             future.set_result(entry)
             return entry

@@ -99,6 +99,9 @@ async def load(request: Request) -> Any:
     context_length = body.integer("context_length", low=1)
     ttl = body.integer("ttl", low=1)
     parallel = body.integer("parallel", low=1, high=MAX_PARALLEL)
+    speculative = body.get("speculative", str)
+    if speculative not in (None, "off", "ngram"):
+        raise bad_request("'speculative' must be \"off\" or \"ngram\".", "speculative")
     ratio = gpu_ratio(body)
     models = manager(request)
     if body.get("get_or_load", bool, False) and (entry := models.find_loaded(name)):
@@ -109,7 +112,7 @@ async def load(request: Request) -> Any:
     await models.check_load(name, identifier, context_length)
     events = models.load_events(name, identifier=identifier, context_length=context_length,
                                 gpu_ratio=ratio, ttl_s=float(ttl) if ttl else None,
-                                parallel=parallel)
+                                parallel=parallel, speculative=speculative)
     return ndjson_lines(load_lines(name, events))
 
 

@@ -36,9 +36,25 @@ FINISH = {"eosFound": "stop", "stopStringFound": "stop", "userStopped": "stop",
 # -- responses ------------------------------------------------------------------------------
 
 def usage(stats: PredictionStats) -> dict[str, Any]:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.predicted_tokens,
-            "total_tokens": stats.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+    out = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.predicted_tokens,
+           "total_tokens": stats.total_tokens,
+           "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+    if stats.draft_tokens is not None and stats.accepted_draft_tokens is not None:
+        # OpenAI's fields for predicted outputs: drafted tokens the model did and didn't write
+        out["completion_tokens_details"] = {
+            "accepted_prediction_tokens": stats.accepted_draft_tokens,
+            "rejected_prediction_tokens": stats.draft_tokens - stats.accepted_draft_tokens}
+    return out
+
+
+def draft_stats(stats: PredictionStats) -> dict[str, int]:
+    """LM Studio's draft counts, in /api/v0's snake case, when the model drafted."""
+    camel = stats.to_lms()
+    return {name: camel[key] for name, key in (
+        ("total_draft_tokens_count", "totalDraftTokensCount"),
+        ("accepted_draft_tokens_count", "acceptedDraftTokensCount"),
+        ("rejected_draft_tokens_count", "rejectedDraftTokensCount"),
+        ("ignored_draft_tokens_count", "ignoredDraftTokensCount")) if key in camel}
 
 
 def lmstudio_extras(entry: Loaded, stats: PredictionStats, engine: Any) -> dict[str, Any]:
@@ -49,7 +65,7 @@ def lmstudio_extras(entry: Loaded, stats: PredictionStats, engine: Any) -> dict[
                   "generation_time": stats.total_time_s - (stats.time_to_first_token_s or 0),
                   "stop_reason": stats.stop_reason,
                   "prompt_tokens": stats.prompt_tokens,
-                  "cached_prompt_tokens": stats.cached_tokens},
+                  "cached_prompt_tokens": stats.cached_tokens} | draft_stats(stats),
         "model_info": {"arch": m.architecture, "quant": m.quantization, "format": "gguf",
                        "context_length": entry.instance.context_length},
         "runtime": {"name": engine.name, "version": engine.version,

@@ -1,0 +1,62 @@
+"""Draft-free speculative decoding on llama.cpp with the default model: a rewrite of code
+given in the prompt comes out token for token as it does without drafting, greedy or
+sampled with a seed, and most of it was drafted."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import pytest
+
+from lmscli.engine import LoadOptions, ModelSpec, PredictionRequest, SamplingParams, get_engine
+from tests.conftest import user_prompt
+
+pytestmark = pytest.mark.real
+CODE = '''def total_price(items, tax_rate):
+    subtotal = 0
+    for item in items:
+        subtotal += item.price * item.quantity
+    tax = subtotal * tax_rate
+    return subtotal + tax
+
+
+def cheapest(items):
+    best = None
+    for item in items:
+        if best is None or item.price < best.price:
+            best = item
+    return best
+'''
+ASK = f"Rewrite this Python code, renaming items to products:\n\n{CODE}"
+
+
+def answer(model_file: Path, speculative: str, **params: object) -> tuple[str, object]:
+    spec = ModelSpec(path=str(model_file), model_key="smollm2-135m-instruct",
+                     max_context_length=8192)
+    inst = get_engine("llama.cpp").load(spec, LoadOptions(
+        context_length=2048, parallel=1, speculative=speculative))  # type: ignore[arg-type]
+    try:
+        events: queue.Queue = queue.Queue()
+        request = PredictionRequest(user_prompt(inst, ASK),
+                                    SamplingParams(max_tokens=160, **params))  # type: ignore[arg-type]
+        inst.submit(request, events.put)
+        text = []
+        while (event := events.get(timeout=120)).type not in ("done", "failed"):
+            if event.type == "fragment":
+                text.append(event.text)
+        assert event.type == "done", event
+        return "".join(text), event.stats
+    finally:
+        inst.close()
+
+
+@pytest.mark.parametrize("params", [{"temperature": 0}, {"temperature": 0.7, "seed": 7}])
+def test_drafting_keeps_the_models_own_answer(default_model_file: Path, params: dict) -> None:
+    plain, _ = answer(default_model_file, "off", **params)
+    drafted, stats = answer(default_model_file, "ngram", **params)
+    assert drafted == plain
+    assert stats.draft_tokens > 20  # type: ignore[attr-defined]
+    assert stats.accepted_draft_tokens > stats.draft_tokens / 3  # type: ignore[attr-defined]
+    print(f"{params}: {stats.accepted_draft_tokens} of {stats.draft_tokens} drafted tokens "  # type: ignore[attr-defined]
+          f"accepted, {stats.predicted_tokens} written")  # type: ignore[attr-defined]
