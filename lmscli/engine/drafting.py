@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-NGRAM_MIN = 2  # the shortest run of recent tokens a guess is looked up by
-NGRAM_MAX = 4
-DRAFT_MAX = 16  # most tokens guessed at once
-DRAFT_START = 4
-PAUSE_STEPS = 8  # steps without drafting after a draft of one is rejected
+# A guess costs a CPU nearly as much as a token decoded alone: only a long match is trusted
+NGRAM_MIN = 4  # the shortest run of recent tokens a guess is looked up by
+NGRAM_MAX = 8
+DRAFT_MAX = 32  # most tokens guessed at once
+DRAFT_START = 8
+PAUSE_STEPS = 8  # steps without drafting after a draft is wholly rejected
 
 
 class Drafter:
@@ -60,7 +61,6 @@ class Drafter:
             self.length = min(DRAFT_MAX, self.length * 2)
         elif accepted == 0:
             self.length = max(1, self.length // 2)
-            if drafted == 1:
-                self.pause = PAUSE_STEPS
+            self.pause = PAUSE_STEPS
         else:
             self.length = max(1, accepted + 1)

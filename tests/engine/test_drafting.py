@@ -21,27 +21,30 @@ from tests.gguf_factory import make_gguf
 
 
 def test_the_draft_is_what_followed_the_longest_recent_match() -> None:
-    d = Drafter([1, 2, 3, 4, 5, 6, 9, 2, 3, 7, 8, 2])
-    assert d.draft(3, 10) == [7, 8, 2]  # "2 3" led to 7 8 more recently than to 4 5 6
-    assert d.draft(3, 2) == [7, 8]  # never more than there is room for
-    assert d.draft(42, 10) == []  # nothing to copy
-    d = Drafter([1, 2, 3, 4, 8, 2, 3, 6, 1, 2])
-    assert d.draft(3, 10) == [4, 8, 2, 3]  # "1 2 3" beats the later "2 3" (4: the start)
+    # NGRAM_MIN (4) tokens must match
+    d = Drafter([1, 2, 3, 4, 5, 6, 7, 9, 1, 2, 3, 4, 8, 0, 9, 1, 2, 3])
+    assert d.draft(4, 10) == [8, 0, 9, 1, 2, 3]  # "1 2 3 4" last led to 8 0 9 …
+    assert Drafter([1, 2, 3, 4, 5, 9, 2, 3]).draft(4, 10) == []  # "2 3 4": too short
+    d = Drafter([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 0, 0, 1, 2, 3, 4])
+    assert d.draft(5, 3) == [0, 0, 1]  # never more than there is room for
+    assert d.draft(6, 10) == []  # "3 4 5 6"... only "2 3 4" + 6 is new: nothing to copy
+    d = Drafter([7, 1, 2, 3, 4, 9, 9, 5, 1, 2, 3, 4, 6, 6, 1, 2, 3])
+    assert d.draft(4, 2) == [6, 6]  # "1 2 3 4": the latest of two equally long matches
+    d = Drafter([7, 1, 2, 3, 4, 9, 9, 0, 2, 3, 4, 6, 6, 7, 1, 2, 3])
+    assert d.draft(4, 2) == [9, 9]  # "7 1 2 3 4" (5 tokens) beats the later "2 3 4"+…
 
 
 def test_the_draft_length_follows_acceptance() -> None:
     d = Drafter(list(range(100)) * 2)
-    d.update(4, 4)
     d.update(8, 8)
     d.update(16, 16)
     assert d.length == DRAFT_MAX
-    d.update(16, 3)
+    d.update(32, 3)
     assert d.length == 4
-    d.update(4, 0)
-    d.update(2, 0)
-    d.update(1, 0)  # a single guess rejected: drafting pauses
+    d.update(4, 0)  # a draft wholly rejected: drafting pauses
+    assert d.length == 2
     assert [d.draft(0, 10) for _ in range(PAUSE_STEPS)] == [[]] * PAUSE_STEPS
-    assert d.draft(0, 10) == [1]  # "99 0" led to 1
+    assert d.draft(0, 10) == [1, 2]  # "97 98 99 0" led to 1 2
 
 
 @pytest.fixture
