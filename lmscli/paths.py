@@ -10,6 +10,15 @@ import os
 from pathlib import Path
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, so that a reader never
+    sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def home() -> Path:
     override = os.environ.get("LMSCLI_HOME")
     if override:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,13 +193,9 @@ def _dict(value: object) -> dict[str, object]:
 
 def shell_lines(launch: Launch, agent: str, extra: list[str]) -> list[str]:
     """``export`` lines for a POSIX shell, then the command as a comment."""
-    lines = [f"export {k}={_quote(v)}" for k, v in launch.env.items()]
-    command = " ".join(_quote(a) for a in [AGENTS[agent].command, *launch.args, *extra])
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in launch.env.items()]
+    command = shlex.join([AGENTS[agent].command, *launch.args, *extra])
     return lines + [f"# then run: {command}"]
 
 
-def _quote(value: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_./:@%+=,-]+", value):
-        return value
-    return "'" + value.replace("'", "'\"'\"'") + "'"
 

@@ -11,9 +11,9 @@ from typing import Any, Optional
 
 import typer
 
-from lmscli import catalog
+from lmscli import catalog, paths
 from lmscli.cli import act, connect, console, prefs, render, steps
-from lmscli.cli.agents import AGENT_CONTEXT, AGENTS, AgentTarget, Launch, launch, shell_lines
+from lmscli.cli.agents import AGENT_CONTEXT, AGENTS, AgentTarget, launch, shell_lines
 from lmscli.errors import UserInputError
 
 PANEL = "Local models"
@@ -51,7 +51,7 @@ def launch_agent(
         raise UserInputError(f"Could not read {about.title}'s config: {exc}",
                              hint="Fix or move that file, or leave out --save.") from None
     if save:
-        write_config(run)
+        paths.write_atomically(run.config, run.saved)
         console.info(f"Saved to {run.config}. From now on: {' '.join(run.then)}")
     if print_:
         for line in shell_lines(run, agent, ctx.args):
@@ -93,8 +93,8 @@ def agent_model(client: Any, name: str | None, context_length: int, yes: bool
         if same:
             return same[0]
         return load(client, steps.resolve_key(name, exact=False, yes=yes), context_length)
-    choice = act.choose_agent_model(loaded, client.downloaded_models_info(),
-                                    prefs.last_loaded())
+    downloaded = client.downloaded_models_info()
+    choice = act.choose_agent_model(loaded, downloaded, prefs.last_loaded())
     if choice is None:
         console.info(f"No downloaded model is trained for tools: fetching {catalog.TOOL_MODEL}.")
         steps.fetch(catalog.TOOL_MODEL)
@@ -102,12 +102,15 @@ def agent_model(client: Any, name: str | None, context_length: int, yes: bool
     console.info(f"Using {choice.key}: {choice.reason}.")
     if choice.loaded:
         return next(m for m in loaded if m["identifier"] == choice.key)
-    return load(client, choice.key, context_length)
+    return load(client, choice.key, context_length, downloaded)
 
 
-def load(client: Any, key: str, context_length: int) -> dict[str, Any]:
-    most = next((m.get("maxContextLength") for m in client.downloaded_models_info()
-                 if m["modelKey"] == key), None)
+def load(client: Any, key: str, context_length: int,
+         downloaded: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Load ``key`` with ``context_length``, or the model's most where it has less."""
+    if downloaded is None:
+        downloaded = client.downloaded_models_info()
+    most = next((m.get("maxContextLength") for m in downloaded if m["modelKey"] == key), None)
     prefs.remember_loaded(key)
     line = render.PercentLine(f"Loading {key}")
     try:
@@ -115,13 +118,6 @@ def load(client: Any, key: str, context_length: int) -> dict[str, Any]:
                            on_progress=line.update)
     finally:
         line.finish()
-
-
-def write_config(run: Launch) -> None:
-    run.config.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run.config.with_name(f".{run.config.name}.{os.getpid()}.tmp")
-    tmp.write_text(run.saved, encoding="utf-8")
-    os.replace(tmp, run.config)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 from lmscli import paths
 
@@ -19,11 +18,7 @@ def _read() -> dict:
 
 
 def _write(data: dict) -> None:
-    path = paths.cli_pref_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    paths.write_atomically(paths.cli_pref_file(), json.dumps(data))
 
 
 def last_loaded() -> list[str]:

@@ -69,6 +69,13 @@ class PredictionStats:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.predicted_tokens
 
+    @property
+    def drafts(self) -> tuple[int, int] | None:
+        """(drafted, accepted) tokens, or None when the model did not draft."""
+        if self.draft_tokens is None or self.accepted_draft_tokens is None:
+            return None
+        return self.draft_tokens, self.accepted_draft_tokens
+
     def to_lms(self) -> dict[str, Any]:
         """LM Studio's LLMPredictionStats (camelCase), plus the cached prompt token count."""
         out: dict[str, Any] = {
@@ -83,11 +90,11 @@ class PredictionStats:
         }
         if self.stop_string is not None:
             out["stopString"] = self.stop_string
-        if self.draft_tokens is not None and self.accepted_draft_tokens is not None:
+        if self.drafts is not None:
             # LM Studio's draft statistics; a draft is verified whole, so none is ignored
-            out |= {"totalDraftTokensCount": self.draft_tokens,
-                    "acceptedDraftTokensCount": self.accepted_draft_tokens,
-                    "rejectedDraftTokensCount": self.draft_tokens - self.accepted_draft_tokens,
+            drafted, accepted = self.drafts
+            out |= {"totalDraftTokensCount": drafted, "acceptedDraftTokensCount": accepted,
+                    "rejectedDraftTokensCount": drafted - accepted,
                     "ignoredDraftTokensCount": 0}
         return {k: v for k, v in out.items() if v is not None}
 

@@ -83,12 +83,11 @@ def lark_input_gbnf(definition: str) -> str:
     if "start" not in grammar.rules:
         raise GrammarSyntaxError("the grammar has no 'start' rule")
     common = _parse(COMMON).rules
-    for name in grammar.imported:
-        if name not in common:
-            raise GrammarSyntaxError(f"common.{name} is not a terminal this server knows")
-        grammar.rules.setdefault(name, common[name])
-    for name in list(common):  # what the imported terminals use in turn
-        grammar.rules.setdefault(name, common[name])
+    unknown = [name for name in grammar.imported if name not in common]
+    if unknown:
+        raise GrammarSyntaxError(f"common.{unknown[0]} is not a terminal this server knows")
+    for name, rule in common.items():  # the imported terminals, and those they use in turn
+        grammar.rules.setdefault(name, rule)
     rules = _LarkRules()
     reached = _reachable(grammar.rules, "start")
     for name in reached:

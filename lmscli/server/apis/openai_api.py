@@ -39,11 +39,11 @@ def usage(stats: PredictionStats) -> dict[str, Any]:
     out = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.predicted_tokens,
            "total_tokens": stats.total_tokens,
            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
-    if stats.draft_tokens is not None and stats.accepted_draft_tokens is not None:
+    if stats.drafts is not None:
         # OpenAI's fields for predicted outputs: drafted tokens the model did and didn't write
-        out["completion_tokens_details"] = {
-            "accepted_prediction_tokens": stats.accepted_draft_tokens,
-            "rejected_prediction_tokens": stats.draft_tokens - stats.accepted_draft_tokens}
+        drafted, accepted = stats.drafts
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
     return out
 
 

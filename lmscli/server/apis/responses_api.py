@@ -154,10 +154,7 @@ def custom_tool(tool: Body, name: str, description: str | None, tools: Tools
     about = "The tool's input, as free text."
     grammar = None
     if kind == "grammar":
-        syntax = fmt.get("syntax", str, required=True)
-        definition = fmt.get("definition", str, required=True)
-        grammar = input_grammar(syntax, definition, f"{fmt.prefix}.definition")
-        about = f"The tool's input, text that follows this {syntax} grammar:\n{definition}"
+        grammar, about = input_grammar(fmt)
     elif kind != "text":
         raise bad_request(f"'{fmt.prefix}.type' must be text or grammar.", f"{fmt.prefix}.type")
     tools.custom[name] = grammar
@@ -166,17 +163,20 @@ def custom_tool(tool: Body, name: str, description: str | None, tools: Tools
         "required": ["input"]})
 
 
-def input_grammar(syntax: str, definition: str, where: str) -> str:
+def input_grammar(fmt: Body) -> tuple[str, str]:
+    """A grammar format's GBNF for the input, and the input's description for the model."""
+    syntax = fmt.get("syntax", str, required=True)
+    definition = fmt.get("definition", str, required=True)
+    convert = {"lark": lark_input_gbnf, "regex": regex_input_gbnf}.get(syntax)
+    if convert is None:
+        raise bad_request(f"'{fmt.prefix}.syntax' must be lark or regex.", f"{fmt.prefix}.syntax")
+    where = f"{fmt.prefix}.definition"
     try:
-        if syntax == "lark":
-            return lark_input_gbnf(definition)
-        if syntax == "regex":
-            return regex_input_gbnf(definition)
+        grammar = convert(definition)
     except GrammarSyntaxError as exc:
         raise bad_request(f"'{where}' is not a grammar this server can follow: "
                           f"{shorten(str(exc), 300)}", where, "invalid_grammar") from None
-    raise bad_request(f"'{where.rpartition('.')[0]}.syntax' must be lark or regex.",
-                      f"{where.rpartition('.')[0]}.syntax")
+    return grammar, f"The tool's input, text that follows this {syntax} grammar:\n{definition}"
 
 
 def function_tools(body: Body) -> Tools:
