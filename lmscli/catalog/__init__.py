@@ -20,21 +20,27 @@ if TYPE_CHECKING:
     from lmscli.catalog.fuzzy import fuzzy_filter
     from lmscli.catalog.gguf import GGUFMetadata, format_params, read_gguf_metadata
     from lmscli.catalog.importer import ImportResult, import_model
-    from lmscli.catalog.store import LocalModel, find_model, list_models, scan_models
+    from lmscli.catalog.store import (
+        LocalModel,
+        find_model,
+        list_models,
+        remove_model,
+        scan_models,
+    )
 
 _HOMES = {
     "fetch": ("BUILTIN_MODELS", "DEFAULT_MODEL", "TOOL_MODEL", "GetResult", "get_model"),
     "fuzzy": ("fuzzy_filter",),
     "gguf": ("GGUFMetadata", "format_params", "read_gguf_metadata"),
     "importer": ("ImportResult", "import_model"),
-    "store": ("LocalModel", "find_model", "list_models", "scan_models"),
+    "store": ("LocalModel", "find_model", "list_models", "remove_model", "scan_models"),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "BUILTIN_MODELS", "DEFAULT_MODEL", "TOOL_MODEL", "GGUFMetadata", "GetResult", "ImportResult",
     "LocalModel", "find_model", "format_params", "fuzzy_filter", "get_model", "import_model",
-    "list_models", "read_gguf_metadata", "scan_models",
+    "list_models", "read_gguf_metadata", "remove_model", "scan_models",
 ]
 
 

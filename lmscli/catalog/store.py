@@ -306,3 +306,17 @@ def find_model(query: str, models_dir: Path | None = None) -> LocalModel | None:
         if os.path.normcase(str(m.abs_path)) == abs_q:
             return m
     return None
+
+
+def remove_model(model: LocalModel, models_dir: Path | None = None) -> None:
+    """Delete ``model``'s file (a link made by ``lms import --symlink``: the link only), then
+    its folders up to the models folder while they are empty."""
+    root = Path(models_dir) if models_dir else paths.models_dir()
+    model.abs_path.unlink(missing_ok=True)
+    folder = model.abs_path.parent
+    while folder != root and root in folder.parents:
+        try:
+            folder.rmdir()  # only an empty folder goes
+        except OSError:
+            break
+        folder = folder.parent

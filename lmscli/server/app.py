@@ -28,10 +28,11 @@ from lmscli.server.apis import (
     api_v1,
     api_v1_downloads,
     native,
+    ollama_api,
     openai_api,
     responses_api,
 )
-from lmscli.server.errors import ANTHROPIC, OPENAI, REST_V1, APIError, Surface
+from lmscli.server.errors import ANTHROPIC, OLLAMA, OPENAI, REST_V1, APIError, Surface
 from lmscli.server.links.linked import Linked
 from lmscli.server.models import ModelManager
 from lmscli.server.sdk import routes as sdk_routes
@@ -43,7 +44,9 @@ log = logging.getLogger("lmscli.server")
 
 # a path no route serves answers in the body of the family whose paths it extends
 # (an Anthropic client asking for /v1/messages/batches parses only Anthropic's errors)
-UNROUTED = (("/v1/messages/", ANTHROPIC), ("/api/v1/", REST_V1))
+# (the first prefix that fits wins: Ollama's /api/ holds LM Studio's /api/v0 and /api/v1)
+UNROUTED = (("/v1/messages/", ANTHROPIC), ("/api/v1/", REST_V1), ("/api/v0/", OPENAI),
+            ("/api/", OLLAMA))
 
 
 class ApiRoute(Route):
@@ -139,6 +142,7 @@ def routes() -> list[Route]:
         Route("/lmscli/links/remove", n.remove_link, methods=["POST"]),
         Route(logs_http.STREAM_PATH, logs_http.stream),
         *v1_routes(),
+        *ollama_routes(),
     ]
 
 
@@ -153,6 +157,24 @@ def v1_routes() -> list[Route]:
         on("/api/v1/models/unload", v.models_unload, methods=["POST"]),
         on("/api/v1/models/download", d.download, methods=["POST"]),
         on("/api/v1/models/download/status/{job_id}", d.download_status),
+    ]
+
+
+def ollama_routes() -> list[Route]:
+    """Ollama's API, beside LM Studio's /api/v0 and /api/v1."""
+    o = ollama_api
+    on = partial(ApiRoute, surface=OLLAMA)
+    return [
+        on("/api/version", o.version, methods=["GET", "HEAD"]),
+        on("/api/tags", o.tags, methods=["GET", "HEAD"]),
+        on("/api/ps", o.ps),
+        on("/api/show", o.show, methods=["POST"]),
+        on("/api/chat", o.chat, methods=["POST"]),
+        on("/api/generate", o.generate, methods=["POST"]),
+        on("/api/embed", o.embed_route, methods=["POST"]),
+        on("/api/embeddings", o.embeddings, methods=["POST"]),
+        on("/api/pull", o.pull, methods=["POST"]),
+        on("/api/delete", o.delete, methods=["DELETE"]),
     ]
 
 

@@ -1,5 +1,5 @@
 """Errors the server sends back with a 4xx/5xx status, and the body each API family's clients
-parse them from (OpenAI's, Anthropic's, LM Studio's REST v1)."""
+parse them from (OpenAI's, Anthropic's, LM Studio's REST v1, Ollama's)."""
 
 from __future__ import annotations
 
@@ -65,9 +65,15 @@ class Surface:
     error_body: Callable[[APIError], dict[str, Any]]
 
 
+def ollama_body(error: APIError) -> dict[str, Any]:
+    """Ollama's body: one string; its clients raise it as their ResponseError."""
+    return {"error": error.message}
+
+
 OPENAI = Surface("openai", openai_body)  # also /api/v0 and lmscli's own routes
 ANTHROPIC = Surface("anthropic", anthropic_body)
 REST_V1 = Surface("rest_v1", rest_v1_body)
+OLLAMA = Surface("ollama", ollama_body)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

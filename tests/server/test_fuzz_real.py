@@ -37,7 +37,7 @@ TEXT_PATHS = ["/v1/completions", "/api/v0/completions"]
 EMBED_PATHS = ["/v1/embeddings", "/api/v0/embeddings"]
 GET_PATHS = ["/", "/lmstudio-greeting", "/lms-status", "/v1/models", "/api/v0/models",
              "/lmscli/status", "/lmscli/models/downloaded", "/lmscli/models/loaded",
-             "/api/v1/models"]
+             "/api/v1/models", "/api/version", "/api/tags", "/api/ps"]
 # routes the generated requests leave alone, and why
 NOT_FUZZED = {"/lmscli/shutdown": "stops the server by design",
               "/lmscli/logs/stream": "an endless stream; covered by the log tests",
@@ -45,7 +45,11 @@ NOT_FUZZED = {"/lmscli/shutdown": "stops the server by design",
                                          "covers it against a fake hub",
               "/lmscli/links": "adds engines that the server then contacts; test_links covers "
                                "what it refuses",
-              "/lmscli/links/remove": "edits the links test_links adds, and covers it"}
+              "/lmscli/links/remove": "edits the links test_links adds, and covers it",
+              "/api/pull": "reaches out to Hugging Face; test_ollama_api covers it against a "
+                           "fake hub",
+              "/api/delete": "deletes the model under test; test_ollama_api and "
+                             "test_ollama_real cover it"}
 
 
 class Raw(str):
@@ -79,8 +83,8 @@ def server_errors(response: httpx.Response) -> list[str]:
         return [f"{response.status_code}: {response.text[:300]}"]
     text = response.text
     if '"server_error"' in text or '"api_error"' in text or '"internal_error"' in text \
-            or '"status": 5' in text \
-            or '"status":5' in text:
+            or '"status": 5' in text or '"status":5' in text \
+            or '"error": "Prediction failed' in text:  # Ollama's error line in a stream
         return [f"in the stream: {text[:300]}"]
     return []
 
@@ -580,9 +584,65 @@ AGENT_REQUESTS = [
                                     {} if method == "DELETE" else None, None, False),
               PATH_TEXT, st.sampled_from(["GET", "DELETE"])),
 ]
+# Ollama's API
+OLLAMA_OPTIONS = st.one_of(st.fixed_dictionaries({}, optional={
+    "temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"],
+    "top_k": SAMPLING["top_k"], "seed": ANY, "stop": SAMPLING["stop"],
+    "repeat_penalty": SAMPLING["repeat_penalty"], "num_predict": ANY, "num_ctx": st.one_of(
+        st.integers(-1, 2**41), ANY), "num_gpu": ANY, "mirostat": ANY}), ANY)
+OLLAMA_COMMON = {"model": SAMPLING["model"], "stream": SAMPLING["stream"],
+                 "options": OLLAMA_OPTIONS, "think": st.one_of(st.booleans(), ANY),
+                 "format": st.one_of(st.sampled_from(["json", "", "xml"]), ROOT_SCHEMA, ANY),
+                 "keep_alive": st.one_of(st.sampled_from(["5m", "0", "-1", "1h30m", "x", "1e400",
+                                                          "-", "9" * 40 + "h"]), ANY)}
+OLLAMA_CHAT_FIELDS = OLLAMA_COMMON | {
+    "tools": TOOLS,
+    "messages": st.one_of(st.just(USER), st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
+         "content": st.one_of(st.text(max_size=30), ANY)},
+        optional={"tool_calls": st.one_of(st.just([{"function": {
+            "name": "f", "arguments": {"a": 1}}}]), ANY), "tool_name": ANY, "images": ANY,
+            "thinking": ANY}), max_size=3), ANY)}
+OLLAMA_GENERATE_FIELDS = OLLAMA_COMMON | {
+    "prompt": st.one_of(st.text(max_size=30), ANY), "system": ANY, "raw": ANY,
+    "suffix": ANY, "template": ANY, "context": ANY, "images": ANY}
+OLLAMA_BASE = {"model": MODEL, "options": {"num_predict": 8}, "stream": False}
+PLAUSIBLE_OLLAMA = {"stream": st.booleans(), "format": st.builds(lambda s: s, VALID_SCHEMA),
+                    "keep_alive": st.sampled_from(["5m", "1h", -1, 600]),
+                    "options": st.fixed_dictionaries({"num_predict": st.integers(1, 8)}, optional={
+                        k: PLAUSIBLE[k] for k in ("temperature", "top_p", "top_k", "seed",
+                                                  "stop", "repeat_penalty")})}
+
+
+def ollama_short(case: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Ollama's token limit lives in ``options``: a valid one over 8, or none, becomes 8."""
+    method, path, body, raw, must_succeed = case
+    options = body.get("options") if isinstance(body, dict) else None
+    if isinstance(options, dict):
+        value = options.get("num_predict")
+        if value is None or (type(value) is int and -(2**31) < value < 2**31
+                             and not 0 <= value <= 8):
+            options["num_predict"] = 8
+    return method, path, body, raw, must_succeed
+
+
+OLLAMA_REQUESTS = [
+    mutated("/api/chat", OLLAMA_BASE | {"messages": USER}, OLLAMA_CHAT_FIELDS, False)
+    .map(ollama_short),
+    mutated("/api/generate", OLLAMA_BASE | {"prompt": "Once upon a time"},
+            OLLAMA_GENERATE_FIELDS, False).map(ollama_short),
+    plausible("/api/chat", OLLAMA_BASE | {"messages": USER}, PLAUSIBLE_OLLAMA),
+    plausible("/api/generate", OLLAMA_BASE | {"prompt": "Once upon a time"}, PLAUSIBLE_OLLAMA),
+    *[mutated(p, {"model": MODEL, "input": "hello"}, EMBED_FIELDS | {
+        "truncate": ANY, "dimensions": ANY, "keep_alive": OLLAMA_COMMON["keep_alive"],
+        "prompt": ANY}, False) for p in ("/api/embed", "/api/embeddings")],
+    mutated("/api/show", {"model": MODEL}, {"model": SAMPLING["model"], "name": ANY,
+                                            "verbose": ANY}, False),
+]
 POST_PATHS = CHAT_PATHS + TEXT_PATHS + EMBED_PATHS + [
     RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH, "/lmscli/predict", "/lmscli/models/load",
-    "/lmscli/models/unload", "/api/v1/chat", "/api/v1/models/load", "/api/v1/models/unload"]
+    "/lmscli/models/unload", "/api/v1/chat", "/api/v1/models/load", "/api/v1/models/unload",
+    "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show"]
 REQUESTS = st.one_of(
     *[mutated(p, GENERATION | {"messages": USER}, CHAT_FIELDS) for p in CHAT_PATHS],
     *[mutated(p, GENERATION | {"prompt": "Once upon a time"}, TEXT_FIELDS)
@@ -614,12 +674,14 @@ REQUESTS = st.one_of(
     st.builds(lambda name: ("POST", f"/lmscli/predict/{quoted(name)}/cancel", {}, None, False),
               PATH_TEXT),
     *AGENT_REQUESTS,
+    *OLLAMA_REQUESTS,
 )
 COVERED = set(CHAT_PATHS + TEXT_PATHS + EMBED_PATHS + GET_PATHS) | {
     "/lmscli/predict", "/lmscli/models/load", "/lmscli/models/unload",
     "/api/v0/models/{model:path}", "/lmscli/predict/{prediction_id}/cancel",
     RESPONSES_PATH, MESSAGES_PATH, COUNT_PATH, RESPONSES_PATH + "/{response_id}", "/api/v1/chat",
-    "/api/v1/models/load", "/api/v1/models/unload", "/api/v1/models/download/status/{job_id}"}
+    "/api/v1/models/load", "/api/v1/models/unload", "/api/v1/models/download/status/{job_id}",
+    "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show"}
 
 
 def test_every_route_is_fuzzed_or_excused() -> None:

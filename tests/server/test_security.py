@@ -21,6 +21,7 @@ import lmscli as lms
 from lmscli import serverstate
 from lmscli.client.logs import follow_logs
 from lmscli.engine.fake import DEFAULT_REPLY, FakeEngine
+from lmscli.server.errors import OLLAMA
 from lmscli.server.security import HostPolicy
 from tests.conftest import ProcessServer, ThreadServer, free_port
 
@@ -71,6 +72,8 @@ def test_key_guards_every_endpoint_but_the_greeting(keyed: ThreadServer) -> None
         assert r.status_code == 401, (route.path, r.text)
         if route.path.startswith("/v1/messages"):  # Anthropic's error shape has no code
             assert r.json()["error"]["type"] == "authentication_error"
+        elif getattr(route, "surface", None) is OLLAMA:  # Ollama's error is one string
+            assert "API key" in r.json()["error"]
         else:
             assert r.json()["error"]["code"] == "missing_api_key"
         assert r.headers["www-authenticate"].startswith("Bearer")

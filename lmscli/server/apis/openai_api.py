@@ -224,11 +224,7 @@ async def embeddings(request: Request) -> Any:
         return forwarded
     texts = embedding_inputs(body)
     entry = await model_for(request, body)
-    try:
-        with entry.lease():
-            vectors = await asyncio.to_thread(entry.instance.embed, texts)
-    except ValueError as exc:  # llama-cpp-python: an input longer than the context
-        raise bad_request(f"Cannot embed this input: {exc}", "input") from None
+    vectors = await embed(entry, texts)
     tokens = sum(len(t.split()) for t in texts)
     return JSONResponse({
         "object": "list", "model": entry.identifier,
@@ -236,6 +232,15 @@ async def embeddings(request: Request) -> Any:
                  for i, v in enumerate(vectors)],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     })
+
+
+async def embed(entry: Loaded, texts: list[str]) -> list[list[float]]:
+    """One unit vector per text; an input the model can't take is a 400."""
+    try:
+        with entry.lease():
+            return await asyncio.to_thread(entry.instance.embed, texts)
+    except ValueError as exc:  # an input longer than the context
+        raise bad_request(f"Cannot embed this input: {exc}", "input") from None
 
 
 def embedding_inputs(body: Body) -> list[str]:
