@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -26,9 +30,15 @@ from lmscli.server.models import Loaded
 if TYPE_CHECKING:
     from lmscli.logbus.events import RecoveredCalls
 
-# A chat template gets this long to render; it runs in a worker thread meanwhile, so that a
-# template that loops holds up only its own request.
+# A chat template gets this much of its own CPU time to render, in a thread of its own. Each
+# model renders at most RENDER_SLOTS prompts at once and a request waits at most the budget
+# for a slot: renders share the interpreter, and a template that loops must hold up only its
+# own model's requests, not the event loop, the shared thread pool or another model's renders.
 TEMPLATE_BUDGET_S = 5.0
+RENDER_SLOTS = 1  # the GIL runs one render at a time anyway
+# A render's request gives up after this many budgets of wall time even if the render goes
+# on (one operation can't be interrupted, and renders of many models share the CPU).
+RENDER_WALL_BUDGETS = 4
 MAX_TOOL_NAME_CHARS = 256
 
 
@@ -177,8 +187,8 @@ def _tool_call(raw: Any, where: str) -> dict[str, Any]:
 
 async def chat_prompt(entry: Loaded, messages: list[dict[str, Any]], use: ToolUse) -> str:
     """The exact prompt text: tool conversions for the format, then the chat template,
-    rendered off the event loop within TEMPLATE_BUDGET_S. A template that refuses system
-    messages after the first turn gets them folded into the user turns."""
+    rendered in a thread of its own within TEMPLATE_BUDGET_S of CPU time. A template that
+    refuses system messages after the first turn gets them folded into the user turns."""
     try:
         try:
             return await _render(entry, messages, use)
@@ -201,6 +211,42 @@ async def _render(entry: Loaded, messages: list[dict[str, Any]], use: ToolUse) -
     render = partial(render_chat, entry.model.chat_template, prepared, tools=template_tools,
                      bos_token=instance.bos_token, eos_token=instance.eos_token,
                      time_budget_s=TEMPLATE_BUDGET_S)
-    # the template stops itself at the budget; the wait's own limit covers a single
-    # operation that can't be interrupted
-    return await asyncio.wait_for(asyncio.to_thread(render), TEMPLATE_BUDGET_S + 1)
+    slots = _render_slots(entry)
+    try:
+        await asyncio.wait_for(slots.acquire(), TEMPLATE_BUDGET_S)
+    except asyncio.TimeoutError:
+        raise TemplateTimeout(f"The model's chat template is still rendering earlier requests "
+                              f"after {TEMPLATE_BUDGET_S:g} s; try again later.") from None
+    running = _in_own_thread(render)
+    # the slot is the thread's: a request that stops waiting leaves it taken until the
+    # render ends, so abandoned renders can't pile up
+    running.add_done_callback(lambda _: slots.release())
+    return await asyncio.wait_for(asyncio.shield(running),
+                                  TEMPLATE_BUDGET_S * RENDER_WALL_BUDGETS)
+
+
+# Each loaded model's render slots, by id(entry): Loaded is not hashable.
+_slots: dict[int, asyncio.Semaphore] = {}
+
+
+def _render_slots(entry: Loaded) -> asyncio.Semaphore:
+    key = id(entry)
+    if key not in _slots:
+        _slots[key] = asyncio.Semaphore(RENDER_SLOTS)
+        weakref.finalize(entry, _slots.pop, key, None)  # before the id can be reused
+    return _slots[key]
+
+
+def _in_own_thread(work: Callable[[], str]) -> asyncio.Future[str]:
+    """Run ``work`` in a new thread: renders never queue behind the shared pool's other work
+    (or fill it), and a model's slots bound how many of its threads there are."""
+    done: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            done.set_result(work())
+        except BaseException as exc:  # whatever it is, the slot must come back
+            done.set_exception(exc)
+
+    threading.Thread(target=run, name="chat-template", daemon=True).start()
+    return asyncio.wrap_future(done)
