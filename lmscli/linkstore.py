@@ -45,6 +45,17 @@ def check_name(name: str) -> str:
     return name
 
 
+def identifier_clash(identifier: str) -> str | None:
+    """Why a model identifier would read as a linked model's name, or None: ``LINK/model``
+    reaches a link's model, so a local ``a/b`` would shadow link a's model b (and ``..``
+    reads as a path)."""
+    if "/" not in identifier and ".." not in identifier:
+        return None
+    instead = re.sub(r"\.{2,}", ".", identifier.replace("/", "-"))
+    return (f"Invalid identifier {identifier[:80]!r}: '/' and '..' are kept for linked "
+            f"models (LINK/model). Use another, such as {instead[:80]!r}.")
+
+
 def normalise_url(url: str) -> str:
     """``http://h:8000`` → ``http://h:8000/v1``; a URL with a path keeps it (``…/v1``,
     or a proxy's own prefix). Credentials, queries and fragments are refused: a key goes in

@@ -180,14 +180,14 @@ def link_default_model(home: Path, model_file: Path) -> None:
 class ProcessServer:
     """``python -m lmscli.server`` as its own process, with its own home."""
 
-    def __init__(self, home: Path, port: int | None = None) -> None:
+    def __init__(self, home: Path, port: int | None = None, *options: str) -> None:
         self.home = home
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = os.environ | {"LMSCLI_HOME": str(home)}
         self.log = open(home / "server-test.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmscli.server", "--port", str(self.port)],
+            [sys.executable, "-m", "lmscli.server", "--port", str(self.port), *options],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(self.base_url + "/lmstudio-greeting", timeout=60)
 

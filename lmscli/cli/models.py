@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from lmscli import catalog
+from lmscli import catalog, linkstore
 from lmscli.cli import connect, console, prefs, render, steps
 from lmscli.errors import CancelledError, ModelNotFoundError, UserInputError
 
@@ -170,6 +170,9 @@ def load(
         raise UserInputError(f"option '--speculative' argument {speculative!r} is invalid. "
                              'Use "off" or "ngram".')
     ratio = parse_gpu(gpu)
+    clash = linkstore.identifier_clash(identifier) if identifier is not None else None
+    if clash is not None:  # before a server is started for nothing
+        raise UserInputError(clash)
     linked = linked_model(model_key) if model_key and not exact else None
     if linked is not None:  # before fuzzy matching, which would pick a local model
         console.info(f"{model_key} is served by the link {linked['device']}: there is nothing "

@@ -29,6 +29,7 @@ from lmscli.engine.drafting import Drafter
 from lmscli.engine.promptcache import Hit, PromptCache, State
 from lmscli.engine.slots import Batch, Choice, Sequence, Slot, choose_slot
 from lmscli.engine.types import (
+    QUEUE_FULL,
     Done,
     Event,
     Failed,
@@ -59,6 +60,9 @@ MIN_SAVE = 32
 MIN_RESTORE = 8
 RESTORE_SHARE = 32
 PERSIST_S = 10.0  # at unload, the longest wait for saved states to reach the disk
+# Embeddings share the step loop: one input per step while predictions run, so that a
+# request with thousands of inputs never stalls a chat; alone, inputs for up to this long.
+EMBED_ALONE_S = 0.1
 
 log = logging.getLogger("lmscli.engine")
 
@@ -119,6 +123,31 @@ class Prediction:
                                        total_time_s=elapsed)))
 
 
+class Embedding:
+    """Handle on submitted embeddings: wait for the vectors, or cancel them."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.vectors: list[list[float]] = []
+        self.error: BaseException | None = None
+        self._cancel = threading.Event()
+        self.done = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def result(self) -> list[list[float]]:
+        """The vectors, in order, once all are made; raises why they could not be."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.vectors
+
+
 @dataclass
 class _Job:
     fn: Callable[[], Any]
@@ -143,12 +172,20 @@ class ModelInstance:
         self.max_queue = max(0, options.max_queue)
         self.status: Status = "loading"
         self.slots = [Slot(i) for i in range(self.parallel)]
-        self._inbox: queue.Queue[Prediction | _Job | None] = queue.Queue()
+        self._inbox: queue.Queue[Prediction | Embedding | _Job | None] = queue.Queue()
         self._waiting: deque[Prediction] = deque()
+        self._embeddings: deque[Embedding] = deque()  # taken in turn, one input at a time
+        self._embeddings_pending = 0  # submitted, not yet ended
+        # while predictions run, embeddings get the time the steps took, no more: half the
+        # loop at most, so that answers keep streaming
+        self._embed_credit = 0.0
         self._running: list[Sequence] = []
         self._lock = threading.Lock()
         self._queued = 0  # submitted, not yet given a slot
         self._busy = 0  # holding a slot
+        # the first waiting request does not fit the KV pool beside those running: until one
+        # ends, a free slot takes nobody
+        self._short_of_room = False
         self._thread = threading.Thread(
             target=self._run, name=f"engine-{spec.model_key}", daemon=True
         )
@@ -188,9 +225,17 @@ class ModelInstance:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for a free slot."""
+        """Requests waiting for a slot: submitted, and not about to be taken by a free one
+        (those are in a slot at the next step). At most ``max_queue``."""
         with self._lock:
-            return self._queued
+            return max(0, self._waiting_beyond_slots())
+
+    def _waiting_beyond_slots(self) -> int:
+        """Submitted requests that no free slot takes at the next step (under the lock).
+        While the KV pool has no room for the first waiting one (a long answer holds it),
+        free slots take nobody."""
+        usable = 0 if self._short_of_room else max(0, self.parallel - self._busy)
+        return self._queued - usable
 
     @property
     def active(self) -> int:
@@ -207,10 +252,8 @@ class ModelInstance:
             prediction.end("modelUnloaded")
             return prediction
         with self._lock:
-            free = max(0, self.parallel - self._busy)
-            if self._queued - free >= self.max_queue:
-                raise QueueFull(f"{self._queued} requests are already waiting for "
-                                f"{self.spec.model_key}.")
+            if self._waiting_beyond_slots() >= self.max_queue:
+                raise QueueFull(self._queue_full_message())
             self._queued += 1
         self._inbox.put(prediction)
         return prediction
@@ -231,14 +274,28 @@ class ModelInstance:
         """How many tokens ``prompt`` is as a prediction's prompt (with the BOS it would get)."""
         return self.call(lambda: len(self._tokenize(prompt, self._wants_bos(prompt))))
 
+    def submit_embedding(self, texts: list[str]) -> Embedding:
+        """Queue embeddings; raises ``QueueFull`` when as many requests already wait."""
+        job = Embedding(texts)
+        if self._closed:
+            self._end_embedding(job, RuntimeError("The model was unloaded."), counted=False)
+            return job
+        with self._lock:
+            if self._embeddings_pending >= max(1, self.max_queue):
+                raise QueueFull(f"{self._embeddings_pending} embedding requests are already "
+                                f"waiting for {self.spec.model_key}.")
+            self._embeddings_pending += 1
+        self._inbox.put(job)
+        return job
+
     def embed(self, texts: list[str]) -> list[list[float]]:
-        return self.call(lambda: self._embed_texts(texts))
+        return self.submit_embedding(texts).result()
 
     # -- the step loop ---------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stopping:
-            idle = not self._running and not self._admissible()
+            idle = not self._running and not self._admissible() and not self._embeddings
             if idle and self._inbox.empty() and self._stash_idle_slot():
                 continue  # look for work again before the next one
             self._take_inbox(block=idle)
@@ -246,7 +303,9 @@ class ModelInstance:
                 break
             self._admit()
             if self._running:
-                self._step_safely()
+                self._timed_step()
+            if self._embeddings and (not self._running or self._embed_credit > 0):
+                self._embed_credit -= self._timed(self._embed_step)
             self.status = self._current_status()
         self._shutdown()
 
@@ -262,11 +321,13 @@ class ModelInstance:
             except queue.Empty:
                 return
 
-    def _take(self, item: Prediction | _Job | None) -> None:
+    def _take(self, item: Prediction | Embedding | _Job | None) -> None:
         if item is None:
             self._stopping = True
         elif isinstance(item, Prediction):
             self._waiting.append(item)
+        elif isinstance(item, Embedding):
+            self._embeddings.append(item)
         else:
             self._run_job(item)
 
@@ -277,6 +338,48 @@ class ModelInstance:
             job.error = exc
         finally:
             job.done.set()
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    def _timed_step(self) -> None:
+        spent = self._timed(self._step_safely)
+        self._embed_credit = min(self._embed_credit + spent, 1.0) if self._embeddings else 0.0
+
+    @staticmethod
+    def _timed(fn: Callable[[], None]) -> float:
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+
+    def _embed_step(self) -> None:
+        """The next input of each waiting request in turn: one in all while predictions
+        run, else as many as fit in EMBED_ALONE_S."""
+        deadline = time.perf_counter() + (0.0 if self._running else EMBED_ALONE_S)
+        while self._embeddings and not self._stopping:
+            job = self._embeddings.popleft()
+            if job.cancelled:  # its client left: nobody reads the rest
+                self._end_embedding(job, RuntimeError("The embedding was cancelled."))
+                continue
+            index = len(job.vectors)
+            try:
+                job.vectors += self._embed_texts([job.texts[index]], index)
+            except BaseException as exc:  # handed back to the caller's thread
+                self._end_embedding(job, exc)
+                continue
+            if len(job.vectors) == len(job.texts):
+                self._end_embedding(job)
+            else:
+                self._embeddings.append(job)
+            if time.perf_counter() >= deadline or not self._inbox.empty():
+                return  # a prediction that just came waits for one input at most
+
+    def _end_embedding(self, job: Embedding, error: BaseException | None = None, *,
+                       counted: bool = True) -> None:
+        if counted:
+            with self._lock:
+                self._embeddings_pending -= 1
+        job.error = error
+        job.done.set()
 
     def _admissible(self) -> bool:
         return bool(self._waiting) and any(s.seq is None for s in self.slots)
@@ -289,6 +392,7 @@ class ModelInstance:
     # -- admission -------------------------------------------------------------------------
 
     def _admit(self) -> None:
+        self._short_of_room = False
         while self._waiting and not self._stopping:
             prediction = self._waiting[0]
             if prediction.cancelled:
@@ -310,8 +414,21 @@ class ModelInstance:
             else:
                 room = self._make_room(prediction, choice.reuse, choice.keep())
             if not room:
+                self._trim_queue()
+                self._short_of_room = True  # after the trim: ``queued`` never reads more
                 return
             self._start(self._waiting.popleft(), choice, hit)
+
+    def _trim_queue(self) -> None:
+        """Refuse the newest requests beyond the queue: they came in counting on free slots
+        that take nobody until the KV pool has room (``submit`` knows that only from now)."""
+        while len(self._waiting) > self.max_queue:
+            with self._lock:
+                message = self._queue_full_message()
+            self._fail_waiting(self._waiting.pop(), Failed(message, code=QUEUE_FULL))
+
+    def _queue_full_message(self) -> str:
+        return f"{self.max_queue} requests are already waiting for {self.spec.model_key}."
 
     def _cache_hit(self, prompt: list[int], choice: Choice) -> Hit | None:
         """A saved state that holds more of ``prompt`` than any slot, by enough to pay."""
@@ -634,6 +751,9 @@ class ModelInstance:
         self._take_inbox(block=False)
         while self._waiting:
             self._drop_waiting("modelUnloaded")
+        while self._embeddings:
+            self._end_embedding(self._embeddings.popleft(),
+                                RuntimeError("The model was unloaded."))
         # a failure while freeing must never hang the caller waiting in close()
         with contextlib.suppress(Exception):
             self._unload()
@@ -660,6 +780,8 @@ class ModelInstance:
             if isinstance(item, _Job):
                 item.error = RuntimeError("The model was unloaded.")
                 item.done.set()
+            elif isinstance(item, Embedding):
+                self._end_embedding(item, RuntimeError("The model was unloaded."))
             elif isinstance(item, Prediction):
                 with self._lock:
                     self._queued -= 1
@@ -714,7 +836,9 @@ class ModelInstance:
         """Load a state from ``_save_state`` into an empty sequence; False when refused."""
         return False
 
-    def _embed_texts(self, texts: list[str]) -> list[list[float]]:
+    def _embed_texts(self, texts: list[str], first: int = 0) -> list[list[float]]:
+        """One unit vector per text; ``first`` is the first text's index, for errors (a
+        ValueError for an input the model can't take)."""
         raise NotImplementedError
 
     def check_grammar(self, grammar: str) -> str | None:

@@ -4,6 +4,7 @@ Tokens are whitespace-separated words. The reply is ``FakeEngine.reply`` unless 
 asks for one with ``[[reply: text]]``; ``[[fail]]`` makes the prediction fail and
 ``[[slow]]`` adds a delay per token so that cancellation and interleaving can be tested;
 ``[[count: N]]`` replies ``n1 n2 … nN``, text that the prompt itself does not contain.
+An embedding input with ``[[slow]]`` takes SLOW_S, one with ``[[toolong]]`` is refused.
 A grammar containing ``!invalid`` is rejected, as llama.cpp rejects a grammar it can't parse.
 Each sequence's "KV cache" is the list of tokens decoded into it (``kv``): a decode at a
 position that does not follow what the sequence holds fails, as it would corrupt llama.cpp's.
@@ -92,7 +93,12 @@ class FakeInstance(ModelInstance):
             self._words.append(word)
         return self._ids[word]
 
-    def _embed_texts(self, texts: list[str]) -> list[list[float]]:
+    def _embed_texts(self, texts: list[str], first: int = 0) -> list[list[float]]:
+        for i, text in enumerate(texts):
+            if "[[slow]]" in text:
+                time.sleep(SLOW_S)
+            if "[[toolong]]" in text:
+                raise ValueError(f"Input {first + i} is longer than the context.")
         return [[float(len(t)), float(len(_words(t))), 1.0] for t in texts]
 
     def check_grammar(self, grammar: str) -> str | None:

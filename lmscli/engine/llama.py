@@ -313,7 +313,7 @@ class LlamaInstance(ModelInstance):
 
     # -- embeddings ------------------------------------------------------------------------
 
-    def _embed_texts(self, texts: list[str]) -> list[list[float]]:
+    def _embed_texts(self, texts: list[str], first: int = 0) -> list[list[float]]:
         assert self.model is not None
         if self.spec.is_embedding:
             ctx = self.ctx
@@ -324,7 +324,7 @@ class LlamaInstance(ModelInstance):
                                                                  EMBED_CONTEXT),
                                            n_seq=1, embeddings=True)
             ctx = self._embed_ctx
-        return [self._embed_one(ctx, text, i) for i, text in enumerate(texts)]
+        return [self._embed_one(ctx, text, first + i) for i, text in enumerate(texts)]
 
     def _embed_one(self, ctx: Any, text: str, index: int) -> list[float]:
         assert self.model is not None

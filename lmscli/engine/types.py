@@ -107,7 +107,8 @@ class Done:
 
 @dataclass
 class Failed:
-    """``code`` names a failure the caller caused (``"grammar"``: the grammar was rejected)."""
+    """``code`` names a failure the caller can act on (``"grammar"``: the grammar was
+    rejected; ``QUEUE_FULL``: refused from a full queue after ``submit`` took it)."""
 
     message: str
     code: str | None = None
@@ -125,6 +126,9 @@ class LoadOptions:
     parallel: int = 4  # predictions decoded together (LM Studio's max concurrent predictions)
     max_queue: int = 64  # predictions waiting for a slot before submit refuses more
     speculative: Literal["off", "ngram"] = "off"  # draft-free drafting from the context
+
+
+QUEUE_FULL = "queue_full"
 
 
 class QueueFull(Exception):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from lmscli import catalog
+from lmscli import catalog, linkstore
 from lmscli.engine import Engine, LoadOptions, ModelInstance, ModelSpec
 from lmscli.errors import InvalidModelFileError
 from lmscli.server.errors import APIError, model_not_found, shorten
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 JIT_TTL_S = 3600  # LM Studio unloads JIT-loaded models after 60 idle minutes
 MAX_IDENTIFIER_CHARS = 256
+# Instances of one model: each holds its own weights and KV cache, and a script that loads
+# in a loop would otherwise fill the machine's memory one copy at a time.
+MAX_INSTANCES_PER_MODEL = 8
 MAX_NAME_CHARS = 1000  # longer names can't be a model key or path: not looked up
 DEFAULT_CONTEXT = 4096  # what the engine uses for a model that doesn't say
 MAX_UNKNOWN_CONTEXT = 131072  # the bound for a model whose trained context is unknown
@@ -134,6 +137,27 @@ class ModelManager:
                 return entry
         return None
 
+    def instances(self, model_key: str) -> list[Loaded]:
+        """The loaded instances of one model, oldest first."""
+        return sorted((e for e in self.loaded.values() if e.model.model_key == model_key),
+                      key=lambda e: e.loaded_at)
+
+    def reusable(self, model_key: str, context_length: int | None) -> Loaded | None:
+        """The oldest instance of the model that a load asking for ``context_length`` (None:
+        any) can use instead of loading another."""
+        return next((e for e in self.instances(model_key)
+                     if context_length in (None, e.instance.context_length)), None)
+
+    def check_instances(self, model_key: str) -> None:
+        """A 409 when the model has as many instances as one model may."""
+        instances = self.instances(model_key)
+        if len(instances) >= MAX_INSTANCES_PER_MODEL:
+            names = ", ".join(e.identifier for e in instances)
+            raise APIError(409, f"{model_key} is loaded {len(instances)} times, the most one "
+                           f"model may be. Use one of its instances ({names}) or unload one "
+                           "first: lms unload <identifier>", param="model",
+                           code="too_many_instances")
+
     def pending(self, model_key: str) -> asyncio.Future[Loaded] | None:
         """The load of ``model_key`` that is under way, if one is."""
         return self._loading.get(model_key)
@@ -211,6 +235,7 @@ class ModelManager:
         if identifier and identifier in self.loaded:
             raise APIError(409, f'A model with identifier "{identifier}" is already loaded.',
                            param="identifier", code="identifier_in_use")
+        self.check_instances(model.model_key)
         await self.check_fits(model, context_length)
         return model
 
@@ -259,6 +284,7 @@ class ModelManager:
         if identifier in self.loaded:
             raise APIError(409, f'A model with identifier "{identifier}" is already loaded.',
                            param="identifier", code="identifier_in_use")
+        self.check_instances(model.model_key)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Loaded] = loop.create_future()
         self._loading[model.model_key] = future
@@ -374,12 +400,16 @@ class ModelManager:
 
 
 def check_identifier(identifier: str) -> None:
-    """Identifiers show in every listing and log line: printable text of bounded length."""
+    """Identifiers show in every listing and log line: printable text of bounded length,
+    never mistaken for a linked model's name."""
     if not identifier.strip() or len(identifier) > MAX_IDENTIFIER_CHARS \
             or not identifier.isprintable():
         raise APIError(400, f"'identifier' must be 1 to {MAX_IDENTIFIER_CHARS} printable "
                        "characters, not only spaces.", param="identifier",
                        code="invalid_identifier")
+    clash = linkstore.identifier_clash(identifier)
+    if clash is not None:
+        raise APIError(400, clash, param="identifier", code="invalid_identifier")
 
 
 def load_bytes(path: Path, file_bytes: int, n_ctx: int) -> int:

@@ -6,8 +6,10 @@ name at the server, so that its requests carry that name in ``Host``. Hence, in 
 
 1. ``Host`` must be a name the server is reached by (``HostPolicy``), else 403;
 2. with an API key, every request but the greeting carries it, else 401;
-3. requests that may change state (every method but GET, HEAD, OPTIONS) are
-   ``application/json``, which a page can only send after a CORS preflight, else 415;
+3. a POST, and any other request that may change state (every method but GET, HEAD,
+   OPTIONS) and has a body, is ``application/json``, which a page can only send after a
+   CORS preflight, else 415 (a page may send a bodyless POST without one; other methods,
+   such as a ``DELETE`` without a body, always need one);
 4. a body over the limit is 413 before the application reads it.
 
 Websockets (the SDK protocol) are not bound by the same-origin policy: any page may open one
@@ -183,7 +185,7 @@ class GuardMiddleware:
             refusal = _key_refusal(headers, self._key)
             if refusal is not None:
                 return refusal
-        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS \
+        if scope["type"] == "http" and _must_be_json(scope["method"], headers) \
                 and not _is_json(headers.get(b"content-type")):
             return APIError(415, "Send the request body as JSON, with the header "
                             "'Content-Type: application/json'.", code="unsupported_media_type")
@@ -257,6 +259,14 @@ def _key_refusal(headers: dict[bytes, bytes], key: bytes) -> APIError | None:
     if not any([hmac.compare_digest(o, key) for o in offered]):
         return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
     return None
+
+
+def _must_be_json(method: str, headers: dict[bytes, bytes]) -> bool:
+    if method in SAFE_METHODS:
+        return False
+    has_body = b"transfer-encoding" in headers or \
+        headers.get(b"content-length", b"0").strip() not in (b"0", b"")
+    return method == "POST" or has_body
 
 
 def _is_json(content_type: bytes | None) -> bool:

@@ -122,6 +122,16 @@ def test_load_flag_errors(fake_server: ThreadServer, capsys) -> None:
     assert code == 1 and "No such option" in err and "Traceback" not in err
 
 
+def test_an_identifier_in_link_syntax_is_one_line_error(fake_server: ThreadServer,
+                                                        capsys) -> None:
+    code, out, err = lms(capsys, "load", "tiny-chat", "--identifier", "gpu/tiny")
+    assert code == 1 and out == ""
+    assert err.strip() == ("Error: Invalid identifier 'gpu/tiny': '/' and '..' are kept "
+                           "for linked models (LINK/model). Use another, such as 'gpu-tiny'.")
+    code, out, _ = lms(capsys, "ps", "--json")
+    assert json.loads(out) == []
+
+
 def test_status_commands(fake_server: ThreadServer, capsys) -> None:
     code, out, err = lms(capsys, "server", "status")
     assert code == 0 and f"running on port {fake_server.port}" in err and out == ""
@@ -132,8 +142,11 @@ def test_status_commands(fake_server: ThreadServer, capsys) -> None:
 
 
 def test_no_server(home: Path, capsys) -> None:
+    # as lms: `server status` exits 0 either way; scripts read "running" from --json
+    code, out, err = lms(capsys, "server", "status")
+    assert code == 0 and out == "" and "The server is not running." in err
     code, out, _ = lms(capsys, "server", "status", "--json")
-    assert json.loads(out) == {"running": False}
+    assert code == 0 and json.loads(out) == {"running": False}
     code, _, err = lms(capsys, "server", "stop")
     assert code == 1 and "The server is not running." in err
     code, out, err = lms(capsys, "ps", "--json")

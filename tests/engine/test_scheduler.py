@@ -114,6 +114,49 @@ def test_a_full_queue_refuses_more(model_file: Path) -> None:
         inst.close()
 
 
+def test_the_queue_bound_is_exact_while_slots_wait_for_room(model_file: Path) -> None:
+    """Slots can be free while requests wait: the KV pool holds a long answer and none of
+    theirs fits beside it. They count as waiting all the same (67 once waited with a queue
+    of 64, the three free slots counted as places in it)."""
+    inst = load(model_file, parallel=4, max_queue=5, context_length=64)
+    try:
+        long = Run(inst, "[[slow]] [[count: 40]] long", max_tokens=60)
+        time.sleep(0.2)
+        accepted, refused = [], 0
+        for i in range(12):  # a flood: faster than the engine looks at each
+            try:
+                accepted.append(Run(inst, f"w{i}", max_tokens=60))
+            except QueueFull:
+                refused += 1
+        time.sleep(0.2)
+        assert inst.active == 1 and inst.queued == 5
+        # those let in on the free slots' account are turned away once the engine looks
+        turned_away = [r for r in accepted if r.seen and isinstance(r.seen[0][1], Failed)]
+        assert all(r.seen[0][1].code == "queue_full" for r in turned_away)
+        assert refused + len(turned_away) == 7
+        with pytest.raises(QueueFull, match="5 requests are already waiting for tiny"):
+            Run(inst, "one more", max_tokens=60)
+        long.prediction.cancel()
+        waiting = [r for r in accepted if r not in turned_away]
+        assert [r.wait().stats.stop_reason for r in waiting] == ["eosFound"] * 5
+    finally:
+        inst.close()
+
+
+def test_free_slots_take_requests_beyond_a_smaller_queue(model_file: Path) -> None:
+    inst = load(model_file, parallel=4, max_queue=0)
+    try:
+        runs = [Run(inst, f"[[slow]] [[count: 20]] r{i}") for i in range(4)]
+        time.sleep(0.2)
+        with pytest.raises(QueueFull):
+            Run(inst, "one too many")
+        for r in runs:
+            r.prediction.cancel()
+            r.wait()
+    finally:
+        inst.close()
+
+
 def test_short_request_starts_while_a_long_answer_streams(engine4: ModelInstance) -> None:
     long = Run(engine4, "[[slow]] [[count: 60]] long")
     time.sleep(0.3)
@@ -242,3 +285,58 @@ def test_a_full_pool_ends_the_longest_stream_not_the_server(model_file: Path) ->
         assert Run(inst, "[[count: 3]] after").wait().stats.stop_reason == "eosFound"
     finally:
         inst.close()
+
+
+# -- embeddings share the step loop ---------------------------------------------------------
+
+def test_a_long_embedding_never_stalls_a_prediction(engine4: ModelInstance) -> None:
+    job = engine4.submit_embedding([f"[[slow]] text {i}" for i in range(60)])  # 3 s alone
+    time.sleep(0.2)
+    chat = Run(engine4, "[[count: 3]] hi")
+    assert chat.wait().stats.stop_reason == "eosFound"
+    # four steps (prompt, three tokens), one embedding input each: far from the 3 s
+    assert chat.first(Done) - chat.seen[0][0] < 1.0
+    assert not job.done.is_set()
+    vectors = job.result()
+    assert len(vectors) == 60 and vectors[0] == [float(len("[[slow]] text 0")), 3.0, 1.0]
+
+
+def test_embeddings_take_turns_and_a_cancelled_one_stops(engine4: ModelInstance) -> None:
+    long = engine4.submit_embedding(["[[slow]] a"] * 100)
+    short = engine4.submit_embedding(["[[slow]] b"] * 3)
+    assert len(short.result()) == 3 and not long.done.is_set()  # not behind all of long
+    long.cancel()
+    assert long.done.wait(1.0)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        long.result()
+    assert len(long.vectors) < 20
+
+
+def test_an_input_the_model_refuses_fails_its_request_only(engine4: ModelInstance) -> None:
+    bad = engine4.submit_embedding(["ok", "[[toolong]]", "never"])
+    with pytest.raises(ValueError, match="Input 1"):
+        bad.result()
+    assert engine4.embed(["fine"]) == [[4.0, 1.0, 1.0]]
+
+
+def test_waiting_embeddings_are_bounded(model_file: Path) -> None:
+    inst = load(model_file, max_queue=2)
+    try:
+        jobs = [inst.submit_embedding(["[[slow]] x"] * 20) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            inst.submit_embedding(["y"])
+        for job in jobs:
+            job.cancel()
+            job.done.wait(2)
+        assert inst.embed(["y"]) == [[1.0, 1.0, 1.0]]
+    finally:
+        inst.close()
+
+
+def test_unloading_ends_waiting_embeddings(model_file: Path) -> None:
+    inst = load(model_file)
+    job = inst.submit_embedding(["[[slow]] x"] * 100)
+    time.sleep(0.1)
+    inst.close()
+    with pytest.raises(RuntimeError, match="unloaded"):
+        job.result()

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from lmscli.engine.fake import DEFAULT_REPLY
+from lmscli.server import models as models_module
 from tests.catalog.test_fetch import FakeHub
 from tests.conftest import ThreadServer
 from tests.gguf_factory import make_gguf
@@ -157,6 +158,35 @@ def test_models_load_list_unload(fake_server: ThreadServer) -> None:
     r = post(fake_server, "/api/v1/models/load", {"model": "tiny-chat",
                                                   "context_length": 100000})
     assert r.status_code == 400 and r.json()["error"]["param"] == "context_length"
+
+
+def test_a_load_of_a_loaded_model_answers_with_it(fake_server: ThreadServer,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """As LM Studio: no new instance per call, unless another context length is asked for;
+    and a model has at most so many instances."""
+    monkeypatch.setattr(models_module, "MAX_INSTANCES_PER_MODEL", 2)
+
+    def load(**body: Any) -> httpx.Response:
+        return post(fake_server, "/api/v1/models/load", {"model": "tiny-chat"} | body)
+
+    def instances() -> list[str]:
+        listing = httpx.get(fake_server.base_url + "/api/v1/models").json()["models"]
+        tiny = next(m for m in listing if m["key"] == "tiny-chat")
+        return [i["id"] for i in tiny["loaded_instances"]]
+
+    assert load(context_length=128).json()["instance_id"] == "tiny-chat"
+    for body in ({}, {"context_length": 128}, {"flash_attention": True}):
+        again = load(**body)
+        assert again.status_code == 200 and again.json()["instance_id"] == "tiny-chat"
+    assert instances() == ["tiny-chat"]
+    assert load(context_length=64).json()["instance_id"] == "tiny-chat:2"
+    assert load(context_length=64).json()["instance_id"] == "tiny-chat:2"
+    refused = load(context_length=32)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["message"] == (
+        "tiny-chat is loaded 2 times, the most one model may be. Use one of its instances "
+        "(tiny-chat, tiny-chat:2) or unload one first: lms unload <identifier>")
+    assert instances() == ["tiny-chat", "tiny-chat:2"]
 
 
 # -- downloads ------------------------------------------------------------------------------

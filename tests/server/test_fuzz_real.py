@@ -228,6 +228,17 @@ def test_empty_or_odd_embedding_input_is_a_400_and_embeddings_still_work(
     assert ok.status_code == 200 and len(ok.json()["data"]) == 2
 
 
+@pytest.mark.parametrize("path", [*EMBED_PATHS, "/api/embed"])
+@pytest.mark.parametrize(("inputs", "limit"), [(["a"] * 2049, "2048"),
+                                               (["a" * 400_001] * 3, "1,200,000")])
+def test_embeddings_past_openais_limits_are_400s(server: ProcessServer, path: str,
+                                                 inputs: list[str], limit: str) -> None:
+    r = send(server, "POST", path, {"model": MODEL, "input": inputs})
+    assert r.status_code == 400 and limit in r.text
+    ok = send(server, "POST", path, {"model": MODEL, "input": ["a", "b"]})
+    assert ok.status_code == 200
+
+
 @pytest.mark.parametrize("context_length", [Raw("1" + "0" * 30), 2**40, 10**6, 8193])
 def test_oversized_context_lengths_are_refused_quickly(server: ProcessServer,
                                                        context_length: Any) -> None:

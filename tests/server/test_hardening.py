@@ -71,6 +71,37 @@ def test_a_looping_template_is_a_400_while_health_checks_answer(
         server.stop()
 
 
+def test_a_looping_template_holds_up_only_its_own_model(
+        fake_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # renders share the interpreter: twelve looping ones once made every other model's
+    # chats wait behind them, then fail with the same 400
+    make_gguf(fake_models / "test/loop-chat-GGUF/loop-chat.Q4_0.gguf", context_length=256,
+              chat_template=LOOPING_TEMPLATE)
+    monkeypatch.setattr(tooluse, "TEMPLATE_BUDGET_S", 1.0)
+    server = ThreadServer(FakeEngine())
+    try:
+        assert chat(server).status_code == 200  # tiny-chat loaded: its latency is a chat's
+        hostile: list[httpx.Response] = []
+        workers = [threading.Thread(target=lambda: hostile.append(post(
+            server, "/v1/chat/completions", {"model": "loop-chat", "messages": USER})))
+            for _ in range(12)]
+        for worker in workers:
+            worker.start()
+        healthy: list[tuple[int, float]] = []
+        while any(worker.is_alive() for worker in workers):
+            started = time.monotonic()
+            status = chat(server, max_tokens=4).status_code
+            healthy.append((status, time.monotonic() - started))
+        assert len(healthy) >= 3
+        assert {status for status, _ in healthy} == {200}
+        slowest = max(took for _, took in healthy)  # alone: 0.05 s; once: 2.5 s, or a 400
+        assert slowest < 1.0, f"a healthy chat took {slowest:.2f}s"
+        assert [r.status_code for r in hostile] == [400] * 12
+        assert {r.json()["error"]["code"] for r in hostile} == {"template_error"}
+    finally:
+        server.stop()
+
+
 def test_an_abandoned_non_streamed_request_stops_generating(fake_server: ThreadServer) -> None:
     # 200 slow tokens: ten seconds of generation if nobody stops it
     with pytest.raises(httpx.ReadTimeout):
@@ -139,6 +170,20 @@ def test_bad_identifiers_are_refused(fake_server: ThreadServer, identifier: str)
     r = load(fake_server, identifier=identifier)
     assert r.status_code == 400 and r.json()["error"]["param"] == "identifier"
     assert loaded(fake_server) == []
+
+
+@pytest.mark.parametrize(("identifier", "instead"), [("a/b", "a-b"), ("x..y", "x.y"),
+                                                   ("../up", ".-up")])
+def test_identifiers_that_read_as_a_linked_model_are_refused(
+        fake_server: ThreadServer, identifier: str, instead: str) -> None:
+    """``LINK/model`` names a linked model: a local "a/b" would shadow link a's model b."""
+    r = load(fake_server, identifier=identifier)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_identifier"
+    assert r.json()["error"]["message"] == (
+        f"Invalid identifier {identifier!r}: '/' and '..' are kept for linked models "
+        f"(LINK/model). Use another, such as {instead!r}.")
+    assert loaded(fake_server) == []
+    assert load(fake_server, identifier="a.b-c").status_code == 200
 
 
 def test_a_lone_surrogate_identifier_is_refused_and_listings_work(

@@ -9,10 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from lmscli.server.sdk.routes import namespaces
-from tests.conftest import ProcessServer
+from tests.conftest import ProcessServer, link_default_model
 from tests.server.test_fuzz_real import (
     ANY,
     MESSAGES,
@@ -324,3 +326,50 @@ def test_generated_frames_never_get_an_internal_error(server: ProcessServer,
     assert not failures, "\n".join(failures[:20])
     assert count >= min(EXAMPLES * 0.9, 30)  # a loaded machine gets through fewer
     assert all(e["status"] == "idle" for e in loaded)
+
+
+def test_a_flood_of_predictions_never_overfills_the_queue(
+        tmp_path_factory: pytest.TempPathFactory, default_model_file: Path) -> None:
+    """A hundred predictions sent on one websocket faster than the engine looks at them: at most
+    ``--max-queue`` ever wait (once 67 waited with 64), the rest are refused, and every
+    channel ends."""
+    home = tmp_path_factory.mktemp("flood-home")
+    link_default_model(home, default_model_file)
+    server = ProcessServer(home, None, "--parallel", "2", "--max-queue", "4")
+    try:
+        server.load_default(1024)
+        most, stop = 0, threading.Event()
+
+        def watch() -> None:
+            nonlocal most
+            while not stop.is_set():
+                loaded = httpx.get(server.base_url + "/lmscli/models/loaded").json()
+                most = max([most, *(e["queued"] for e in loaded)])
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        ends: Counter[str] = Counter()
+        with connect(f"ws://127.0.0.1:{server.port}/llm") as ws:
+            ws.send(json.dumps(AUTH))
+            assert json.loads(ws.recv(timeout=10)) == {"success": True}
+            for channel_id in range(1, 101):
+                ws.send(flood_frame(channel_id))
+            while sum(ends.values()) < 100:
+                reply = json.loads(ws.recv(timeout=120))
+                if reply.get("type") in ("channelClose", "channelError"):
+                    ends[reply["type"]] += 1
+        stop.set()
+        watcher.join(timeout=10)
+        assert most <= 4, most
+        assert ends["channelError"] > 0 and ends["channelClose"] >= 6
+    finally:
+        server.stop()
+
+
+def flood_frame(channel_id: int) -> str:
+    return json.dumps({"type": "channelCreate", "endpoint": "predict", "channelId": channel_id,
+                       "creationParameter": {
+                           "modelSpecifier": {"type": "query", "query": {"identifier": MODEL}},
+                           "history": {"messages": [{"role": "user", "content": [
+                               {"type": "text", "text": f"Count to {channel_id}."}]}]},
+                           "predictionConfigStack": {"layers": [SHORT]}}})

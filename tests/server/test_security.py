@@ -222,6 +222,20 @@ def test_posts_must_be_json(fake_server: ThreadServer) -> None:
     assert r.json()["choices"][0]["message"]["content"] == DEFAULT_REPLY
 
 
+def test_a_write_without_a_body_needs_no_content_type(fake_server: ThreadServer) -> None:
+    """A DELETE has no body to be JSON, and a page can't send one without a preflight."""
+    created = httpx.post(fake_server.base_url + "/v1/responses",
+                         json={"model": "tiny-chat", "input": "hi"}).json()
+    url = f"{fake_server.base_url}/v1/responses/{created['id']}"
+    r = httpx.delete(url)
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 200 and r.json()["deleted"] is True
+    assert httpx.delete(url).status_code == 404  # gone: not a 415 either
+    with_body = httpx.request("DELETE", url, content=b"id=1",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert with_body.status_code == 415
+
+
 def test_body_over_the_limit_is_413(fake_models: Path) -> None:
     server = ThreadServer(FakeEngine(), max_body_mb=1)
     try:

@@ -89,9 +89,15 @@ async def models_load(request: Request) -> Response:
         body.get(key, kind)  # checked; llama.cpp's defaults stand (no GPU offload here)
     echo = body.get("echo_load_config", bool, False)
     models = manager(request)
-    model = await models.check_load(name, None, context_length)
+    model = models.resolve_downloaded(name)
     started = time.perf_counter()
-    entry = await models.load(model.model_key, context_length=context_length)
+    # as LM Studio: a model that is loaded is answered with, unless the request asks for
+    # another context length; calls at once load it once
+    async with models.load_lock(model.model_key):
+        entry = models.reusable(model.model_key, context_length)
+        if entry is None:
+            await models.check_load(model.model_key, None, context_length)
+            entry = await models.load(model.model_key, context_length=context_length)
     out: dict[str, Any] = {"type": model.type, "instance_id": entry.identifier,
                            "load_time_seconds": round(time.perf_counter() - started, 3),
                            "status": "loaded"}

@@ -27,7 +27,7 @@ from lmscli.engine import PredictionStats, SamplingParams
 from lmscli.prompting.grammar import any_json_grammar
 from lmscli.server.apis import ollama_names as names
 from lmscli.server.apis.api_v1_downloads import downloads
-from lmscli.server.apis.openai_api import embed, embedding_inputs
+from lmscli.server.apis.openai_api import embedding_inputs
 from lmscli.server.apis.parsing import (
     manager,
     parse_messages,
@@ -39,6 +39,7 @@ from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request
 from lmscli.server.models import LoadDone, Loaded
 from lmscli.server.pipeline.local import start_turn
+from lmscli.server.pipeline.running import embed
 from lmscli.server.pipeline.tooluse import parse_tools
 from lmscli.server.pipeline.turns import (
     AnyTurn,
@@ -532,7 +533,7 @@ async def embed_route(request: Request) -> Response:
     body.get("truncate", bool)
     dimensions = body.integer("dimensions", low=1)
     entry, load_s = await embedding_model(request, name, body)
-    vectors = await embed(entry, texts)
+    vectors = await embed(entry, texts, request)
     if dimensions is not None and dimensions != len(vectors[0]):
         raise bad_request(f"{name} makes vectors of {len(vectors[0])} dimensions; "
                           "leave 'dimensions' out.", "dimensions")
@@ -550,7 +551,7 @@ async def embeddings(request: Request) -> Response:
     assert name is not None
     prompt = body.text("prompt", "")
     entry, _ = await embedding_model(request, name, body)
-    vector = (await embed(entry, [prompt]))[0] if prompt else []
+    vector = (await embed(entry, [prompt], request))[0] if prompt else []
     await release(request, entry, keep_alive(body))
     return JSONResponse({"embedding": vector})
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
@@ -24,10 +23,15 @@ from lmscli.server.errors import APIError, bad_request, shorten
 from lmscli.server.links.linked import v0_entry, v1_entry
 from lmscli.server.models import Loaded
 from lmscli.server.pipeline.local import Turn, model_for, start_turn
+from lmscli.server.pipeline.running import embed
 from lmscli.server.pipeline.turns import Block, Failure, Finished, Grew, Idle, Opened, TurnInput
 from lmscli.server.state import app_state
 from lmscli.server.streams import SSE_KEEPALIVE, sse, sse_stream
 
+# OpenAI's limits for one embeddings request: 2,048 inputs and 300,000 tokens (counted here
+# as characters, four to a token, so that the check costs no tokenizing)
+MAX_EMBED_INPUTS = 2048
+MAX_EMBED_CHARS = 1_200_000
 FINISH = {"eosFound": "stop", "stopStringFound": "stop", "userStopped": "stop",
           "maxPredictedTokensReached": "length", "contextLengthReached": "length",
           "toolCalls": "tool_calls", "modelUnloaded": "stop", "failed": "stop"}
@@ -224,7 +228,7 @@ async def embeddings(request: Request) -> Any:
         return forwarded
     texts = embedding_inputs(body)
     entry = await model_for(request, body)
-    vectors = await embed(entry, texts)
+    vectors = await embed(entry, texts, request)
     tokens = sum(len(t.split()) for t in texts)
     return JSONResponse({
         "object": "list", "model": entry.identifier,
@@ -234,21 +238,15 @@ async def embeddings(request: Request) -> Any:
     })
 
 
-async def embed(entry: Loaded, texts: list[str]) -> list[list[float]]:
-    """One unit vector per text; an input the model can't take is a 400."""
-    try:
-        with entry.lease():
-            return await asyncio.to_thread(entry.instance.embed, texts)
-    except ValueError as exc:  # an input longer than the context
-        raise bad_request(f"Cannot embed this input: {exc}", "input") from None
-
-
 def embedding_inputs(body: Body) -> list[str]:
     """Non-empty strings only: llama.cpp corrupts its memory on an empty input."""
     texts = body.get("input", (str, list), required=True)
     texts = [texts] if isinstance(texts, str) else texts
     if not texts:
         raise bad_request("Field 'input' must not be an empty array.", "input")
+    if len(texts) > MAX_EMBED_INPUTS:
+        raise bad_request(f"Field 'input' holds {len(texts)} inputs; one request takes at most "
+                          f"{MAX_EMBED_INPUTS}. Send them in several requests.", "input")
     for i, text in enumerate(texts):
         where = "input" if isinstance(body.data["input"], str) else f"input[{i}]"
         if not isinstance(text, str):
@@ -256,6 +254,10 @@ def embedding_inputs(body: Body) -> list[str]:
                               where)
         if not text:
             raise bad_request(f"'{where}' must not be empty: there is nothing to embed.", where)
+    if sum(map(len, texts)) > MAX_EMBED_CHARS:
+        raise bad_request(f"Field 'input' holds {sum(map(len, texts)):,} characters; one request "
+                          f"takes at most {MAX_EMBED_CHARS:,} (about 300,000 tokens). Send them "
+                          "in several requests.", "input")
     return texts
 
 

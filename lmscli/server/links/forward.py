@@ -5,6 +5,12 @@ usage and finish reasons untouched). Before the first byte reaches the client no
 lost by trying elsewhere, so a replica that cannot be reached, or drops the connection before
 answering, is skipped; once bytes flow, a failure ends the stream with an error event. A
 client that disconnects closes the upstream request, which stops the generation there.
+
+One rule for what an engine answers, on every route, relayed or translated: an error status
+is passed on with the engine's message in the caller's API's error body; an answer that is
+not the shape asked for (a proxy's HTML page, plain text, a stream to a request for a whole
+answer, a whole answer to a streamed one) is a 502 naming the link. So a caller never gets
+an engine's raw bytes as a success, nor a stream it did not ask for.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from starlette.responses import Response
 from lmscli.logbus import LogBus
 from lmscli.logbus.events import prediction_input, prediction_output
 from lmscli.server.body import Body
-from lmscli.server.errors import APIError
+from lmscli.server.errors import APIError, shorten
 from lmscli.server.links.registry import Link, Links, LinkTarget, describe, error_text
 from lmscli.server.links.upstream import SseDecoder, UpstreamReply
 from lmscli.server.streams import ClosingStream, sse, watch_disconnect
@@ -40,6 +46,18 @@ LOCAL_FIELDS = ("ttl", "get_or_load")
 # server (directly or round a ring) would otherwise forward forever.
 HOPS_HEADER = "X-Lmscli-Hops"
 MAX_HOPS = 4
+# What each path answers when whole, in words for messages, and the list its JSON holds.
+SHAPES = {"/chat/completions": ("a chat completion", "choices"),
+          "/completions": ("a text completion", "choices"),
+          "/embeddings": ("embeddings", "data")}
+STREAM_TYPE = b"text/event-stream"
+# A stream is read up to its first event before the client gets anything (so that junk is
+# still a clean 502); past this many bytes without one, it is junk.
+MAX_PEEK_BYTES = 1 << 20
+SNIPPET_CHARS = 80
+AUTH_STATUSES = (401, 403, 407)
+# A stream that begins with a comment (a keep-alive) is an event stream; its events follow.
+KEEPALIVE = object()
 
 T = TypeVar("T")
 
@@ -124,13 +142,13 @@ class Forwarder:
         bus; no replica answering, or an error answer, is an APIError, and ends the log."""
         log = LinkedLog.begin(self.bus, target, payload, completion)
         attempt = await logged(log, self.open(target, path, payload, whole=False, hops=hops))
-        status = attempt.response.status_code
-        if status >= 400:
+        error = bad_answer(attempt, path, stream=True)
+        if error is not None:
             await attempt.close()
             if log is not None:
-                completion.error = f"HTTP {status}"
+                completion.error = error.message
                 log.end(stopped=False)
-            raise refusal(attempt)
+            raise error
         return attempt, log
 
     async def _try(self, link: Link, path: str, content: bytes, whole: bool,
@@ -144,7 +162,7 @@ class Forwarder:
             if whole or response.status_code >= 400:
                 first = b"".join([chunk async for chunk in rest])
             else:
-                first = await anext(rest, b"")
+                first = await peek(rest)
         except BaseException:
             await response.aclose()
             raise
@@ -163,13 +181,16 @@ class Forwarder:
             target, path, payload, whole=not stream, hops=hops)))
         if attempt is None:
             return Response(status_code=499)  # nobody is left to read it
-        status = attempt.response.status_code
-        media_type = attempt.response.headers.get("content-type", "application/json")
-        if not stream or status >= 400:
+        error = bad_answer(attempt, path, stream)
+        if error is not None or not stream:
             await attempt.close()
             if log is not None:
-                log.whole(attempt)
-            return Response(attempt.first, status_code=status, media_type=media_type)
+                log.whole(attempt, error)
+            if error is not None:
+                raise error
+            return Response(attempt.first, status_code=attempt.response.status_code,
+                            media_type="application/json")
+        media_type = attempt.response.headers.get("content-type", "text/event-stream")
         return ClosingStream(self._relay(attempt, log), partial(end_stream, attempt, log),
                              media_type=media_type, headers={"Cache-Control": "no-cache"})
 
@@ -228,11 +249,11 @@ class LinkedLog:
         for event in self._decoder.feed(chunk):
             self.completion.feed_chunk(event)
 
-    def whole(self, attempt: Attempt) -> None:
-        with contextlib.suppress(ValueError):
+    def whole(self, attempt: Attempt, error: APIError | None) -> None:
+        if error is not None:
+            self.completion.error = error.message
+        else:
             self.completion.feed_whole(json.loads(attempt.first))
-        if attempt.response.status_code >= 400:
-            self.completion.error = f"HTTP {attempt.response.status_code}"
         self.end(stopped=False)
 
     def end(self, stopped: bool) -> None:
@@ -273,15 +294,112 @@ def next_hop(request: Request) -> int:
     return hops + 1
 
 
+async def peek(rest: AsyncIterator[bytes]) -> bytes:
+    """A stream's bytes up to the line that says what it is (see ``first_line``), or all of
+    them when it ends first, or ``MAX_PEEK_BYTES`` of junk."""
+    first = b""
+    while first_line(first) is None and len(first) <= MAX_PEEK_BYTES:
+        chunk = await anext(rest, None)
+        if chunk is None:
+            break
+        first += chunk
+    return first
+
+
+def first_line(content: bytes) -> bytes | None:
+    """The first complete line of an event stream that is neither blank nor an event's name
+    or id: a comment or the first ``data:``. None until one has arrived."""
+    *lines, _ = content.split(b"\n")
+    for raw in lines:
+        line = raw.strip()
+        if line and not line.startswith((b"event:", b"id:", b"retry:")):
+            return line
+    return None
+
+
+def bad_answer(attempt: Attempt, path: str, stream: bool) -> APIError | None:
+    """Why the upstream's answer cannot go to the caller as a success (its error status, or
+    a body that is not the shape asked for); None when it can."""
+    if attempt.response.status_code >= 400:
+        return refusal(attempt)
+    what, key = SHAPES.get(path, SHAPES["/chat/completions"])
+    data = first_event(attempt) if stream else whole_json(attempt.first)
+    if data is KEEPALIVE or (isinstance(data, dict) and isinstance(data.get(key), list)):
+        return None
+    name = attempt.link.name
+    data = data if isinstance(data, dict) else whole_json(attempt.first)
+    if isinstance(data, dict) and "error" in data:  # an error sent with a success status
+        return APIError(502, f"The linked engine {name} failed: "
+                        f"{error_text(json.dumps(data).encode(), 'no message')}",
+                        type_="server_error", code="upstream_error")
+    asked = f"{what} stream" if stream else what
+    return APIError(502, f"The linked engine {name} did not answer with {asked}; it sent "
+                    f"{sample(attempt)}", type_="server_error", code="upstream_bad_answer")
+
+
+def whole_json(content: bytes) -> Any:
+    try:
+        return json.loads(content)
+    except ValueError:
+        return None
+
+
+def first_event(attempt: Attempt) -> Any:
+    """The JSON of a stream's first event, ``KEEPALIVE`` if a comment comes first, None if
+    it is no event stream."""
+    content_type = attempt.response.headers.get("content-type", "").encode("latin-1")
+    line = first_line(attempt.first)
+    if not content_type.lower().startswith(STREAM_TYPE) or line is None:
+        return None
+    if line.startswith(b":"):
+        return KEEPALIVE
+    return whole_json(line[5:]) if line.startswith(b"data:") else None
+
+
+def sample(attempt: Attempt) -> str:
+    """What an engine sent, in a few words: status, type and the beginning of the body."""
+    response = attempt.response
+    content_type = response.headers.get("content-type", "no content type")
+    text = shorten(" ".join(attempt.first.decode("utf-8", "replace").split()), SNIPPET_CHARS)
+    return f"HTTP {response.status_code} ({content_type}): " + (f'"{text}"' if text else "nothing")
+
+
 def refusal(attempt: Attempt) -> APIError:
-    """An upstream's error answer as ours: its 4xx stays the caller's fault, anything else
-    is a bad gateway."""
-    status = attempt.response.status_code
-    return APIError(status if status < 500 else 502,
-                    f"The linked engine {attempt.link.name} refused the request: "
-                    f"{error_text(attempt.first, attempt.response.reason_phrase)}",
+    """An upstream's error status, passed on with the engine's message (and its Retry-After,
+    for a 429 or a 503): a 4xx is still the caller's fault, a 5xx the engine's."""
+    response = attempt.response
+    status = response.status_code if response.status_code < 600 else 502
+    text = error_text(attempt.first, response.reason_phrase)
+    happened = "refused the request" if status < 500 else f"failed (HTTP {status})"
+    if status in AUTH_STATUSES:  # the link's key, not the caller's: passed on, a client
+        status = 502             # would blame its own
+        happened = (f"refused this server's key (HTTP {response.status_code}; set the link's "
+                    "with lms link add … --api-key)")
+    retry = response.headers.get("retry-after")
+    return APIError(status, f"The linked engine {attempt.link.name} {happened}: {text}",
                     type_="invalid_request_error" if status < 500 else "server_error",
-                    code="upstream_error")
+                    code=error_code(attempt.first) or "upstream_error",
+                    headers={"Retry-After": retry} if retry else None)
+
+
+def error_code(content: bytes) -> str | None:
+    """The ``code`` of an OpenAI-shaped error body (clients act on some: ``link_loop``,
+    ``context_length_exceeded``)."""
+    data = whole_json(content)
+    error = data.get("error") if isinstance(data, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return shorten(code, 64) if isinstance(code, str) and code else None
+
+
+def stream_error(attempt: Attempt, completion: UpstreamReply) -> str | None:
+    """Why a stream that we translate ended badly: the connection broke, the engine sent an
+    error event, or it sent no completion chunk at all (junk after a keep-alive)."""
+    if attempt.failure or completion.error:
+        return attempt.failure or completion.error
+    if completion.chunks == 0:
+        return (f"The linked engine {attempt.link.name} ended its stream without a "
+                "completion chunk.")
+    return None
 
 
 def sse_error(message: str) -> bytes:

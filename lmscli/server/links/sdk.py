@@ -23,6 +23,7 @@ from lmscli.server.links.forward import (
     LinkedLog,
     end_stream,
     next_hop,
+    stream_error,
     until_disconnected,
     upstream_body,
 )
@@ -110,8 +111,9 @@ class LinkedPrediction:
             for event in decoder.feed(chunk):
                 for out in self._convert(event):
                     yield out
-        self.completion.error = self.attempt.failure or self.completion.error
         stopped = self._cancelled.is_set()
+        if not stopped:
+            self.completion.error = stream_error(self.attempt, self.completion)
         await self.attempt.close()
         for out in self._ending(stopped):
             yield out

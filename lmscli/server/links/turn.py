@@ -23,6 +23,7 @@ from lmscli.server.links.forward import (
     Forwarder,
     LinkedLog,
     next_hop,
+    stream_error,
     until_disconnected,
 )
 from lmscli.server.links.registry import LinkTarget
@@ -113,8 +114,8 @@ class LinkedTurn:
             # request stops the generation there
             await self.close()
             raise
-        # bytes already went out: a transport failure ends the turn with a failure
-        self.completion.error = self._attempt.failure or self.completion.error
+        # bytes may have gone out already: a failure ends the turn with a Failure event
+        self.completion.error = stream_error(self._attempt, self.completion)
         await self._attempt.close()
         for event in self._ending():
             yield event

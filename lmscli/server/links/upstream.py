@@ -68,6 +68,7 @@ class UpstreamReply:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     error: str | None = None
+    chunks: int = 0  # events shaped as completion chunks (with a ``choices`` list)
     chunks_with_text: int = 0
 
     @property
@@ -85,6 +86,7 @@ class UpstreamReply:
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
         choices = event.get("choices")
+        self.chunks += isinstance(choices, list)
         choice = choices[0] if isinstance(choices, list) and choices else None
         if not isinstance(choice, dict):
             return "", []

@@ -11,6 +11,8 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 
+from starlette.requests import Request
+
 from lmscli.engine import (
     Done,
     Event,
@@ -20,9 +22,11 @@ from lmscli.engine import (
     PredictionRequest,
     QueueFull,
 )
+from lmscli.engine.types import QUEUE_FULL
 from lmscli.logbus.events import PredictionLog, RecoveredCalls
-from lmscli.server.errors import APIError
+from lmscli.server.errors import APIError, bad_request
 from lmscli.server.models import Loaded
+from lmscli.server.streams import watch_disconnect
 
 RETRY_AFTER_S = 1  # a queue slot frees when any prediction ends: usually within seconds
 
@@ -50,9 +54,7 @@ class Running:
             self.prediction: Prediction = entry.instance.submit(request, self._put)
         except QueueFull as exc:
             self._lease.close()
-            raise APIError(503, f"The server is busy: {exc} Try again in a moment.",
-                           type_="server_error", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+            raise busy(exc) from exc
         self._first: Event | None = None
         self._closed = False
 
@@ -143,12 +145,42 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+def busy(exc: QueueFull) -> APIError:
+    return APIError(503, f"The server is busy: {exc} Try again in a moment.",
+                    type_="server_error", code="queue_full",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def embed(entry: Loaded, texts: list[str], request: Request | None = None
+                ) -> list[list[float]]:
+    """One unit vector per text, made between the model's prediction steps (one input a
+    step while it predicts); a client that leaves stops the rest. An input the model can't
+    take is a 400."""
+    with entry.lease():
+        try:
+            job = entry.instance.submit_embedding(texts)
+        except QueueFull as exc:
+            raise busy(exc) from exc
+        watcher = asyncio.create_task(watch_disconnect(request, job.cancel)) \
+            if request is not None else None
+        try:
+            return await asyncio.to_thread(job.result)
+        except ValueError as exc:  # an input longer than the context
+            raise bad_request(f"Cannot embed this input: {exc}", "input") from None
+        finally:
+            job.cancel()  # ends it if this handler was cancelled; nothing once it is done
+            if watcher is not None:
+                watcher.cancel()
+
+
 def failure(event: Failed) -> APIError:
     """A failed prediction as an HTTP error: the caller's fault (a grammar llama.cpp
     rejected) is a 400, anything else the server's."""
     if event.code == "grammar":
         return APIError(400, f"The grammar for this request was rejected: {event.message}",
                         param="response_format", code="invalid_grammar")
+    if event.code == QUEUE_FULL:  # taken, then refused: it counted on a slot with no room
+        return busy(QueueFull(event.message))
     return APIError(500, f"Prediction failed: {event.message}", type_="server_error",
                     code="prediction_failed")
 

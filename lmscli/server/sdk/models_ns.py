@@ -15,6 +15,7 @@ from lmscli.server.body import Body
 from lmscli.server.errors import shorten
 from lmscli.server.links.registry import LinkedModel, LinkTarget
 from lmscli.server.models import JitEvent, Loaded, LoadProgress, LoadStart
+from lmscli.server.pipeline.running import embed
 from lmscli.server.sdk.errors import DOMAIN_MISMATCH, NO_MODEL, SdkError
 from lmscli.server.sdk.kvconfig import collapse, load_config, load_fields
 from lmscli.server.sdk.protocol import Channel, Context
@@ -185,11 +186,7 @@ async def embed_string(ctx: Context, parameter: Any) -> dict[str, Any]:
     entry = find_instance(ctx, p.get("modelSpecifier", dict, required=True),
                           "parameter.modelSpecifier")
     text = p.text("inputString", required=True, nonempty=True)  # llama.cpp: no empty input
-    try:
-        with entry.lease():
-            (vector,) = await asyncio.to_thread(entry.instance.embed, [text])
-    except ValueError as exc:  # llama-cpp-python: an input longer than the context
-        raise SdkError(f"Cannot embed this input: {exc}") from None
+    (vector,) = await embed(entry, [text])
     return {"embedding": vector}
 
 
