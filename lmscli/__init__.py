@@ -11,13 +11,17 @@ __version__ = "0.1.0"
 
 
 # ``from lmscli import <submodule>`` asks for the attribute first: those must not load the SDK
-_SUBMODULES = {"catalog", "cli", "client", "engine", "errors", "linkstore", "logbus", "paths",
-               "prompting", "server", "serverstate"}
+_SUBMODULES = {"catalog", "cli", "client", "engine", "errors", "linkstore", "logbus",
+               "mcpservers", "paths", "prompting", "server", "serverstate"}
 
 
 def __getattr__(name: str) -> Any:
     if name.startswith("__") or name in _SUBMODULES:
         raise AttributeError(f"module 'lmscli' has no attribute {name!r}")
+    if name == "mcp":  # lms.mcp("NAME"): an MCP server's tools for act()
+        from lmscli.mcpservers import mcp
+
+        return mcp
     import lmscli.client as client
 
     try:

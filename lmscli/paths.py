@@ -52,6 +52,11 @@ def links_file() -> Path:
     return internal_dir() / "links.json"
 
 
+def mcp_file() -> Path:
+    """MCP servers, in LM Studio's (and Cursor's) mcp.json format; the user edits it too."""
+    return home() / "mcp.json"
+
+
 def server_log_file() -> Path:
     return internal_dir() / "server.log"
 

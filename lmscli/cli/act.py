@@ -7,7 +7,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +32,9 @@ def act(
                                          "(repeatable)."),
     no_builtin: bool = typer.Option(False, "--no-builtin-tools",
                                     help="Leave out the built-in toolbox."),
+    mcp: list[str] = typer.Option([], "--mcp", metavar="NAME", help="The tools of an MCP "
+                                  "server in mcp.json (repeatable; all: every one). See: "
+                                  "lms mcp ls"),
     max_rounds: int = typer.Option(10, "--max-rounds", min=1, help="At most this many "
                                    "prediction rounds; the last one gets no tools."),
     tool_choice: str = typer.Option("auto", "--tool-choice", metavar="auto|required",
@@ -51,8 +54,16 @@ def act(
     model_name, task = (args[0], args[1]) if len(args) == 2 else (None, args[0])
     approval = Approval(yes, json_)
     view = act_view.ActView(json_)
-    toolset = [view.timed(approval.guard(t))
-               for t in collect_tools(tools, tool_specs, not no_builtin)]
+    with McpTools(mcp) as servers:
+        toolset = [view.timed(approval.guard(t))
+                   for t in collect_tools(tools, tool_specs, not no_builtin, servers)]
+        run_agent(model_name, task, toolset, approval, view, max_rounds=max_rounds, ttl=ttl,
+                  yes=yes, tool_choice=tool_choice, temperature=temperature)
+
+
+def run_agent(model_name: str | None, task: str, toolset: list[Callable], approval: Approval,
+              view: act_view.ActView, *, max_rounds: int, ttl: int, yes: bool,
+              tool_choice: str, temperature: float | None) -> None:
     handle = open_agent_model(model_name, ttl, yes)
     view.start(handle.identifier, task, [t.__name__ for t in toolset])
     approval.view = view
@@ -119,7 +130,28 @@ def open_agent_model(name: str | None, ttl: int, yes: bool) -> Any:
     return steps.load_with_progress(client, choice.key, ttl)
 
 
-def collect_tools(files: list[Path], specs: list[str], builtin: bool) -> list[Callable]:
+class McpTools:
+    """The MCP servers named with --mcp, started for this run and ended with it."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.servers: list[Any] = []
+
+    def __enter__(self) -> list[Any]:
+        if self.names:
+            from lmscli.mcpservers import config
+            from lmscli.mcpservers.servers import start_all
+
+            self.servers = start_all(config.find(self.names))
+        return self.servers
+
+    def __exit__(self, *exc: object) -> None:
+        for server in self.servers:
+            server.close()
+
+
+def collect_tools(files: list[Path], specs: list[str], builtin: bool,
+                  servers: Sequence[Any] = ()) -> list[Callable]:
     from lmscli.client.toolbox import make_toolbox
 
     found: list[Callable] = make_toolbox() if builtin else []
@@ -127,8 +159,11 @@ def collect_tools(files: list[Path], specs: list[str], builtin: bool) -> list[Ca
         found += tools_from_file(path)
     for spec in specs:
         found.append(tool_from_spec(spec))
+    for server in servers:  # a name already taken gets the server's name in front
+        found += server.callables(fn.__name__ for fn in found)
     if not found:
-        raise UserInputError("No tools: give --tools or -T, or keep the built-in toolbox.")
+        raise UserInputError("No tools: give --tools, -T or --mcp, or keep the built-in "
+                             "toolbox.")
     return found
 
 

@@ -33,6 +33,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "import": ("lmscli.cli.models", "Local models", "Import a model file into lmscli"),
     "chat": ("lmscli.cli.chat", "Local models", "Start an interactive chat with a model"),
     "act": ("lmscli.cli.act", "Local models", "Run a multi-round tool-calling agent on a task"),
+    "mcp": ("lmscli.cli.mcp_cmd", "Local models", "MCP servers whose tools agents may use "
+            "(mcp.json)"),
     "launch": ("lmscli.cli.launch", "Local models", "Run a coding agent (Claude Code, Codex, "
                "OpenCode) on a local model"),
     "status": ("lmscli.cli.models", "Serve", "Prints the status of the server and the loaded "

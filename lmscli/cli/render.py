@@ -149,6 +149,20 @@ def links_table(links: list[dict[str, Any]]) -> None:
             console.out.print(f"\n{link['name']}: {link['error']}", markup=False)
 
 
+def mcp_table(servers: list[dict[str, Any]]) -> None:
+    """MCP servers and their tools; a tool that may change something is marked (asks)."""
+    rows = [["NAME", "TYPE", "RUNS", "TOOLS"]]
+    for server in servers:
+        tools = ", ".join(t["name"] + (" (asks)" if t["writes"] else "")
+                          for t in server["tools"])
+        rows.append([server["name"], server["type"], server["target"],
+                     tools or ("does not start" if server["error"] else "-")])
+    table(rows)
+    for server in servers:
+        if server["error"]:
+            console.out.print(f"\n{server['name']}: {server['error']}", markup=False)
+
+
 # -- progress ---------------------------------------------------------------------------------
 
 class PercentLine:

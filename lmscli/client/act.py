@@ -27,6 +27,21 @@ class ChatModel(Protocol):
                     tool_choice: Any = None) -> PredictionStream: ...
 
 
+def expand(tools: Iterable[Any], started: list[Any]) -> list[Any]:
+    """The tools, with each tool source (an object with ``lms_tools``, such as
+    ``lms.mcp("NAME")``) replaced by its tools, named apart from those before it. Sources
+    that were not running are added to ``started``: act() ends what it started."""
+    out: list[Any] = []
+    for tool in tools:
+        if hasattr(tool, "lms_tools"):
+            if not getattr(tool, "lms_running", True):
+                started.append(tool)
+            out += tool.lms_tools([tool_def(t).name for t in out])
+        else:
+            out.append(tool)
+    return out
+
+
 class ActLoop:
     def __init__(self, model: ChatModel, chat: Any, tools: Iterable[Any], *,
                  max_prediction_rounds: int | None, max_parallel_tool_calls: int | None,
@@ -37,12 +52,12 @@ class ActLoop:
         self.model = model
         self.chat = Chat.from_history(chat)  # the caller's chat changes only via on_message
         self.tools = {}
-        for tool in map(tool_def, tools):
-            if tool.name in self.tools:
-                raise UserInputError(f"Duplicate tool name: {tool.name}")
-            self.tools[tool.name] = tool
-        if not self.tools:
-            raise UserInputError("act() needs at least one tool.")
+        self.started: list[Any] = []  # tool sources to close when the loop ends
+        try:
+            self._add_tools(tools)
+        except BaseException:
+            self._close_started()
+            raise
         self.max_rounds = max_prediction_rounds
         self.workers = max_parallel_tool_calls
         self.config = config
@@ -52,7 +67,25 @@ class ActLoop:
     def call(self, name: str, *args: Any) -> None:
         safe_call(name, self.cb.get(name), *args)
 
+    def _add_tools(self, tools: Iterable[Any]) -> None:
+        for tool in map(tool_def, expand(tools, self.started)):
+            if tool.name in self.tools:
+                raise UserInputError(f"Duplicate tool name: {tool.name}")
+            self.tools[tool.name] = tool
+        if not self.tools:
+            raise UserInputError("act() needs at least one tool.")
+
+    def _close_started(self) -> None:
+        for source in self.started:
+            source.close()
+
     def run(self) -> ActResult:
+        try:
+            return self._rounds()
+        finally:
+            self._close_started()
+
+    def _rounds(self) -> ActResult:
         started = time.perf_counter()
         round_index = 0
         while True:
@@ -126,6 +159,8 @@ class ActLoop:
         except Exception as exc:  # the model hears about the failure and may try again
             text = self._invalid(f"Unhandled Python exception: {exc!r}", request)
             return json.dumps(text, ensure_ascii=False)
+        if isinstance(result, str) and getattr(tool.implementation, "lms_text_result", False):
+            return result  # already the text for the model (an MCP server's result)
         return json.dumps(result, ensure_ascii=False, default=str)
 
     def _invalid(self, text: str, request: dict[str, Any]) -> str:

@@ -74,6 +74,9 @@ def tool_def(tool: Any) -> ToolDef:
 
 def _from_callable(fn: Callable[..., Any]) -> ToolDef:
     name = getattr(fn, "__name__", None) or type(fn).__name__
+    schema = getattr(fn, "lms_parameters", None)
+    if isinstance(schema, dict):  # a tool that brings its own JSON schema (an MCP server's)
+        return ToolDef(name, inspect.getdoc(fn) or name, schema, fn, {})
     doc = inspect.getdoc(fn)
     if not doc:
         raise UserInputError(f"Tool {name!r} has no docstring: it is the description that "

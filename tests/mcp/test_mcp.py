@@ -1,0 +1,204 @@
+"""Tools from MCP servers: a real MCP server written with the official SDK
+(``tests/mcp/server.py``), over stdio and Streamable HTTP, through ``lms mcp``, ``lms act
+--mcp`` and ``act()`` with ``lms.mcp()``; the model is the fake engine here (the real one is
+in ``test_mcp_real.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import lmscli as lms
+from lmscli.cli.app import run
+from lmscli.mcpservers import config, servers
+from lmscli.mcpservers.config import ServerSpec
+from lmscli.mcpservers.servers import McpError, McpServer
+from tests.conftest import ThreadServer, free_port
+
+SERVER = str(Path(__file__).with_name("server.py"))
+CALL = '[TOOL_REQUEST]{{"name": "{name}", "arguments": {arguments}}}[END_TOOL_REQUEST]'
+
+
+def stdio_spec(name: str = "test", **env: str) -> ServerSpec:
+    return ServerSpec(name, sys.executable, [SERVER], dict(env))
+
+
+def lms_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = run(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def children_running(marker: str = SERVER) -> list[int]:
+    """Processes of ours (children and their children) running the test server."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if marker in cmdline and state != "Z":
+            found.append(int(pid))
+    return found
+
+
+# -- sessions -------------------------------------------------------------------------------
+
+def test_a_stdio_server_lists_calls_and_ends_with_its_session(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    with McpServer(stdio_spec(NOTES_FILE=str(notes))) as server:
+        tools = {fn.__name__: fn for fn in server.callables()}
+        assert set(tools) == {"add", "secret_word", "write_note", "fail", "crash", "nap"}
+        assert tools["add"](a=2, b=40) == "42"
+        assert tools["add"].lms_parameters["required"] == ["a", "b"]
+        # MCP's hints: read-only tools run freely, the others ask first
+        assert not tools["add"].lms_writes and tools["write_note"].lms_writes
+        assert tools["write_note"](text="hello") == "Noted."
+        assert notes.read_text() == "hello\n"
+        assert tools["fail"](reason="no").startswith("Error from test.fail:")
+        assert children_running()
+    assert not children_running()
+
+
+def test_a_crash_mid_call_is_an_error_result_not_a_hang() -> None:
+    with McpServer(stdio_spec()) as server:
+        tools = {fn.__name__: fn for fn in server.callables()}
+        started = time.monotonic()
+        assert tools["crash"]().startswith("Error: MCP server test:")
+        assert tools["add"](a=1, b=1).startswith("Error: MCP server test")
+        assert time.monotonic() - started < 10
+
+
+def test_a_call_past_the_timeout_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(servers, "CALL_TIMEOUT_S", 0.5)
+    with McpServer(stdio_spec()) as server:
+        nap = next(fn for fn in server.callables() if fn.__name__ == "nap")
+        started = time.monotonic()
+        answer = nap(seconds=5)
+        assert answer.startswith("Error: MCP server test") and "time" in answer
+        assert time.monotonic() - started < 3
+
+
+def test_a_server_that_does_not_start_is_one_line(home: Path) -> None:
+    with pytest.raises(McpError) as err:
+        McpServer(ServerSpec("broken", "no-such-program-xyz")).start()
+    assert err.value.message.startswith("MCP server broken did not start:")
+    assert "\n" not in err.value.message
+    with pytest.raises(McpError, match="did not start"):
+        McpServer(ServerSpec("quits", sys.executable, ["-c", "print('hi')"])).start()
+    # what a stdio server wrote on stderr is in its log, not over the terminal
+    assert (home / ".internal" / "mcp-quits.log").exists()
+
+
+@pytest.fixture
+def http_server() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, SERVER, "--http", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/mcp"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_a_streamable_http_server(http_server: str) -> None:
+    spec = ServerSpec("web", url=http_server, headers={"X-Test": "1"})
+    with McpServer(spec) as server:
+        add = next(fn for fn in server.callables() if fn.__name__ == "add")
+        assert add(a=20, b=22) == "42"
+
+
+def test_clashing_names_get_the_servers_name(home: Path) -> None:
+    with McpServer(stdio_spec("one")) as one, McpServer(stdio_spec("two")) as two:
+        first = [fn.__name__ for fn in one.callables()]
+        second = [fn.__name__ for fn in two.callables(first)]
+        assert "add" in first and "two_add" in second
+
+
+# -- mcp.json and lms mcp -------------------------------------------------------------------
+
+def test_lms_mcp_add_ls_rm(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = lms_cli(capsys, "mcp", "add", "calc", "--env", "A=1", "--",
+                           sys.executable, SERVER)
+    assert code == 0 and "Added the MCP server calc" in err
+    data = json.loads((home / "mcp.json").read_text())
+    assert data == {"mcpServers": {"calc": {"command": sys.executable, "args": [SERVER],
+                                            "env": {"A": "1"}}}}
+    lms_cli(capsys, "mcp", "add", "broken", "--", "no-such-program-xyz")
+    code, out, _ = lms_cli(capsys, "mcp", "ls", "--json")
+    listed = {s["name"]: s for s in json.loads(out)}
+    assert code == 0 and listed["calc"]["started"] and listed["calc"]["type"] == "stdio"
+    tools = {t["name"]: t["writes"] for t in listed["calc"]["tools"]}
+    assert tools["add"] is False and tools["write_note"] is True
+    assert not listed["broken"]["started"] and "did not start" in listed["broken"]["error"]
+    code, out, _ = lms_cli(capsys, "mcp", "ls")
+    assert code == 0 and "write_note (asks)" in out and "broken: MCP server broken" in out
+    assert lms_cli(capsys, "mcp", "rm", "broken")[0] == 0
+    assert list(json.loads((home / "mcp.json").read_text())["mcpServers"]) == ["calc"]
+    assert not children_running()
+
+
+def test_mcp_json_errors_are_one_line(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = lms_cli(capsys, "mcp", "add", "x")
+    assert code == 1 and "Give a command after -- (a stdio server) or --url" in err
+    code, _, err = lms_cli(capsys, "mcp", "rm", "nope")
+    assert code == 1 and "No MCP server called 'nope'" in err
+    (home / "mcp.json").write_text('{"mcpServers": {"bad": {"args": []}}}')
+    code, _, err = lms_cli(capsys, "mcp", "ls")
+    assert code == 1 and 'needs "command"' in err and "Traceback" not in err
+    (home / "mcp.json").write_text("{not json")
+    code, _, err = lms_cli(capsys, "mcp", "ls")
+    assert code == 1 and "Cannot read" in err
+
+
+# -- agents ---------------------------------------------------------------------------------
+
+def test_act_with_an_mcp_server_in_the_tools(fake_server: ThreadServer, home: Path) -> None:
+    config.add(stdio_spec("calc"))
+    chat = lms.Chat.from_history("[[reply: " + CALL.format(
+        name="add", arguments='{"a": 2, "b": 3}') + "]]")
+    messages: list = []
+    result = lms.llm("tiny-chat-large").act(chat, [lms.mcp("calc")], on_message=messages.append)
+    assert result.rounds == 2
+    assert messages[1].content[0]["content"] == "5"  # the server's text, as it is
+    with lms.mcp("calc") as calc:  # or started and closed by the caller
+        lms.llm("tiny-chat-large").act(chat, [calc], on_message=messages.append)
+    assert not children_running()
+
+
+def test_lms_act_mcp_asks_before_a_write_and_denies_without_a_terminal(
+        fake_server: ThreadServer, home: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes.txt"
+    config.add(stdio_spec("notes", NOTES_FILE=str(notes)))
+    task = "[[reply: " + CALL.format(name="write_note", arguments='{"text": "hi"}') + "]]"
+    code, out, _ = lms_cli(capsys, "act", "tiny-chat-large", task, "--mcp", "notes",
+                           "--no-builtin-tools", "--json")
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and "write_note" in events[0]["tools"]
+    results = [e for e in events if e["type"] == "tool_result"]
+    assert results and "Denied" in json.dumps(results[0])
+    assert not notes.exists()
+    code, out, _ = lms_cli(capsys, "act", "tiny-chat-large", task, "--mcp", "all",
+                           "--no-builtin-tools", "--json", "-y")
+    assert code == 0 and notes.read_text() == "hi\n"
+    code, _, err = lms_cli(capsys, "act", "tiny-chat-large", "hi", "--mcp", "nope")
+    assert code == 1 and "No MCP server called 'nope'" in err
+    assert not children_running()
