@@ -5,10 +5,7 @@ pull and delete, names as Ollama clients send them, and Ollama's error shape."""
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import ollama
@@ -18,9 +15,8 @@ from lmscli import catalog
 from lmscli.engine.fake import DEFAULT_REPLY
 from lmscli.server.apis.ollama_api import parse_duration
 from lmscli.server.apis.ollama_names import pull_target
-from tests.catalog.test_fetch import FakeHub
 from tests.conftest import ThreadServer
-from tests.gguf_factory import make_gguf
+from tests.server.test_api_v1 import hub  # noqa: F401  (a fixture)
 
 CALL = '[TOOL_REQUEST]{"name": "get_weather", "arguments": {"city": "Paris"}}[END_TOOL_REQUEST]'
 WEATHER = {"type": "function", "function": {
@@ -206,16 +202,8 @@ def test_embed_and_the_older_embeddings(fake_server: ThreadServer) -> None:
 
 # -- pull and delete ------------------------------------------------------------------------
 
-@pytest.fixture
-def hub(fake_server: ThreadServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
-    data = make_gguf(tmp_path / "hf" / "Tiny-Q4_K_M.gguf", n_params=20_000,
-                     file_type=15).read_bytes()
-    fake = FakeHub(tmp_path, "acme/Tiny-GGUF", {"Tiny-Q4_K_M.gguf": data})
-    monkeypatch.setitem(sys.modules, "huggingface_hub", fake.module)
-    return fake
-
-
-def test_pull_streams_ollamas_status_lines(fake_server: ThreadServer, hub: FakeHub) -> None:
+@pytest.mark.usefixtures("hub")
+def test_pull_streams_ollamas_status_lines(fake_server: ThreadServer) -> None:
     c = client(fake_server)
     before = {m.model for m in c.list().models}
     statuses = [p.status for p in c.pull("hf.co/acme/Tiny-GGUF:Q4_K_M", stream=True)]
@@ -250,8 +238,3 @@ def test_delete_removes_the_file_and_unloads(fake_server: ThreadServer,
                       headers={"Content-Type": "application/json"})
     assert r.status_code == 404 and "other-model" in r.json()["error"]
 
-
-def wait_until(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.05)
