@@ -57,8 +57,8 @@ def start_server(port: int, host: str, cors: bool = False, *, api_key: str | Non
                  allowed_hosts: Sequence[str] = (), max_body_mb: float | None = None,
                  allow_unauthenticated: bool = False, parallel: int | None = None,
                  max_queue: int | None = None, cache_ram: int | None = None,
-                 cache_dir: str | None = None,
-                 cache_disk: int | None = None) -> serverstate.ServerState:
+                 cache_dir: str | None = None, cache_disk: int | None = None,
+                 allow_local_mcp: bool = False) -> serverstate.ServerState:
     """Spawn ``python -m lmscli.server`` detached; return once it answers the greeting.
     Without ``api_key`` the server takes LMS_API_KEY (or LM_API_TOKEN) from the environment."""
     log_path = paths.server_log_file()
@@ -66,6 +66,7 @@ def start_server(port: int, host: str, cors: bool = False, *, api_key: str | Non
     cmd = [sys.executable, "-m", serverstate.SERVER_MODULE, "--host", host, "--port", str(port)]
     cmd += ["--cors"] if cors else []
     cmd += ["--allow-unauthenticated"] if allow_unauthenticated else []
+    cmd += ["--allow-local-mcp"] if allow_local_mcp else []
     cmd += [arg for h in allowed_hosts for arg in ("--allowed-host", h)]
     cmd += ["--max-body-mb", str(max_body_mb)] if max_body_mb is not None else []
     cmd += ["--parallel", str(parallel)] if parallel is not None else []

@@ -36,6 +36,10 @@ def start(
     allow_unauthenticated: bool = typer.Option(
         False, "--allow-unauthenticated", help="Allow a network --bind without an API key: "
         "anyone who can reach the port can use the server."),
+    allow_local_mcp: bool = typer.Option(
+        False, "--allow-local-mcp", help="Let /api/v1/chat's ephemeral MCP servers be at "
+        "loopback or private addresses (refused by default: a request must not reach into "
+        "this machine's network)."),
     allowed_hosts: Optional[list[str]] = typer.Option(  # noqa: UP045
         None, "--allowed-host", help="Also accept requests whose Host header names this host "
         "(repeatable; * for any). Also LMS_ALLOWED_HOSTS, comma-separated."),
@@ -79,7 +83,7 @@ def start(
         return
     options: dict[str, Any] = {"api_key": api_key, "allowed_hosts": allowed_hosts or [],
                "max_body_mb": max_body_mb, "allow_unauthenticated": allow_unauthenticated,
-               "parallel": parallel, "max_queue": max_queue,
+               "parallel": parallel, "max_queue": max_queue, "allow_local_mcp": allow_local_mcp,
                **_cache_options(cache_ram, cache_dir, cache_disk)}
     if foreground:
         from lmscli.server.run import serve

@@ -175,7 +175,7 @@ class McpServer:
             tool.input_schema or {"type": "object", "properties": {}})
         run.lms_writes = writes(tool)  # type: ignore[attr-defined]
         run.lms_text_result = True  # type: ignore[attr-defined]
-        run.lms_source = f"mcp:{self.name}"  # type: ignore[attr-defined]
+        run.lms_source_tool = tool.name  # type: ignore[attr-defined]  (before any renaming)
         return run
 
 

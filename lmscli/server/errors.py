@@ -46,9 +46,10 @@ def anthropic_body(error: APIError) -> dict[str, Any]:
 
 def rest_v1_body(error: APIError) -> dict[str, Any]:
     """LM Studio's REST v1 body: ``type`` is one of v1's (invalid_request, model_not_found,
-    job_not_found, not_implemented, internal_error)."""
+    job_not_found, not_implemented, mcp_connection_error, plugin_connection_error,
+    internal_error)."""
     if error.code in ("model_not_found", "model_not_loaded", "job_not_found",
-                      "not_implemented"):
+                      "not_implemented", "mcp_connection_error", "plugin_connection_error"):
         kind = "model_not_found" if error.code == "model_not_loaded" else error.code
     else:
         kind = "internal_error" if error.status >= 500 else "invalid_request"

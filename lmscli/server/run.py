@@ -59,7 +59,7 @@ def serve(host: str, port: int, cors: bool = False, engine_name: str | None = No
           allowed_hosts: Sequence[str] = (), max_body_mb: float = DEFAULT_MAX_BODY_MB,
           allow_unauthenticated: bool = False, parallel: int = 4, max_queue: int = 64,
           sdk_port: bool = True, cache_ram: int | None = None, cache_dir: str | None = None,
-          cache_disk: int | None = None) -> int:
+          cache_disk: int | None = None, allow_local_mcp: bool = False) -> int:
     """Serve until stopped; returns the process exit code. ``api_key`` None reads it from
     LMS_API_KEY (or LM_API_TOKEN); LMS_ALLOWED_HOSTS adds to ``allowed_hosts``. With
     ``sdk_port``, the server also listens where the lmstudio SDK looks for it."""
@@ -96,7 +96,8 @@ def serve(host: str, port: int, cors: bool = False, engine_name: str | None = No
                         max_body_mb=max_body_mb, parallel=parallel, max_queue=max_queue,
                         sdk_port=sdk_sock.getsockname()[1] if sdk_sock else None,
                         cache_ram=cache_ram, cache_dir=Path(cache_dir) if cache_dir else None,
-                        cache_disk=DEFAULT_DISK_BYTES if cache_disk is None else cache_disk)
+                        cache_disk=DEFAULT_DISK_BYTES if cache_disk is None else cache_disk,
+                        allow_local_mcp=allow_local_mcp)
     config.app = create_app(engine, settings, server)
     pid = os.getpid()
     serverstate.write_state(serverstate.ServerState(pid, host, port, time.time(),
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     # prefer LMS_API_KEY: a command line is visible to every user of the machine
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--allow-unauthenticated", action="store_true")
+    parser.add_argument("--allow-local-mcp", action="store_true")
     parser.add_argument("--allowed-host", action="append", default=[], dest="allowed_hosts")
     parser.add_argument("--max-body-mb", type=positive_mb, default=DEFAULT_MAX_BODY_MB)
     parser.add_argument("--parallel", type=bounded_int(1, 64), default=4)
@@ -158,5 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args.host, args.port, args.cors, args.engine, api_key=args.api_key,
                  allowed_hosts=args.allowed_hosts, max_body_mb=args.max_body_mb,
                  allow_unauthenticated=args.allow_unauthenticated, parallel=args.parallel,
+                 allow_local_mcp=args.allow_local_mcp,
                  max_queue=args.max_queue, sdk_port=args.sdk_port, cache_ram=args.cache_ram,
                  cache_dir=args.cache_dir, cache_disk=args.cache_disk)

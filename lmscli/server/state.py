@@ -38,6 +38,8 @@ class Settings:
     cache_ram: int | None = None  # bytes of saved prompt states in RAM; None: the default
     cache_dir: Path | None = None  # where they are also kept on disk; None: the default
     cache_disk: int = DEFAULT_DISK_BYTES  # bytes on disk; 0: not on disk
+    # /api/v1/chat's ephemeral MCP servers may be at loopback or private addresses
+    allow_local_mcp: bool = False
 
     def prompt_cache(self) -> PromptCache:
         ram = default_ram_bytes() if self.cache_ram is None else self.cache_ram

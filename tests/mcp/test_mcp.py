@@ -202,3 +202,69 @@ def test_lms_act_mcp_asks_before_a_write_and_denies_without_a_terminal(
     code, _, err = lms_cli(capsys, "act", "tiny-chat-large", "hi", "--mcp", "nope")
     assert code == 1 and "No MCP server called 'nope'" in err
     assert not children_running()
+
+
+# -- /api/v1/chat integrations ----------------------------------------------------------------
+
+ADD_CALL = "[[reply: " + CALL.format(name="add", arguments='{"a": 2, "b": 3}') + "]]"
+
+
+def v1_chat(server: ThreadServer, **body: object) -> httpx.Response:
+    return httpx.post(server.base_url + "/api/v1/chat", timeout=60,
+                      json={"model": "tiny-chat-large", "input": ADD_CALL} | body)
+
+
+def sse_kinds(response: httpx.Response) -> list[tuple[str, dict]]:
+    out = []
+    for block in response.text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_v1_chat_runs_an_mcp_json_servers_tools(fake_server: ThreadServer, home: Path) -> None:
+    config.add(stdio_spec("calc"))
+    r = v1_chat(fake_server, integrations=[{"type": "plugin", "id": "mcp/calc"}])
+    assert r.status_code == 200, r.text
+    output = r.json()["output"]
+    assert output[0] == {"type": "tool_call", "tool": "add", "arguments": {"a": 2, "b": 3},
+                         "output": "5",
+                         "provider_info": {"type": "plugin", "plugin_id": "mcp/calc"}}
+    assert output[-1]["type"] == "message" and output[-1]["content"]
+    events = sse_kinds(v1_chat(fake_server, integrations=["mcp/calc"], stream=True))
+    kinds = [k for k, _ in events]
+    assert kinds.index("tool_call.start") < kinds.index("tool_call.arguments") \
+        < kinds.index("tool_call.success") < kinds.index("message.start")
+    assert kinds[-1] == "chat.end" and events[-1][1]["result"]["output"][0]["output"] == "5"
+    # allowed_tools narrows what is offered: a call of another tool is an invalid one
+    r = v1_chat(fake_server, integrations=[{"type": "plugin", "id": "mcp/calc",
+                                            "allowed_tools": ["secret_word"]}])
+    invalid, message = r.json()["output"]
+    assert invalid["type"] == "invalid_tool_call" and message["type"] == "message"
+    assert invalid["metadata"] == {"type": "invalid_name", "tool_name": "add",
+                                   "arguments": {"a": 2, "b": 3}}
+    assert not children_running()
+
+
+def test_v1_chat_ephemeral_mcp_and_its_refusals(http_server: str, fake_models: Path) -> None:
+    from lmscli.engine.fake import FakeEngine
+
+    ephemeral = {"type": "ephemeral_mcp", "server_label": "web", "server_url": http_server}
+    strict = ThreadServer(FakeEngine())
+    try:
+        r = v1_chat(strict, integrations=[ephemeral])
+        assert r.status_code == 403 and "--allow-local-mcp" in r.json()["error"]["message"]
+    finally:
+        strict.stop()
+    local = ThreadServer(FakeEngine(), allow_local_mcp=True)
+    try:
+        r = v1_chat(local, integrations=[ephemeral])
+        assert r.status_code == 200, r.text
+        assert r.json()["output"][0]["provider_info"] == {"type": "ephemeral_mcp",
+                                                          "server_label": "web"}
+        broken = ephemeral | {"server_url": "http://127.0.0.1:9/mcp"}
+        r = v1_chat(local, integrations=[broken])
+        assert r.status_code == 400
+        assert r.json()["error"]["type"] == "mcp_connection_error"
+    finally:
+        local.stop()

@@ -112,7 +112,9 @@ def test_chat_errors_in_v1_shape(fake_server: ThreadServer) -> None:
         ({"model": "tiny-chat", "input": [{"type": "image", "data_url": "data:x"}]}, 400,
          "invalid_request"),
         ({"model": "tiny-chat", "input": "x", "integrations": ["mcp/playwright"]}, 400,
-         "not_implemented"),
+         "plugin_connection_error"),  # not in mcp.json
+        ({"model": "tiny-chat", "input": "x", "integrations": ["lmstudio/js-code-sandbox"]},
+         400, "not_implemented"),
     ]
     for body, status, kind in cases:
         r = post(fake_server, "/api/v1/chat", body)

@@ -9,6 +9,7 @@ internal_error).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -19,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmscli.engine import PromptProgress
+from lmscli.server.apis import api_v1_tools
 from lmscli.server.apis.parsing import manager, parse_messages, read_json, sampling
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request, rest_v1_body, shorten
@@ -28,12 +30,14 @@ from lmscli.server.pipeline.turns import (
     AnyTurn,
     Block,
     BlockEvent,
+    Closed,
     Failure,
     Finished,
     Grew,
     Idle,
     Opened,
     TurnInput,
+    assistant_message,
 )
 from lmscli.server.state import Kept, app_state
 from lmscli.server.streams import sse_event, sse_stream
@@ -127,10 +131,7 @@ class ChatRequest:
         if reasoning is not None and reasoning not in REASONING:
             raise bad_request(f"'reasoning' must be one of {', '.join(REASONING)}.",
                               "reasoning")
-        if body.get("integrations", list):
-            # a 4xx: the request asks for what this server lacks, the server is not at fault
-            raise APIError(400, "lmscli has no plugins or MCP servers: 'integrations' is not "
-                           "supported.", param="integrations", code="not_implemented")
+        self.sources = api_v1_tools.parse(body, app_state(request).settings.allow_local_mcp)
         self.messages = self._history(body) + [{"role": "user", "content": user_text(body)}]
         openai_body = {"messages": self.messages, "max_tokens": body.data.get(
             "max_output_tokens")} | {k: body.data[k] for k in (
@@ -188,31 +189,39 @@ def remember(request: Request, messages: list[dict[str, Any]]) -> str:
 
 async def chat(request: Request) -> Response:
     chat_request = ChatRequest(request, await read_json(request))
-    wanted = TurnInput(chat_request.messages)
-    linked = await app_state(request).linked.open_turn(request, chat_request.name, wanted,
-                                                          chat_request.params)
     reply = ChatReply(chat_request)
-    if linked is not None:
-        reply.identifier, reply.turn = linked
+    try:
+        await reply.start_tools()
+        linked = await app_state(request).linked.open_turn(
+            request, chat_request.name, reply.wanted(), chat_request.params)
+        if linked is not None:
+            reply.identifier, reply.turn = linked
+            if chat_request.stream:
+                return sse_stream(reply.events(), reply.close)
+            return JSONResponse(await reply.whole())
         if chat_request.stream:
-            return sse_stream(reply.events(), reply.close)
+            # the load and the prompt's progress are events of the stream
+            return sse_stream(reply.local_events(), reply.close)
+        async for _ in reply.load():  # a whole answer: the load's events are not sent
+            pass
+        await reply.start()
         return JSONResponse(await reply.whole())
-    if chat_request.stream:
-        # the load and the prompt's progress are events of the stream
-        return sse_stream(reply.local_events(wanted), reply.close)
-    async for _ in reply.load():  # a whole answer: the load's events are not sent
-        pass
-    await reply.start(wanted)
-    return JSONResponse(await reply.whole())
+    except BaseException:
+        await reply.close()
+        raise
+    finally:
+        if not chat_request.stream:
+            await reply.close()
 
 
-def message_items(blocks: list[Block]) -> list[dict[str, Any]]:
-    """The reply's output items: its reasoning, then its message (an empty answer is still
-    a message). v1 chat offers no client tools, so none are called."""
+def message_items(blocks: list[Block], final: bool = True) -> list[dict[str, Any]]:
+    """A round's output items: its reasoning, then its message (the last round's even when
+    empty: an answer is a message). Its tool calls become items as they run."""
     reasoning = "".join(b.text for b in blocks if b.kind == "reasoning")
     text = "".join(b.text for b in blocks if b.kind == "text")
     reasoned = [{"type": "reasoning", "content": reasoning}] if reasoning else []
-    return [*reasoned, {"type": "message", "content": text}]
+    said = [{"type": "message", "content": text}] if text or final else []
+    return [*reasoned, *said]
 
 
 def event(kind: str, **data: Any) -> bytes:
@@ -230,48 +239,114 @@ class ChatReply:
         self.identifier = ""
         self.turn: AnyTurn | None = None
         self.load_s: float | None = None
+        self.messages = list(chat_request.messages)  # grows by each round of tool calls
+        self.toolset: api_v1_tools.Toolset | None = None  # the integrations' servers
+        self.items: list[dict[str, Any]] = []  # the output of the rounds so far
+        self.rounds = 0
+        self.done_calls: dict[str, dict[str, Any]] = {}  # each call made, by name and args
+        self.output_tokens = 0  # of the rounds before this one
+        self.reasoning_tokens = 0
 
-    async def start(self, wanted: TurnInput) -> None:
+    async def start_tools(self) -> None:
+        if self.req.sources:
+            self.toolset = api_v1_tools.Toolset(self.req.sources)
+            await self.toolset.start()
+
+    def wanted(self) -> TurnInput:
+        """The next round: the conversation so far, with the tools until the last round."""
+        tools = self.toolset.openai_tools() if self.toolset else None
+        if self.rounds >= api_v1_tools.MAX_TOOL_ROUNDS:
+            tools = None
+        return TurnInput(self.messages, tools or None)
+
+    async def start(self) -> None:
         assert self.entry is not None
         self.identifier = self.entry.identifier
-        self.turn = await start_turn(self.entry, wanted, self.req.params,
+        self.turn = await start_turn(self.entry, self.wanted(), self.req.params,
                                      request=self.req.request)
 
+    async def next_round(self) -> None:
+        if self.entry is not None:
+            await self.start()
+            return
+        linked = await app_state(self.req.request).linked.open_turn(
+            self.req.request, self.req.name, self.wanted(), self.req.params)
+        assert linked is not None
+        self.identifier, self.turn = linked
+
     async def whole(self) -> dict[str, Any]:
+        while True:
+            assert self.turn is not None
+            finished = await self.turn.whole()
+            calls = self.end_round(finished)
+            if not calls:
+                return self.result(finished)
+            for block in calls:
+                await self.run_call(block)
+            await self.next_round()
+
+    def end_round(self, finished: Finished) -> list[Block]:
+        """The round's items; the calls to run, if tools may still be called."""
         assert self.turn is not None
-        return self.result(await self.turn.whole())
+        blocks = self.turn.blocks.all
+        calls = [b for b in blocks if b.kind == "call"] if self.toolset else []
+        self.items += message_items(blocks, final=not calls)
+        self.output_tokens += finished.stats.predicted_tokens
+        self.reasoning_tokens += self.turn.reasoning_tokens
+        if calls:
+            self.rounds += 1
+            self.messages.append(assistant_message(blocks))
+            if all(call_key(b) in self.done_calls for b in calls):
+                # a small model may ask for the same call again and again: it gets the
+                # result once more, and the next round no tools, so that it answers
+                self.rounds = api_v1_tools.MAX_TOOL_ROUNDS
+        return calls
+
+    async def run_call(self, block: Block) -> dict[str, Any]:
+        """The call's output item; a call made before is answered from then, not run."""
+        assert self.toolset is not None
+        item = self.done_calls.get(call_key(block))
+        if item is None:
+            item = await self.toolset.call(block.name, block.arguments)
+            self.done_calls[call_key(block)] = item
+            self.items.append(item)
+        self.messages.append(api_v1_tools.tool_message(block.call_id, item))
+        return item
 
     async def close(self) -> None:
         if self.turn is not None:
             await self.turn.close()
+        toolset, self.toolset = self.toolset, None
+        if toolset is not None:
+            await toolset.close()
 
     def result(self, finished: Finished) -> dict[str, Any]:
         assert self.turn is not None
-        stats, output = finished.stats, message_items(self.turn.blocks.all)
+        stats, output = finished.stats, self.items
         out: dict[str, Any] = {
             "model_instance_id": self.identifier,
             "output": output,
             "stats": {"input_tokens": stats.prompt_tokens,
-                      "total_output_tokens": stats.predicted_tokens,
-                      "reasoning_output_tokens": self.turn.reasoning_tokens,
+                      "total_output_tokens": self.output_tokens,
+                      "reasoning_output_tokens": self.reasoning_tokens,
                       "tokens_per_second": stats.tokens_per_second or 0.0,
                       "time_to_first_token_seconds": stats.time_to_first_token_s or 0.0}}
         if self.load_s is not None:
             out["stats"]["model_load_time_seconds"] = round(self.load_s, 3)
         if self.req.store:
             text = output[-1]["content"]
-            history = [*self.req.messages, {"role": "assistant", "content": text}]
+            history = [*self.messages, {"role": "assistant", "content": text}]
             out["response_id"] = remember(self.req.request, history)
         return out
 
-    async def local_events(self, wanted: TurnInput) -> AsyncIterator[bytes]:
+    async def local_events(self) -> AsyncIterator[bytes]:
         """A local chat's stream: the JIT load, if any, and the turn's start are in it."""
         try:
             # a name that matches no model is an error event alone: no chat starts
             async for chunk in self.load():
                 yield chunk
             yield event("prompt_processing.start")
-            await self.start(wanted)
+            await self.start()
         except APIError as exc:
             yield event("error", error=rest_v1_body(exc)["error"])
             return
@@ -291,8 +366,35 @@ class ChatReply:
             yield chunk
 
     async def _turn_events(self) -> AsyncIterator[bytes]:
+        """The rounds' events: each round's reasoning and message, its tool calls as they
+        are read and run, then the next round, until one answers without calls."""
+        while True:
+            finished: Finished | None = None
+            async for chunk in self._round_events():
+                if isinstance(chunk, Finished):
+                    finished = chunk
+                else:
+                    yield chunk
+            if finished is None:
+                return  # the round failed: its error event was sent
+            calls = self.end_round(finished)
+            if not calls:
+                if not any(i["type"] == "message" and i["content"] for i in self.items[-2:]):
+                    yield event("message.start") + event("message.end")  # still a message
+                yield event("chat.end", result=self.result(finished))
+                return
+            for block in calls:
+                yield call_event(await self.run_call(block))
+            yield event("prompt_processing.start")
+            try:
+                await self.next_round()
+            except APIError as exc:
+                yield event("error", error=rest_v1_body(exc)["error"])
+                return
+
+    async def _round_events(self) -> AsyncIterator[bytes | Finished]:
         assert self.turn is not None
-        reading, said = True, False  # the prompt is being read; a message was sent
+        reading = True  # the prompt is being read
         async for item in self.turn.stream():
             if isinstance(item, PromptProgress):
                 yield event("prompt_processing.progress", progress=item.progress)
@@ -305,11 +407,13 @@ class ChatReply:
                     500, f"Prediction failed: {item.message}", type_="server_error",
                     code="prediction_failed"))["error"])
             elif isinstance(item, Finished):
-                if not said:  # an empty answer is still a message
-                    yield event("message.start") + event("message.end")
-                yield event("chat.end", result=self.result(item))
-            elif not isinstance(item, Idle) and item.block.kind != "call":
-                said = said or item.block.kind == "text"
+                yield item
+            elif isinstance(item, Idle):
+                continue
+            elif item.block.kind == "call":
+                if isinstance(item, Closed) and self.toolset is not None:
+                    yield call_start_events(self.toolset, item.block)
+            else:
                 yield block_event(item)
 
     async def load(self) -> AsyncIterator[bytes]:
@@ -334,6 +438,28 @@ class ChatReply:
                     self.entry, self.load_s = item.entry, item.seconds
                     yield event("model_load.end", model_instance_id=item.entry.identifier,
                                 load_time_seconds=round(item.seconds, 3))
+
+
+def call_key(block: Block) -> str:
+    return json.dumps([block.name, block.arguments], sort_keys=True)
+
+
+def call_start_events(toolset: api_v1_tools.Toolset, block: Block) -> bytes:
+    """A call the model wrote: ``tool_call.start`` and ``.arguments`` (a name that was not
+    offered has only its failure, once it is run)."""
+    source = toolset.by_name.get(block.name)
+    if source is None:
+        return b""
+    info = source.provider_info
+    return event("tool_call.start", tool=block.name, provider_info=info) + event(
+        "tool_call.arguments", tool=block.name, arguments=block.arguments, provider_info=info)
+
+
+def call_event(item: dict[str, Any]) -> bytes:
+    if item["type"] == "invalid_tool_call":
+        return event("tool_call.failure", reason=item["reason"], metadata=item["metadata"])
+    return event("tool_call.success", **{k: item[k] for k in (
+        "tool", "arguments", "output", "provider_info")})
 
 
 def block_event(item: BlockEvent) -> bytes:
