@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import inspect
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ import typer
 
 from lmscli import catalog
 from lmscli.cli import act_view, connect, console, prefs, steps
+from lmscli.cli.tooling import Approval, McpTools
 from lmscli.errors import ExitCode, UserInputError
 
 ACT_SYSTEM_PROMPT = ("You are a task-focused AI agent running in the user's terminal. Use the "
@@ -130,26 +129,6 @@ def open_agent_model(name: str | None, ttl: int, yes: bool) -> Any:
     return steps.load_with_progress(client, choice.key, ttl)
 
 
-class McpTools:
-    """The MCP servers named with --mcp, started for this run and ended with it."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        self.servers: list[Any] = []
-
-    def __enter__(self) -> list[Any]:
-        if self.names:
-            from lmscli.mcpservers import config
-            from lmscli.mcpservers.servers import start_all
-
-            self.servers = start_all(config.find(self.names))
-        return self.servers
-
-    def __exit__(self, *exc: object) -> None:
-        for server in self.servers:
-            server.close()
-
-
 def collect_tools(files: list[Path], specs: list[str], builtin: bool,
                   servers: Sequence[Any] = ()) -> list[Callable]:
     from lmscli.client.toolbox import make_toolbox
@@ -196,42 +175,6 @@ def tool_from_spec(spec: str) -> Callable:
     if not callable(fn):
         raise UserInputError(f"{spec} is not a function.")
     return fn
-
-
-class Approval:
-    """Asks before a tool that writes runs: once, always for this tool, or deny."""
-
-    def __init__(self, yes: bool, json_mode: bool) -> None:
-        self.yes = yes
-        self.json_mode = json_mode
-        self.always: set[str] = set()
-        self.view: Any = None
-
-    def guard(self, fn: Callable) -> Callable:
-        if not getattr(fn, "lms_writes", False):
-            return fn
-
-        @functools.wraps(fn)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            if self.allowed(fn.__name__, kwargs):
-                return fn(*args, **kwargs)
-            return f"Denied: the user did not allow {fn.__name__} to run."
-
-        return guarded
-
-    def allowed(self, name: str, kwargs: dict[str, Any]) -> bool:
-        if self.yes or name in self.always:
-            return True
-        if not (sys.stdin.isatty() and sys.stderr.isatty()):
-            return False  # never wait for an answer nobody can give
-        if self.view:
-            self.view.pause()
-        shown = ", ".join(f"{k}={act_view.shorten(repr(v), 60)}" for k, v in kwargs.items())
-        answer = typer.prompt(f"Allow {name}({shown})? [y]es once / [a]lways / [n]o",
-                              default="n", err=True, show_default=False).strip().lower()
-        if answer.startswith("a"):
-            self.always.add(name)
-        return answer[:1] in ("y", "a")
 
 
 def register(app: typer.Typer) -> None:

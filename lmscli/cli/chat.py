@@ -8,7 +8,8 @@ from typing import Any, Optional
 import typer
 
 from lmscli import catalog
-from lmscli.cli import connect, console, render, steps
+from lmscli.cli import act_view, connect, console, render, steps
+from lmscli.cli.tooling import Approval, McpTools
 from lmscli.errors import LMSError
 
 DEFAULT_SYSTEM_PROMPT = ("You are an AI assistant running in the user's terminal. Provide "
@@ -28,22 +29,35 @@ def chat(
     ttl: int = typer.Option(3600, "--ttl", min=1, help="Unload the model after this many "
                             "idle seconds, if this command loaded it."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Assume yes: take the best match."),
+    mcp: list[str] = typer.Option([], "--mcp", metavar="NAME", help="Give the model the tools "
+                                  "of an MCP server in mcp.json (repeatable; all: every one). "
+                                  "A tool that may change something asks first."),
 ) -> None:
     """Start an interactive chat with a model"""
     piped = not sys.stdin.isatty()
+    text = None
     if prompt is not None or piped:
         text = one_shot_prompt(prompt, sys.stdin.read() if piped else None)
         if not text:
             console.error("No prompt provided for non-interactive chat.")
             return  # lms exits 0 here
+    with McpTools(mcp) as servers:
+        tool_view = act_view.ActView(False)
+        approval = Approval(False, False)
+        approval.view = tool_view
+        tools: list[Any] = []
+        for server in servers:
+            tools += [tool_view.timed(approval.guard(fn))
+                      for fn in server.callables(fn.__name__ for fn in tools)]
         handle = steps.open_model(model, ttl, yes)
-        one_shot(handle, system_prompt, text, stats)
-        return
-    from lmscli.cli.repl import ChatSession
+        if text is not None:
+            one_shot(handle, system_prompt, text, stats, tools, tool_view)
+            return
+        from lmscli.cli.repl import ChatSession
 
-    handle = steps.open_model(model, ttl, yes)
-    raise typer.Exit(ChatSession(handle, system_prompt=system_prompt, show_stats=stats,
-                                 ttl=ttl).run())
+        code = ChatSession(handle, system_prompt=system_prompt, show_stats=stats, ttl=ttl,
+                           tools=tools, tool_view=tool_view).run()
+    raise typer.Exit(code)
 
 
 def one_shot_prompt(prompt: str | None, stdin: str | None) -> str:
@@ -54,26 +68,39 @@ def one_shot_prompt(prompt: str | None, stdin: str | None) -> str:
     return (prompt if prompt is not None else piped).strip()
 
 
-def one_shot(handle: Any, system_prompt: str, text: str, show_stats: bool) -> None:
-    """Stream the answer to stdout (stats to stderr); a trailing newline always ends it."""
+def one_shot(handle: Any, system_prompt: str, text: str, show_stats: bool,
+             tools: list[Any] | None = None, tool_view: Any = None) -> None:
+    """Stream the answer to stdout (stats to stderr); a trailing newline always ends it.
+    With tools, the calls and their results show on stderr between the rounds."""
     from lmscli.client import Chat
 
     chat = Chat(system_prompt)
     chat.add_user_message(text)
-    last = ""
+    written: list[str] = [""]
+
+    def write(content: str) -> None:
+        sys.stdout.write(content)
+        sys.stdout.flush()
+        written.append(content or written[-1])
+
     try:
-        with handle.respond_stream(chat) as stream:
-            for fragment in stream:
-                sys.stdout.write(fragment.content)
-                sys.stdout.flush()
-                last = fragment.content or last
-            result = stream.result()
+        if tools:
+            rounds: list[Any] = []
+            handle.act(chat, tools, max_prediction_rounds=8, on_message=tool_view.message,
+                       on_prediction_fragment=lambda fragment, _i: write(fragment.content),
+                       on_prediction_completed=rounds.append)
+            result = rounds[-1]
+        else:
+            with handle.respond_stream(chat) as stream:
+                for fragment in stream:
+                    write(fragment.content)
+                result = stream.result()
     except LMSError as exc:
         raise LMSError(f"Error during chat: {exc.message}", hint=exc.hint) from exc
     if show_stats:
         for line in render.stats_lines(result.stats):
             console.info(line)
-    if not last.endswith("\n"):
+    if not written[-1].endswith("\n"):
         sys.stdout.write("\n")
         sys.stdout.flush()
 

@@ -29,6 +29,7 @@ SETTINGS: dict[str, tuple[str, type]] = {
     "seed": ("seed", int),
 }
 PASS_THROUGH = ("/think", "/no_think")  # sent to the model as text, as lms does
+TOOL_ROUNDS = 8  # rounds of tool calls in one reply; the last one gets no tools
 
 
 class ChatSession:
@@ -36,8 +37,11 @@ class ChatSession:
 
     def __init__(self, model: Any, *, system_prompt: str, show_stats: bool = False,
                  ttl: int = 3600, session: PromptSession | None = None,
-                 console: Any = None, load_model: Callable[[str], Any] | None = None) -> None:
+                 console: Any = None, load_model: Callable[[str], Any] | None = None,
+                 tools: list[Callable[..., Any]] | None = None, tool_view: Any = None) -> None:
         self.model = model
+        self.tools = tools or []  # an MCP server's (lms chat --mcp): replies may call them
+        self.tool_view = tool_view  # shows each call and its result (act_view.ActView)
         self.chat = Chat(system_prompt)
         self.system_prompt = system_prompt
         self.show_stats = show_stats
@@ -99,6 +103,9 @@ class ChatSession:
         return True
 
     def reply(self) -> None:
+        if self.tools:
+            self.reply_with_tools()
+            return
         view = chat_view.ReplyView(self.console)
         guard = InterruptGuard()
         stream = None
@@ -127,6 +134,46 @@ class ChatSession:
         self.last_stats = result.stats
         if self.show_stats:
             self.console.print(render.stats_summary(result.stats), style="dim", markup=False)
+
+    def reply_with_tools(self) -> None:
+        """A reply that may call tools: each round streams as a reply does, and each call
+        and its result show between the rounds."""
+        views: list[chat_view.ReplyView] = []
+        guard = InterruptGuard()
+
+        def round_start(_: int) -> None:
+            views.append(chat_view.ReplyView(self.console))
+
+        def completed(result: Any) -> None:
+            views[-1].finish()
+            self.last_stats = result.stats
+
+        def message(msg: Any) -> None:  # act() works on a copy: the session keeps its own
+            self.chat.append(msg)
+            self.tool_view.message(msg)
+
+        try:
+            with guard:
+                self.model.act(self.chat, self.tools, config=self.config,
+                               max_prediction_rounds=TOOL_ROUNDS,
+                               on_round_start=guard.wrap(round_start),
+                               on_prediction_fragment=guard.wrap(
+                                   lambda fragment, _i: views[-1].add(fragment.content)),
+                               on_prediction_completed=guard.wrap(completed),
+                               on_message=message)
+        except KeyboardInterrupt:
+            for view in views:
+                view.finish()
+            self.console.print("[red][Response stopped by user][/red]")
+            return
+        except LMSError as exc:
+            for view in views:
+                view.finish()
+            self.console.print(f"Prediction error: {exc.message}", style="red", markup=False)
+            return
+        if self.show_stats and self.last_stats is not None:
+            self.console.print(render.stats_summary(self.last_stats), style="dim",
+                               markup=False)
 
     def _keep_partial(self, text: str) -> None:
         if text.strip():

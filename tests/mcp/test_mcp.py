@@ -5,6 +5,7 @@ in ``test_mcp_real.py``)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 
 import lmscli as lms
 from lmscli.cli.app import run
+from lmscli.client import default
+from lmscli.engine.fake import DEFAULT_REPLY
 from lmscli.mcpservers import config, servers
 from lmscli.mcpservers.config import ServerSpec
 from lmscli.mcpservers.servers import McpError, McpServer
@@ -25,6 +28,12 @@ from tests.conftest import ThreadServer, free_port
 
 SERVER = str(Path(__file__).with_name("server.py"))
 CALL = '[TOOL_REQUEST]{{"name": "{name}", "arguments": {arguments}}}[END_TOOL_REQUEST]'
+
+
+@pytest.fixture(autouse=True)
+def fresh_default_client() -> None:
+    """lms.llm() talks to this test's server, not an earlier one's."""
+    default.reset_default_client()
 
 
 def stdio_spec(name: str = "test", **env: str) -> ServerSpec:
@@ -268,3 +277,44 @@ def test_v1_chat_ephemeral_mcp_and_its_refusals(http_server: str, fake_models: P
         assert r.json()["error"]["type"] == "mcp_connection_error"
     finally:
         local.stop()
+
+
+# -- lms chat --mcp -------------------------------------------------------------------------
+
+def test_lms_chat_mcp_one_shot_calls_then_answers(
+        fake_server: ThreadServer, home: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.cli.test_chat import Piped
+
+    monkeypatch.setattr("sys.stdin", Piped(""))
+    config.add(stdio_spec("calc"))
+    code, out, err = lms_cli(capsys, "chat", "tiny-chat-large", "-p", ADD_CALL, "--mcp", "calc")
+    assert code == 0, err
+    assert out.endswith(DEFAULT_REPLY + "\n")  # the answer after the call's result
+    assert "→ add" in err and "← 5" in err
+    assert not children_running()
+
+
+def test_the_chat_repl_with_mcp_tools_keeps_the_rounds(fake_server: ThreadServer,
+                                                       home: Path) -> None:
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+    from rich.console import Console
+
+    from lmscli.cli.act_view import ActView
+    from lmscli.cli.repl import SETTINGS, ChatSession, make_session
+
+    out = io.StringIO()
+    console = Console(file=out, width=100, force_terminal=False, color_system=None)
+    with McpServer(stdio_spec("calc")) as calc, create_pipe_input() as pipe:
+        pipe.send_text(ADD_CALL + "\nexit\n")
+        session = make_session([], SETTINGS, input=pipe, output=DummyOutput(),
+                               persistent=False)
+        view = ActView(False)
+        chat = ChatSession(lms.llm("tiny-chat-large"), system_prompt="Be brief.",
+                           session=session, console=console,
+                           tools=[view.timed(fn) for fn in calc.callables()], tool_view=view)
+        assert chat.run() == 0
+    roles = [m["role"] for m in chat.chat.messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant"]
+    assert DEFAULT_REPLY in out.getvalue()
