@@ -87,15 +87,24 @@ class McpServer:
         import mcp
 
         self._stop = asyncio.Event()
+        transports = [self._transport()]
+        if self.spec.url:  # an older server speaks MCP over SSE only
+            transports.append(_SseTransport(self.spec.url, self.spec.headers))
         try:
-            async with mcp.Client(self._transport(), read_timeout_seconds=CALL_TIMEOUT_S,
-                                  raise_exceptions=False) as client:
-                self._client = client
-                self.tools = await list_all(client)
-                self._ready.set()
-                await self._stop.wait()
-        except Exception as exc:
-            self._start_error = self._start_error or exc
+            for transport in transports:
+                try:
+                    async with mcp.Client(transport, read_timeout_seconds=CALL_TIMEOUT_S,
+                                          raise_exceptions=False) as client:
+                        self._client = client
+                        self.tools = await list_all(client)
+                        self._start_error = None  # an earlier transport's failure
+                        self._ready.set()
+                        await self._stop.wait()
+                        return
+                except Exception as exc:
+                    if self._ready.is_set():
+                        return  # it ran, then ended: calls now say it is not running
+                    self._start_error = self._start_error or exc
         finally:
             self._client = None
             self._ready.set()
@@ -217,6 +226,23 @@ class _HttpTransport:
         client = await self._stack.enter_async_context(httpx2.AsyncClient(headers=self.headers))
         return await self._stack.enter_async_context(streamable_http_client(self.url,
                                                                             http_client=client))
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+
+class _SseTransport:
+    """The older HTTP+SSE transport, tried when Streamable HTTP fails."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.url, self.headers = url, headers
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Any:
+        from mcp.client.sse import sse_client
+
+        return await self._stack.enter_async_context(sse_client(self.url,
+                                                                headers=self.headers))
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()

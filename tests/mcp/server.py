@@ -1,6 +1,6 @@
 """An MCP server for the tests, written with the official SDK's server side: run as
-``python tests/mcp/server.py`` (stdio) or ``… --http PORT`` (Streamable HTTP on loopback,
-which asks for ``Authorization: Bearer secret`` when started with ``--key secret``)."""
+``python tests/mcp/server.py`` (stdio), ``… --http PORT`` (Streamable HTTP on loopback, at
+/mcp) or ``… --sse PORT`` (the older HTTP+SSE transport, at /sse)."""
 
 from __future__ import annotations
 
@@ -58,5 +58,8 @@ if __name__ == "__main__":
     if "--http" in sys.argv:
         port = int(sys.argv[sys.argv.index("--http") + 1])
         server.run("streamable-http", host="127.0.0.1", port=port)
+    elif "--sse" in sys.argv:  # the older transport, at /sse
+        port = int(sys.argv[sys.argv.index("--sse") + 1])
+        server.run("sse", host="127.0.0.1", port=port)
     else:
         server.run()

@@ -5,6 +5,7 @@ in ``test_mcp_real.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -109,22 +110,37 @@ def test_a_server_that_does_not_start_is_one_line(home: Path) -> None:
     assert (home / ".internal" / "mcp-quits.log").exists()
 
 
-@pytest.fixture
-def http_server() -> Iterator[str]:
+@contextlib.contextmanager
+def served(transport: str, path: str) -> Iterator[str]:
+    """The test server over HTTP on loopback: its URL, once it answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, SERVER, "--http", str(port)],
+    proc = subprocess.Popen([sys.executable, SERVER, transport, str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/mcp"
+    url = f"http://127.0.0.1:{port}{path}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            httpx.get(url, timeout=1)
+            httpx.head(f"http://127.0.0.1:{port}/", timeout=1)
             break
         except httpx.HTTPError:
             time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def http_server() -> Iterator[str]:
+    with served("--http", "/mcp") as url:
+        yield url
+
+
+def test_an_older_sse_server_is_reached_too() -> None:
+    with served("--sse", "/sse") as url, McpServer(ServerSpec("old", url=url)) as server:
+        add = next(fn for fn in server.callables() if fn.__name__ == "add")
+        assert add(a=1, b=2) == "3"
 
 
 def test_a_streamable_http_server(http_server: str) -> None:
