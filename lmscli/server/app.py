@@ -203,6 +203,9 @@ def create_app(engine: Engine, settings: Settings | None = None,
             reaper.cancel()
             await linked.close()
             await models.unload_all()  # cancels running predictions first
+            for part in app.state.server.parts.values():  # what API modules keep running
+                if hasattr(part, "aclose"):
+                    await part.aclose()
 
     # outermost, so that its duration and status cover everything the client saw
     middleware = [Middleware(logs_http.RequestLogMiddleware, bus=logs)]

@@ -249,7 +249,8 @@ class ChatReply:
 
     async def start_tools(self) -> None:
         if self.req.sources:
-            self.toolset = api_v1_tools.Toolset(self.req.sources)
+            pool = app_state(self.req.request).part("mcp_pool", api_v1_tools.Pool)
+            self.toolset = api_v1_tools.Toolset(self.req.sources, pool)
             await self.toolset.start()
 
     def wanted(self) -> TurnInput:

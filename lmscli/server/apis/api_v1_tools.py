@@ -3,15 +3,18 @@ as LM Studio does. ``{"type": "plugin", "id": "mcp/NAME"}`` (or just ``"mcp/NAME
 server of mcp.json; ``{"type": "ephemeral_mcp", "server_label", "server_url", "headers"}`` one
 named in the request, refused at a loopback or private address unless the server was started
 with ``--allow-local-mcp`` (a request must not reach into this machine's network).
-``allowed_tools`` narrows either. Servers start for the request and end with it.
+``allowed_tools`` narrows either. mcp.json's servers start once and are kept while used; a
+request's own end with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -107,28 +110,76 @@ def check_public(url: str, where: str) -> None:
                            code="forbidden_mcp_address")
 
 
-class Toolset:
-    """The started servers of one request: their tools as OpenAI chat tools, and calls."""
+class Pool:
+    """The servers of mcp.json that requests used: started once and kept while used (a
+    server unused for IDLE_S ends at the next request, and all end with lmscli)."""
 
-    def __init__(self, sources: list[Source]) -> None:
+    IDLE_S = 600.0
+
+    def __init__(self) -> None:
+        # the entry as mcp.json has it now -> (McpServer, last used): an edited entry is a
+        # new server
+        self.running: dict[str, tuple[Any, float]] = {}
+        self.lock = asyncio.Lock()
+
+    async def get(self, spec: Any) -> Any:
+        from lmscli.mcpservers.servers import McpServer
+
+        wanted = json.dumps(dataclasses.asdict(spec), sort_keys=True)
+        async with self.lock:
+            now = time.monotonic()
+            for key, (server, used) in list(self.running.items()):
+                idle = key != wanted and now - used > self.IDLE_S
+                if idle or not server.lms_running:
+                    del self.running[key]
+                    await asyncio.to_thread(server.close)
+            server = self.running.get(wanted, (None, 0.0))[0]
+            if server is None:
+                server = await asyncio.to_thread(McpServer(spec).start)
+            self.running[wanted] = (server, now)
+            return server
+
+
+    async def aclose(self) -> None:
+        """At shutdown: every server ends (a stdio server's process too)."""
+        running, self.running = self.running, {}
+        for server, _ in running.values():
+            await asyncio.to_thread(server.close)
+
+
+class Toolset:
+    """The started servers of one request: their tools as OpenAI chat tools, and calls.
+    mcp.json's servers come from the ``pool``; a request's own (ephemeral) ones end with it."""
+
+    def __init__(self, sources: list[Source], pool: Pool) -> None:
         self.sources = sources
+        self.pool = pool
         self.by_name: dict[str, Source] = {}
 
+    async def _server(self, src: Source) -> Any:
+        from lmscli.mcpservers.servers import McpServer
+
+        if src.provider_info["type"] == "plugin":
+            return await self.pool.get(src.spec)
+        if src.public_only:
+            await asyncio.to_thread(check_public, src.spec.url, src.where)
+        server = await asyncio.to_thread(McpServer(src.spec).start)
+        src.server = server  # closed with the request
+        return server
+
     async def start(self) -> None:
-        from lmscli.mcpservers.servers import McpError, McpServer
+        from lmscli.mcpservers.servers import McpError
 
         for src in self.sources:
             try:
-                if src.public_only:
-                    await asyncio.to_thread(check_public, src.spec.url, src.where)
-                src.server = await asyncio.to_thread(McpServer(src.spec).start)
+                server = await self._server(src)
             except McpError as exc:
                 await self.close()
                 raise mcp_error(exc.message) from None
             except APIError:
                 await self.close()
                 raise
-            for fn in src.server.callables(self.by_name):
+            for fn in server.callables(self.by_name):
                 original = fn.lms_source_tool
                 if src.allowed is None or original in src.allowed:
                     src.tools[fn.__name__] = fn
