@@ -60,4 +60,4 @@ def test_v1_chat_runs_the_tool_loop_with_an_mcp_server(server: ProcessServer) ->
     # the answer after it is the model's to write: a 0.5B model often writes the call
     # again (a repeated call is answered once more, then the model gets no tools)
     assert output[-1]["type"] == "message", output
-    assert not children_running()
+    assert len(children_running()) == 1  # mcp.json's server is kept for the next request

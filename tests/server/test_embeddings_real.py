@@ -82,6 +82,7 @@ def test_a_chat_is_not_stalled_by_a_large_embedding(server: ProcessServer) -> No
     try:
         during = statistics.median(chat_seconds(server, n) for n in range(6, 11))
         assert thread.is_alive(), "the embedding ended before the chats were timed"
+        print(f"\na chat alone: {alone:.3f} s; during a 2,000-input embedding: {during:.3f} s")
         assert during <= 2 * alone, (alone, during)
     finally:
         assert conn.sock is not None

@@ -32,7 +32,7 @@ def mcp_error(message: str) -> APIError:
 
 
 @dataclass
-class Source:
+class Integration:
     """One integration: the server to start, the tools it may offer, and how output items
     name it (``provider_info``)."""
 
@@ -45,15 +45,15 @@ class Source:
     tools: dict[str, Any] = field(default_factory=dict)  # offered name -> callable
 
 
-def parse(body: Body, allow_local: bool) -> list[Source]:
+def parse(body: Body, allow_local: bool) -> list[Integration]:
     """The request's integrations, checked before anything starts."""
     raw = body.get("integrations", list, [])
     if len(raw) > MAX_INTEGRATIONS:
         raise bad_request(f"At most {MAX_INTEGRATIONS} integrations.", "integrations")
-    return [source(item, f"integrations[{i}]", allow_local) for i, item in enumerate(raw)]
+    return [integration(item, f"integrations[{i}]", allow_local) for i, item in enumerate(raw)]
 
 
-def source(item: Any, where: str, allow_local: bool) -> Source:
+def integration(item: Any, where: str, allow_local: bool) -> Integration:
     from lmscli.mcpservers import config
 
     if isinstance(item, str):
@@ -76,7 +76,7 @@ def source(item: Any, where: str, allow_local: bool) -> Source:
         except LMSError as exc:
             raise APIError(400, exc.message, param=f"{where}.id",
                            code="plugin_connection_error") from None
-        return Source(spec, names, {"type": "plugin", "plugin_id": plugin})
+        return Integration(spec, names, {"type": "plugin", "plugin_id": plugin})
     if kind != "ephemeral_mcp":
         raise bad_request(f"'{where}.type' must be plugin or ephemeral_mcp.", f"{where}.type")
     label = entry.text("server_label", required=True, max_chars=64) or ""
@@ -89,7 +89,7 @@ def source(item: Any, where: str, allow_local: bool) -> Source:
         config.check_name(label)
     except LMSError as exc:
         raise bad_request(exc.message.replace("mcpServers.", f"{where}: "), where) from None
-    return Source(spec, names, {"type": "ephemeral_mcp", "server_label": label}, where,
+    return Integration(spec, names, {"type": "ephemeral_mcp", "server_label": label}, where,
                   public_only=not allow_local)
 
 
@@ -151,12 +151,12 @@ class Toolset:
     """The started servers of one request: their tools as OpenAI chat tools, and calls.
     mcp.json's servers come from the ``pool``; a request's own (ephemeral) ones end with it."""
 
-    def __init__(self, sources: list[Source], pool: Pool) -> None:
+    def __init__(self, sources: list[Integration], pool: Pool) -> None:
         self.sources = sources
         self.pool = pool
-        self.by_name: dict[str, Source] = {}
+        self.by_name: dict[str, Integration] = {}
 
-    async def _server(self, src: Source) -> Any:
+    async def _server(self, src: Integration) -> Any:
         from lmscli.mcpservers.servers import McpServer
 
         if src.provider_info["type"] == "plugin":
