@@ -89,7 +89,7 @@ class McpServer:
         self._stop = asyncio.Event()
         transports = [self._transport()]
         if self.spec.url:  # an older server speaks MCP over SSE only
-            transports.append(_SseTransport(self.spec.url, self.spec.headers))
+            transports.append(_SseTransport(self.spec))
         try:
             for transport in transports:
                 try:
@@ -115,7 +115,7 @@ class McpServer:
             return _StdioTransport(spec)
         if not spec.headers:
             return spec.url
-        return _HttpTransport(spec.url or "", spec.headers)
+        return _HttpTransport(spec)
 
     def call(self, tool: str, arguments: dict[str, Any]) -> str:
         """The tool's result as text for the model; an error result starts with "Error"."""
@@ -188,64 +188,61 @@ class McpServer:
         return run
 
 
-class _StdioTransport:
-    """A stdio server's process, with this environment plus what mcp.json gives it; what it
-    writes on stderr goes to its log (``.internal/mcp-NAME.log``), not over the terminal."""
+class _Transport:
+    """The streams of one connection, opened on entry and closed on exit, as the SDK's
+    ``Client`` takes a transport. Subclasses say how they open (``_open``)."""
 
     def __init__(self, spec: ServerSpec) -> None:
         self.spec = spec
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Any:
+        return await self._open(self._stack)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> Any:
+        raise NotImplementedError
+
+
+class _StdioTransport(_Transport):
+    """A stdio server's process, with this environment plus what mcp.json gives it; what it
+    writes on stderr goes to its log (``.internal/mcp-NAME.log``), not over the terminal."""
+
+    async def _open(self, stack: contextlib.AsyncExitStack) -> Any:
         import mcp
         from mcp.client.stdio import stdio_client
 
         log = log_file(self.spec.name)
         log.parent.mkdir(parents=True, exist_ok=True)
-        errlog = self._stack.enter_context(open(log, "a", encoding="utf-8"))  # noqa: SIM115
+        errlog = stack.enter_context(open(log, "a", encoding="utf-8"))  # noqa: SIM115
         params = mcp.StdioServerParameters(command=self.spec.command or "",
                                            args=self.spec.args,
                                            env={**os.environ, **self.spec.env})
-        return await self._stack.enter_async_context(stdio_client(params, errlog=errlog))
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
+        return await stack.enter_async_context(stdio_client(params, errlog=errlog))
 
 
-class _HttpTransport:
+class _HttpTransport(_Transport):
     """A Streamable HTTP connection with the headers mcp.json gives (a key, usually)."""
 
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
-        self.url, self.headers = url, headers
-        self._stack = contextlib.AsyncExitStack()
-
-    async def __aenter__(self) -> Any:
+    async def _open(self, stack: contextlib.AsyncExitStack) -> Any:
         import httpx2
         from mcp.client.streamable_http import streamable_http_client
 
-        client = await self._stack.enter_async_context(httpx2.AsyncClient(headers=self.headers))
-        return await self._stack.enter_async_context(streamable_http_client(self.url,
-                                                                            http_client=client))
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
+        client = await stack.enter_async_context(httpx2.AsyncClient(headers=self.spec.headers))
+        return await stack.enter_async_context(streamable_http_client(self.spec.url or "",
+                                                                      http_client=client))
 
 
-class _SseTransport:
+class _SseTransport(_Transport):
     """The older HTTP+SSE transport, tried when Streamable HTTP fails."""
 
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
-        self.url, self.headers = url, headers
-        self._stack = contextlib.AsyncExitStack()
-
-    async def __aenter__(self) -> Any:
+    async def _open(self, stack: contextlib.AsyncExitStack) -> Any:
         from mcp.client.sse import sse_client
 
-        return await self._stack.enter_async_context(sse_client(self.url,
-                                                                headers=self.headers))
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
+        return await stack.enter_async_context(sse_client(self.spec.url or "",
+                                                          headers=self.spec.headers))
 
 
 def log_file(name: str) -> Path:
