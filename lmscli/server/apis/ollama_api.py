@@ -15,7 +15,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,7 +27,7 @@ from lmscli.engine import PredictionStats, SamplingParams
 from lmscli.prompting.grammar import any_json_grammar
 from lmscli.server.apis import ollama_names as names
 from lmscli.server.apis.api_v1_downloads import downloads
-from lmscli.server.apis.openai_api import embedding_inputs
+from lmscli.server.apis.openai_api import embedding_inputs, input_tokens
 from lmscli.server.apis.parsing import (
     manager,
     parse_messages,
@@ -51,7 +51,7 @@ from lmscli.server.pipeline.turns import (
     TurnInput,
 )
 from lmscli.server.state import app_state
-from lmscli.server.streams import ndjson, ndjson_stream
+from lmscli.server.streams import ndjson, ndjson_lines, ndjson_stream
 
 log = logging.getLogger("lmscli.server")
 
@@ -63,7 +63,7 @@ FOREVER = datetime(2318, 1, 1, tzinfo=timezone.utc)
 # sampling options Ollama clients send that map onto the engine's; the rest (num_gpu,
 # num_thread, mirostat, …) are ignored, as Ollama ignores options a runner lacks
 OPTIONS = ("temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty",
-           "presence_penalty", "frequency_penalty", "stop")
+           "presence_penalty", "frequency_penalty", "stop", "num_predict")
 DONE_REASON = {"maxPredictedTokensReached": "length", "contextLengthReached": "length"}
 PULL_POLL_S = 0.25
 
@@ -263,13 +263,12 @@ async def release(request: Request, entry: Loaded, seconds: float | None) -> boo
 
 # -- the model a request names, loaded ------------------------------------------------------
 
-async def loaded_model(request: Request, name: str, body: Body,
+async def loaded_model(request: Request, name: str, seconds: float | None,
                        context_length: int | None) -> tuple[Loaded, float]:
-    """The local model ``name`` resolves to, loaded just in time (with ``num_ctx``), and
-    how long its load took."""
+    """The local model ``name`` resolves to, loaded just in time (with ``num_ctx``) and
+    kept for ``seconds`` (keep_alive), and how long its load took."""
     models = manager(request)
     key = names.local_key(models, name)
-    seconds = keep_alive(body)
     ttl = seconds if seconds is not None and seconds > 0 else None
     entry, load_s = None, 0.0
     async with contextlib.aclosing(models.get_or_load_events(
@@ -287,15 +286,9 @@ async def loaded_model(request: Request, name: str, body: Body,
 def options(body: Body) -> tuple[SamplingParams, int | None]:
     """Ollama's ``options`` as sampling parameters, and ``num_ctx``."""
     raw = body.get("options", dict, {})
-    opts = Body(raw, "options")
     flat = {key: raw[key] for key in OPTIONS if key in raw}
-    params = sampling(Body(flat, "options"))
-    limit = opts.integer("num_predict", high=2**31 - 1)
-    if limit == 0:
-        raise bad_request("options.num_predict must be at least 1 (or -1 for no limit).",
-                          "options.num_predict")
-    params.max_tokens = None if limit is None or limit < 0 else limit
-    return params, opts.integer("num_ctx", low=1, high=2**31 - 1)
+    params = sampling(Body(flat, "options"), limit_key="num_predict")
+    return params, Body(raw, "options").integer("num_ctx", low=1, high=2**31 - 1)
 
 
 def format_grammar(body: Body) -> str | None:
@@ -409,7 +402,8 @@ async def generate(request: Request) -> Response:
     return await predict(request, generate_input, chat=False)
 
 
-async def predict(request: Request, parse: Any, *, chat: bool) -> Response:
+async def predict(request: Request, parse: Callable[[Body], TurnInput | None], *,
+                  chat: bool) -> Response:
     """Everything is checked before a load: a bad field shouldn't cost one."""
     started = time.perf_counter()
     body = await read_json(request)
@@ -428,7 +422,7 @@ async def predict(request: Request, parse: Any, *, chat: bool) -> Response:
         assert turn is not None
         reply.turn = turn[1]
     else:
-        entry, reply.load_s = await loaded_model(request, name, body, num_ctx)
+        entry, reply.load_s = await loaded_model(request, name, seconds, num_ctx)
         if wanted is None:  # a load (or, with keep_alive 0, an unload)
             unloaded = await release(request, entry, seconds)
             return JSONResponse(reply.loaded("unload" if unloaded else "load"))
@@ -532,16 +526,17 @@ async def embed_route(request: Request) -> Response:
     texts = embedding_inputs(body)
     body.get("truncate", bool)
     dimensions = body.integer("dimensions", low=1)
-    entry, load_s = await embedding_model(request, name, body)
+    seconds = keep_alive(body)
+    entry, load_s = await embedding_model(request, name, seconds)
     vectors = await embed(entry, texts, request)
     if dimensions is not None and dimensions != len(vectors[0]):
         raise bad_request(f"{name} makes vectors of {len(vectors[0])} dimensions; "
                           "leave 'dimensions' out.", "dimensions")
-    await release(request, entry, keep_alive(body))
+    await release(request, entry, seconds)
     return JSONResponse({"model": name, "embeddings": vectors,
                          "total_duration": ns(time.perf_counter() - started),
                          "load_duration": ns(load_s),
-                         "prompt_eval_count": sum(len(t.split()) for t in texts)})
+                         "prompt_eval_count": input_tokens(texts)})
 
 
 async def embeddings(request: Request) -> Response:
@@ -550,17 +545,19 @@ async def embeddings(request: Request) -> Response:
     name = body.text("model", required=True, nonempty=True, max_chars=1000)
     assert name is not None
     prompt = body.text("prompt", "")
-    entry, _ = await embedding_model(request, name, body)
+    seconds = keep_alive(body)
+    entry, _ = await embedding_model(request, name, seconds)
     vector = (await embed(entry, [prompt], request))[0] if prompt else []
-    await release(request, entry, keep_alive(body))
+    await release(request, entry, seconds)
     return JSONResponse({"embedding": vector})
 
 
-async def embedding_model(request: Request, name: str, body: Body) -> tuple[Loaded, float]:
+async def embedding_model(request: Request, name: str, seconds: float | None
+                          ) -> tuple[Loaded, float]:
     if names.linked(app_state(request).linked, name) is not None:
         raise bad_request(f"{name} is served by a linked engine: ask /v1/embeddings for its "
                           "embeddings.", "model")
-    return await loaded_model(request, name, body, None)
+    return await loaded_model(request, name, seconds, None)
 
 
 # -- pull and delete --------------------------------------------------------------------------
@@ -577,7 +574,7 @@ async def pull(request: Request) -> Response:
         if job.status == "failed":
             raise APIError(502, job.error or "the download failed", type_="server_error")
         return JSONResponse({"status": "success"})
-    return ndjson_stream(pull_lines(job), _nothing)
+    return ndjson_lines(pull_lines(job))  # a pull goes on when its client leaves
 
 
 async def pull_lines(job: Any) -> AsyncIterator[bytes]:
@@ -597,10 +594,6 @@ async def pull_lines(job: Any) -> AsyncIterator[bytes]:
         return
     for status in ("verifying sha256 digest", "writing manifest", "success"):
         yield ndjson({"status": status})
-
-
-async def _nothing() -> None:
-    """A pull goes on when its client leaves, as Ollama's does."""
 
 
 async def delete(request: Request) -> Response:

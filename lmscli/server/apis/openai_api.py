@@ -229,13 +229,19 @@ async def embeddings(request: Request) -> Any:
     texts = embedding_inputs(body)
     entry = await model_for(request, body)
     vectors = await embed(entry, texts, request)
-    tokens = sum(len(t.split()) for t in texts)
+    tokens = input_tokens(texts)
     return JSONResponse({
         "object": "list", "model": entry.identifier,
         "data": [{"object": "embedding", "index": i, "embedding": v}
                  for i, v in enumerate(vectors)],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     })
+
+
+def input_tokens(texts: list[str]) -> int:
+    """What embeddings report as the inputs' tokens: their words, which the engine doesn't
+    count for embeddings."""
+    return sum(len(t.split()) for t in texts)
 
 
 def embedding_inputs(body: Body) -> list[str]:
@@ -254,8 +260,9 @@ def embedding_inputs(body: Body) -> list[str]:
                               where)
         if not text:
             raise bad_request(f"'{where}' must not be empty: there is nothing to embed.", where)
-    if sum(map(len, texts)) > MAX_EMBED_CHARS:
-        raise bad_request(f"Field 'input' holds {sum(map(len, texts)):,} characters; one request "
+    chars = sum(map(len, texts))
+    if chars > MAX_EMBED_CHARS:
+        raise bad_request(f"Field 'input' holds {chars:,} characters; one request "
                           f"takes at most {MAX_EMBED_CHARS:,} (about 300,000 tokens). Send them "
                           "in several requests.", "input")
     return texts

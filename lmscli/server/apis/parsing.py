@@ -74,7 +74,8 @@ def max_tokens(body: Body, key: str | None = None) -> int | None:
         key = "max_completion_tokens" if "max_completion_tokens" in body.data else "max_tokens"
     value = body.integer(key, high=INT32_MAX)
     if value == 0:
-        raise bad_request(f"'{key}' must be at least 1 (or -1 for no limit).", key)
+        where = f"{body.prefix}.{key}" if body.prefix else key
+        raise bad_request(f"'{where}' must be at least 1 (or -1 for no limit).", where)
     return None if value is None or value < 0 else value
 
 
