@@ -191,27 +191,33 @@ async def chat(request: Request) -> Response:
     chat_request = ChatRequest(request, await read_json(request))
     reply = ChatReply(chat_request)
     try:
-        await reply.start_tools()
-        linked = await app_state(request).linked.open_turn(
-            request, chat_request.name, reply.wanted(), chat_request.params)
-        if linked is not None:
-            reply.identifier, reply.turn = linked
-            if chat_request.stream:
-                return sse_stream(reply.events(), reply.close)
-            return JSONResponse(await reply.whole())
-        if chat_request.stream:
-            # the load and the prompt's progress are events of the stream
-            return sse_stream(reply.local_events(), reply.close)
-        async for _ in reply.load():  # a whole answer: the load's events are not sent
-            pass
-        await reply.start()
-        return JSONResponse(await reply.whole())
+        response = await answer(reply)
     except BaseException:
         await reply.close()
         raise
-    finally:
-        if not chat_request.stream:
-            await reply.close()
+    if not chat_request.stream:  # a stream closes the reply once it has been sent
+        await reply.close()
+    return response
+
+
+async def answer(reply: ChatReply) -> Response:
+    """The chat's answer, whole or as a stream, on a linked or local model."""
+    chat_request, request = reply.req, reply.req.request
+    await reply.start_tools()
+    linked = await app_state(request).linked.open_turn(
+        request, chat_request.name, reply.wanted(), chat_request.params)
+    if linked is not None:
+        reply.identifier, reply.turn = linked
+        if chat_request.stream:
+            return sse_stream(reply.events(), reply.close)
+        return JSONResponse(await reply.whole())
+    if chat_request.stream:
+        # the load and the prompt's progress are events of the stream
+        return sse_stream(reply.local_events(), reply.close)
+    async for _ in reply.load():  # a whole answer: the load's events are not sent
+        pass
+    await reply.start()
+    return JSONResponse(await reply.whole())
 
 
 def message_items(blocks: list[Block], final: bool = True) -> list[dict[str, Any]]:
@@ -380,7 +386,7 @@ class ChatReply:
                 return  # the round failed: its error event was sent
             calls = self.end_round(finished)
             if not calls:
-                if not any(i["type"] == "message" and i["content"] for i in self.items[-2:]):
+                if not self.items[-1]["content"]:  # the last round's message: none was sent
                     yield event("message.start") + event("message.end")  # still a message
                 yield event("chat.end", result=self.result(finished))
                 return
