@@ -46,9 +46,10 @@ class McpServer:
         self.name = spec.name
         self.tools: list[Any] = []  # the SDK's Tool listings
         self._client: Any = None
+        # a session's own loop and thread, made by each start: a closed server can start
+        # again (lms.mcp("NAME") given to act() twice)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name=f"mcp-{spec.name}")
+        self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
         self._session: concurrent.futures.Future[None] | None = None
         self._ready = threading.Event()  # the session is up, or failed to come up
@@ -64,8 +65,13 @@ class McpServer:
     # -- the session ------------------------------------------------------------------------
 
     def start(self) -> McpServer:
-        if self._session is not None:
+        if self.lms_running:
             return self
+        if self._thread is not None:  # it ran before and was closed
+            self._loop = asyncio.new_event_loop()
+        self._ready, self._start_error = threading.Event(), None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name=f"mcp-{self.name}")
         self._thread.start()
         _open_servers.add(self)
         self._session = asyncio.run_coroutine_threadsafe(self._serve(), self._loop)
@@ -134,9 +140,11 @@ class McpServer:
             self._loop.call_soon_threadsafe(self._stop.set)
             with contextlib.suppress(Exception):
                 self._session.result(timeout=CLOSE_TIMEOUT_S)
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=CLOSE_TIMEOUT_S)
+            if not self._thread.is_alive():
+                self._loop.close()
 
     def _wait(self, work: Any, timeout: float) -> Any:
         """Run ``work`` on the session's loop and wait for it; any failure is one line."""

@@ -206,6 +206,12 @@ def test_act_with_an_mcp_server_in_the_tools(fake_server: ThreadServer, home: Pa
     with lms.mcp("calc") as calc:  # or started and closed by the caller
         lms.llm("tiny-chat-large").act(chat, [calc], on_message=messages.append)
     assert not children_running()
+    again = lms.mcp("calc")  # a server act() ended starts again for the next act()
+    for _ in range(2):
+        messages.clear()
+        lms.llm("tiny-chat-large").act(chat, [again], on_message=messages.append)
+        assert messages[1].content[0]["content"] == "5"
+    assert not children_running()
 
 
 def test_lms_act_mcp_asks_before_a_write_and_denies_without_a_terminal(
