@@ -9,7 +9,7 @@ import typer
 
 from lmscli import catalog
 from lmscli.cli import act_view, connect, console, render, steps
-from lmscli.cli.tooling import Approval, McpTools
+from lmscli.cli.tooling import TOOL_ROUNDS, Approval, McpTools
 from lmscli.errors import LMSError
 
 DEFAULT_SYSTEM_PROMPT = ("You are an AI assistant running in the user's terminal. Provide "
@@ -86,7 +86,8 @@ def one_shot(handle: Any, system_prompt: str, text: str, show_stats: bool,
     try:
         if tools:
             rounds: list[Any] = []
-            handle.act(chat, tools, max_prediction_rounds=8, on_message=tool_view.message,
+            handle.act(chat, tools, max_prediction_rounds=TOOL_ROUNDS,
+                       on_message=tool_view.message,
                        on_prediction_fragment=lambda fragment, _i: write(fragment.content),
                        on_prediction_completed=rounds.append)
             result = rounds[-1]

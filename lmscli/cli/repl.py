@@ -18,6 +18,7 @@ from prompt_toolkit.key_binding import KeyBindings
 from lmscli import catalog, paths
 from lmscli.cli import chat_view, render, steps
 from lmscli.cli import console as cli_console
+from lmscli.cli.tooling import TOOL_ROUNDS
 from lmscli.client import Chat
 from lmscli.errors import LMSError
 
@@ -29,7 +30,6 @@ SETTINGS: dict[str, tuple[str, type]] = {
     "seed": ("seed", int),
 }
 PASS_THROUGH = ("/think", "/no_think")  # sent to the model as text, as lms does
-TOOL_ROUNDS = 8  # rounds of tool calls in one reply; the last one gets no tools
 
 
 class ChatSession:

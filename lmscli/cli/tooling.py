@@ -12,6 +12,8 @@ import typer
 
 from lmscli.cli import act_view
 
+TOOL_ROUNDS = 8  # rounds of tool calls in one chat reply; the last one gets no tools
+
 
 class McpTools:
     """The MCP servers named with --mcp, started for this run and ended with it."""

@@ -423,9 +423,8 @@ class ModelInstance:
         """Refuse the newest requests beyond the queue: they came in counting on free slots
         that take nobody until the KV pool has room (``submit`` knows that only from now)."""
         while len(self._waiting) > self.max_queue:
-            with self._lock:
-                message = self._queue_full_message()
-            self._fail_waiting(self._waiting.pop(), Failed(message, code=QUEUE_FULL))
+            self._fail_waiting(self._waiting.pop(),
+                               Failed(self._queue_full_message(), code=QUEUE_FULL))
 
     def _queue_full_message(self) -> str:
         return f"{self.max_queue} requests are already waiting for {self.spec.model_key}."
