@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,63 +44,62 @@ def loaded(server: ThreadServer) -> list[dict[str, Any]]:
 
 # -- freezes ---------------------------------------------------------------------------------
 
-def test_a_looping_template_is_a_400_while_health_checks_answer(
-        fake_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def looping_server(fake_models: Path, monkeypatch: pytest.MonkeyPatch
+                   ) -> Iterator[ThreadServer]:
+    """A server with loop-chat, whose template loops, and a 1 s render budget."""
     make_gguf(fake_models / "test/loop-chat-GGUF/loop-chat.Q4_0.gguf", context_length=256,
               chat_template=LOOPING_TEMPLATE)
     monkeypatch.setattr(tooluse, "TEMPLATE_BUDGET_S", 1.0)
     server = ThreadServer(FakeEngine())
-    try:
-        answer: list[httpx.Response] = []
-        started = time.monotonic()
-        worker = threading.Thread(target=lambda: answer.append(post(
-            server, "/v1/chat/completions", {"model": "loop-chat", "messages": USER})))
-        worker.start()
-        slowest = 0.0
-        while worker.is_alive():
-            t = time.monotonic()
-            assert httpx.get(server.base_url + "/lmstudio-greeting", timeout=5).status_code == 200
-            slowest = max(slowest, time.monotonic() - t)
-            time.sleep(0.05)
-        took = time.monotonic() - started
-        assert slowest < 0.5, f"a health check waited {slowest:.2f}s"
-        assert answer[0].status_code == 400
-        assert answer[0].json()["error"]["code"] == "template_error"
-        assert 0.9 < took < 4
-        assert chat(server).status_code == 200  # other models are unaffected
-    finally:
-        server.stop()
+    yield server
+    server.stop()
 
 
-def test_a_looping_template_holds_up_only_its_own_model(
-        fake_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_looping_template_is_a_400_while_health_checks_answer(
+        looping_server: ThreadServer) -> None:
+    server = looping_server
+    answer: list[httpx.Response] = []
+    started = time.monotonic()
+    worker = threading.Thread(target=lambda: answer.append(post(
+        server, "/v1/chat/completions", {"model": "loop-chat", "messages": USER})))
+    worker.start()
+    slowest = 0.0
+    while worker.is_alive():
+        t = time.monotonic()
+        assert httpx.get(server.base_url + "/lmstudio-greeting", timeout=5).status_code == 200
+        slowest = max(slowest, time.monotonic() - t)
+        time.sleep(0.05)
+    took = time.monotonic() - started
+    assert slowest < 0.5, f"a health check waited {slowest:.2f}s"
+    assert answer[0].status_code == 400
+    assert answer[0].json()["error"]["code"] == "template_error"
+    assert 0.9 < took < 4
+    assert chat(server).status_code == 200  # other models are unaffected
+
+
+def test_a_looping_template_holds_up_only_its_own_model(looping_server: ThreadServer) -> None:
     # renders share the interpreter: twelve looping ones once made every other model's
     # chats wait behind them, then fail with the same 400
-    make_gguf(fake_models / "test/loop-chat-GGUF/loop-chat.Q4_0.gguf", context_length=256,
-              chat_template=LOOPING_TEMPLATE)
-    monkeypatch.setattr(tooluse, "TEMPLATE_BUDGET_S", 1.0)
-    server = ThreadServer(FakeEngine())
-    try:
-        assert chat(server).status_code == 200  # tiny-chat loaded: its latency is a chat's
-        hostile: list[httpx.Response] = []
-        workers = [threading.Thread(target=lambda: hostile.append(post(
-            server, "/v1/chat/completions", {"model": "loop-chat", "messages": USER})))
-            for _ in range(12)]
-        for worker in workers:
-            worker.start()
-        healthy: list[tuple[int, float]] = []
-        while any(worker.is_alive() for worker in workers):
-            started = time.monotonic()
-            status = chat(server, max_tokens=4).status_code
-            healthy.append((status, time.monotonic() - started))
-        assert len(healthy) >= 3
-        assert {status for status, _ in healthy} == {200}
-        slowest = max(took for _, took in healthy)  # alone: 0.05 s; once: 2.5 s, or a 400
-        assert slowest < 1.0, f"a healthy chat took {slowest:.2f}s"
-        assert [r.status_code for r in hostile] == [400] * 12
-        assert {r.json()["error"]["code"] for r in hostile} == {"template_error"}
-    finally:
-        server.stop()
+    server = looping_server
+    assert chat(server).status_code == 200  # tiny-chat loaded: its latency is a chat's
+    hostile: list[httpx.Response] = []
+    workers = [threading.Thread(target=lambda: hostile.append(post(
+        server, "/v1/chat/completions", {"model": "loop-chat", "messages": USER})))
+        for _ in range(12)]
+    for worker in workers:
+        worker.start()
+    healthy: list[tuple[int, float]] = []
+    while any(worker.is_alive() for worker in workers):
+        started = time.monotonic()
+        status = chat(server, max_tokens=4).status_code
+        healthy.append((status, time.monotonic() - started))
+    assert len(healthy) >= 3
+    assert {status for status, _ in healthy} == {200}
+    slowest = max(took for _, took in healthy)  # alone: 0.05 s; once: 2.5 s, or a 400
+    assert slowest < 1.0, f"a healthy chat took {slowest:.2f}s"
+    assert [r.status_code for r in hostile] == [400] * 12
+    assert {r.json()["error"]["code"] for r in hostile} == {"template_error"}
 
 
 def test_an_abandoned_non_streamed_request_stops_generating(fake_server: ThreadServer) -> None:

@@ -15,7 +15,7 @@ from lmscli import catalog
 from lmscli.engine.fake import DEFAULT_REPLY
 from lmscli.server.apis.ollama_api import parse_duration
 from lmscli.server.apis.ollama_names import pull_target
-from tests.conftest import ThreadServer
+from tests.conftest import ProcessServer, ThreadServer
 from tests.server.test_api_v1 import hub  # noqa: F401  (a fixture)
 
 CALL = '[TOOL_REQUEST]{"name": "get_weather", "arguments": {"city": "Paris"}}[END_TOOL_REQUEST]'
@@ -25,8 +25,8 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city"]}}}
 
 
-def client(server: ThreadServer) -> ollama.Client:
-    return ollama.Client(host=server.base_url, timeout=30)
+def client(server: ThreadServer | ProcessServer, timeout: float = 30) -> ollama.Client:
+    return ollama.Client(host=server.base_url, timeout=timeout)
 
 
 def user(text: str) -> list[dict[str, str]]:

@@ -20,6 +20,8 @@ from tests.conftest import (
     ProcessServer,
     link_model,
 )
+from tests.server.test_ollama_api import client as ollama_client
+from tests.server.test_ollama_api import user
 from tests.server.test_tooluse_qwen_real import DATE, DOCS_MESSAGES
 from tests.server.test_tooluse_real import DELIVERY
 
@@ -43,11 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, default_model_file: Path,
 
 
 def client(server: ProcessServer) -> ollama.Client:
-    return ollama.Client(host=server.base_url, timeout=300)
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
+    return ollama_client(server, timeout=300)  # a real model may load first
 
 
 def test_listings_describe_the_real_files(server: ProcessServer) -> None:
