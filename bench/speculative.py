@@ -185,7 +185,7 @@ def table(results: dict[str, dict[str, list[Result]]], args: argparse.Namespace)
             f"{args.streams} stream(s), {args.threads} threads, greedy",
             f"{'workload':<9} {'server':<26} {'tok/s':>7} {'vs off':>7} {'vs best ls':>10} "
             f"{'accepted/drafted':>17}"]
-    for workload in WORKLOADS:
+    for workload in [w for w in WORKLOADS if w in args.workloads.split(",")]:
         rates = {name: statistics.median(r.tokens_per_s for r in runs[workload])
                  for name, runs in results.items()}
         best_llama = max((v for k, v in rates.items()
@@ -210,6 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=400)
     p.add_argument("--ctx", type=int, default=4096)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--types", default=",".join(LLAMA_TYPES),
                    help="llama-server --spec-type values to run besides none")
     p.add_argument("--model", type=Path)
@@ -223,7 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    texts = prompts()
+    texts = {k: v for k, v in prompts().items() if k in args.workloads.split(",")}
     results: dict[str, dict[str, list[Result]]] = {}
     with tempfile.TemporaryDirectory(prefix="lmscli-spec-") as tmp_name, \
             contextlib.ExitStack() as stack:

@@ -7,6 +7,7 @@ import os
 from lmscli.engine.base import Engine, ModelInstance, ModelSpec, Prediction
 from lmscli.engine.types import (
     Done,
+    DraftModel,
     Event,
     Failed,
     Fragment,
@@ -19,9 +20,9 @@ from lmscli.engine.types import (
 )
 
 __all__ = [
-    "Done", "Engine", "Event", "Failed", "Fragment", "LoadOptions", "ModelInstance", "ModelSpec",
-    "Prediction", "PredictionRequest", "PredictionStats", "PromptProgress", "QueueFull",
-    "SamplingParams",
+    "Done", "DraftModel", "Engine", "Event", "Failed", "Fragment", "LoadOptions",
+    "ModelInstance", "ModelSpec", "Prediction", "PredictionRequest", "PredictionStats",
+    "PromptProgress", "QueueFull", "SamplingParams",
     "get_engine",
 ]
 

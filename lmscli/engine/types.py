@@ -26,6 +26,17 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
 
+Speculative = Literal["off", "ngram"]
+
+
+@dataclass(frozen=True)
+class DraftModel:
+    """A small model that guesses the main model's next tokens: same vocabulary, cheaper."""
+
+    path: str
+    model_key: str
+
+
 @dataclass
 class PredictionRequest:
     """A prompt that is already templated text. ``grammar`` is GBNF that constrains sampling."""
@@ -34,6 +45,9 @@ class PredictionRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     grammar: str | None = None
     add_bos: bool | None = None  # None: the model's own preference
+    # speculative decoding for this request; None: the model's load setting
+    speculative: Speculative | None = None
+    draft_model: DraftModel | None = None  # drafts come from this model (LM Studio's draftModel)
 
 
 @dataclass
@@ -64,6 +78,7 @@ class PredictionStats:
     stop_string: str | None = None
     draft_tokens: int | None = None  # drafted and verified; None: no drafting
     accepted_draft_tokens: int | None = None
+    draft_model: str | None = None  # the draft model's key, when one drafted
 
     @property
     def total_tokens(self) -> int:
@@ -93,6 +108,8 @@ class PredictionStats:
         if self.drafts is not None:
             # LM Studio's draft statistics; a draft is verified whole, so none is ignored
             drafted, accepted = self.drafts
+            if self.draft_model is not None:
+                out["usedDraftModelKey"] = self.draft_model
             out |= {"totalDraftTokensCount": drafted, "acceptedDraftTokensCount": accepted,
                     "rejectedDraftTokensCount": drafted - accepted,
                     "ignoredDraftTokensCount": 0}
@@ -125,7 +142,10 @@ class LoadOptions:
     seed: int | None = None
     parallel: int = 4  # predictions decoded together (LM Studio's max concurrent predictions)
     max_queue: int = 64  # predictions waiting for a slot before submit refuses more
-    speculative: Literal["off", "ngram"] = "off"  # draft-free drafting from the context
+    speculative: Speculative = "ngram"  # drafting from the context (and from other requests)
+    draft_model: DraftModel | None = None
+    draft_max: int | None = None  # most tokens drafted at once; None: as the cost model finds
+    draft_min: int = 0  # a shorter draft is not verified
 
 
 QUEUE_FULL = "queue_full"
