@@ -160,8 +160,18 @@ def load(
                                            "run at a given time (default 4)."),
     speculative: Optional[str] = typer.Option(None, "--speculative", metavar="off|ngram",  # noqa: UP045
                                               help="Speculative decoding: \"ngram\" drafts "
-                                              "tokens from the context and verifies them in "
-                                              "one step (default off)."),
+                                              "tokens from the context and other requests and "
+                                              "verifies them in one step (default off)."),
+    draft_model: Optional[str] = typer.Option(None, "--speculative-draft-model",  # noqa: UP045
+                                              metavar="<model>",
+                                              help="A smaller model (same vocabulary) that "
+                                              "drafts tokens for this one to verify."),
+    draft_max: Optional[int] = typer.Option(None, "--speculative-draft-max-tokens",  # noqa: UP045
+                                            metavar="<n>",
+                                            help="The most tokens drafted at once."),
+    draft_min: Optional[int] = typer.Option(None, "--speculative-draft-min-tokens",  # noqa: UP045
+                                            metavar="<n>",
+                                            help="A shorter draft is not verified."),
     exact: bool = typer.Option(False, "--exact", help="Match the model's path exactly."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Never ask: take the best match."),
 ) -> None:
@@ -169,6 +179,7 @@ def load(
     if speculative not in (None, "off", "ngram"):
         raise UserInputError(f"option '--speculative' argument {speculative!r} is invalid. "
                              'Use "off" or "ngram".')
+    check_draft_flags(draft_model, draft_max, draft_min)
     ratio = parse_gpu(gpu)
     clash = linkstore.identifier_clash(identifier) if identifier is not None else None
     if clash is not None:  # before a server is started for nothing
@@ -190,7 +201,8 @@ def load(
         try:
             info = client.load(key, identifier=identifier, context_length=context_length,
                                gpu=ratio, ttl=ttl, parallel=parallel, speculative=speculative,
-                               on_progress=line.update)
+                               draft_model=draft_model, draft_max_tokens=draft_max,
+                               draft_min_tokens=draft_min, on_progress=line.update)
         except KeyboardInterrupt:
             line.finish()
             console.warn("Load cancelled.")
@@ -200,6 +212,21 @@ def load(
     console.info(f"Model loaded successfully in {render.elapsed(info['loadTimeSec'] or 0)}.")
     console.info(f"({render.size_1024(info['sizeBytes'])})")
     console.info(f'To use the model in the API/SDK, use the identifier "{info["identifier"]}".')
+
+
+def check_draft_flags(model: str | None, most: int | None, least: int | None) -> None:
+    """The draft flags, checked before a server is started for nothing (lms's messages)."""
+    if model is not None and not model.strip():
+        raise UserInputError("option '--speculative-draft-model' must name a model.")
+    if most is not None and most < 1:
+        raise UserInputError(f"option '--speculative-draft-max-tokens' argument {most} is "
+                             "invalid. Use a number of at least 1.")
+    if least is not None and least < 0:
+        raise UserInputError(f"option '--speculative-draft-min-tokens' argument {least} is "
+                             "invalid. Use a number of at least 0.")
+    if most is not None and least is not None and least > most:
+        raise UserInputError(f"option '--speculative-draft-min-tokens' ({least}) must not be "
+                             f"more than '--speculative-draft-max-tokens' ({most}).")
 
 
 def linked_model(name: str) -> dict[str, Any] | None:

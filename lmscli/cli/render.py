@@ -208,6 +208,8 @@ def stats_lines(stats: Any) -> list[str]:
         lines.append(f"  Predicted Tokens: {stats.predicted_tokens_count}")
     if stats.total_tokens_count is not None:
         lines.append(f"  Total Tokens: {stats.total_tokens_count}")
+    if stats.used_draft_model_key:
+        lines.append(f"  Draft Model: {stats.used_draft_model_key}")
     if stats.total_draft_tokens_count:
         share = stats.accepted_draft_tokens_count / stats.total_draft_tokens_count
         lines.append(f"  Accepted Draft Tokens: {stats.accepted_draft_tokens_count} of "

@@ -74,13 +74,18 @@ class Client:
     def load(self, model_key: str, *, identifier: str | None = None,
              context_length: int | None = None, gpu: float | str | None = None,
              ttl: int | None = None, get_or_load: bool = False, parallel: int | None = None,
-             speculative: str | None = None,
+             speculative: str | None = None, draft_model: str | None = None,
+             draft_max_tokens: int | None = None, draft_min_tokens: int | None = None,
              on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
         """Load a new instance (or, with ``get_or_load``, reuse a loaded one); returns its
-        info, with ``loadTimeSec``."""
+        info, with ``loadTimeSec``. ``draft_model`` drafts for it (a model key);
+        ``draft_max_tokens`` / ``draft_min_tokens`` bound a draft's length."""
         body = {k: v for k, v in {"model": model_key, "identifier": identifier,
                                   "context_length": context_length, "gpu": gpu,
                                   "ttl": ttl, "parallel": parallel, "speculative": speculative,
+                                  "draft_model": draft_model,
+                                  "draft_max_tokens": draft_max_tokens,
+                                  "draft_min_tokens": draft_min_tokens,
                                   "get_or_load": get_or_load or None}.items()
                 if v is not None}
         for event in self.transport.ndjson("/lmscli/models/load", body):

@@ -34,11 +34,13 @@ class ModelServer(Protocol):
     def unload(self, identifier: str) -> None: ...
 
 
-# SDK prediction config keys (snake_case form) → the server's request fields
+# SDK prediction config keys (snake_case form) → the server's request fields;
+# speculativeDecoding ("off" or "ngram") is lmscli's, draftModel LM Studio's
 _PREDICTION_KEYS = {
     "temperature": "temperature", "max_tokens": "max_tokens", "top_p_sampling": "top_p",
     "top_k_sampling": "top_k", "min_p_sampling": "min_p", "repeat_penalty": "repeat_penalty",
-    "stop_strings": "stop", "seed": "seed",
+    "stop_strings": "stop", "seed": "seed", "speculative_decoding": "speculative",
+    "draft_model": "draft_model",
 }
 
 
@@ -58,6 +60,9 @@ def prediction_fields(config: Mapping[str, Any] | None) -> dict[str, Any]:
             raise UserInputError(f"config temperature must be a number >= 0, not {value!r}.")
         if field == "max_tokens" and value is False:
             value = -1  # "no limit"
+        if field == "speculative" and value not in ("off", "ngram"):
+            raise UserInputError(f'config speculativeDecoding must be "off" or "ngram", not '
+                                 f"{value!r}.")
         out[field] = value
     return out
 

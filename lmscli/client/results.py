@@ -13,6 +13,7 @@ _CAMEL = {"stop_reason": "stopReason", "tokens_per_second": "tokensPerSecond",
           "total_tokens_count": "totalTokensCount",
           "cached_prompt_tokens_count": "cachedPromptTokensCount",
           "stop_string": "stopString",
+          "used_draft_model_key": "usedDraftModelKey",
           "total_draft_tokens_count": "totalDraftTokensCount",
           "accepted_draft_tokens_count": "acceptedDraftTokensCount",
           "rejected_draft_tokens_count": "rejectedDraftTokensCount",
@@ -43,7 +44,9 @@ class LlmPredictionStats:
     total_tokens_count: int | None = None
     cached_prompt_tokens_count: int | None = None
     stop_string: str | None = None
-    # speculative decoding, when the model drafts (lmstudio-python's names)
+    # speculative decoding, when the model drafts (lmstudio-python's names); the key is
+    # there when a draft model drafted
+    used_draft_model_key: str | None = None
     total_draft_tokens_count: int | None = None
     accepted_draft_tokens_count: int | None = None
     rejected_draft_tokens_count: int | None = None

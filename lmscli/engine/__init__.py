@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from lmscli.engine.base import Engine, ModelInstance, ModelSpec, Prediction
+from lmscli.engine.base import DraftModelError, Engine, ModelInstance, ModelSpec, Prediction
 from lmscli.engine.types import (
     Done,
     DraftModel,
@@ -20,7 +20,7 @@ from lmscli.engine.types import (
 )
 
 __all__ = [
-    "Done", "DraftModel", "Engine", "Event", "Failed", "Fragment", "LoadOptions",
+    "Done", "DraftModel", "DraftModelError", "Engine", "Event", "Failed", "Fragment", "LoadOptions",
     "ModelInstance", "ModelSpec", "Prediction", "PredictionRequest", "PredictionStats",
     "PromptProgress", "QueueFull", "SamplingParams",
     "get_engine",

@@ -25,12 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmscli.engine.drafting import Drafter
+from lmscli.engine.drafting import Drafter, DraftPool, StepCost, StepPlan
 from lmscli.engine.promptcache import Hit, PromptCache, State
 from lmscli.engine.slots import Batch, Choice, Sequence, Slot, choose_slot
 from lmscli.engine.types import (
     QUEUE_FULL,
     Done,
+    DraftModel,
     Event,
     Failed,
     LoadOptions,
@@ -63,6 +64,7 @@ PERSIST_S = 10.0  # at unload, the longest wait for saved states to reach the di
 # Embeddings share the step loop: one input per step while predictions run, so that a
 # request with thousands of inputs never stalls a chat; alone, inputs for up to this long.
 EMBED_ALONE_S = 0.1
+MODEL_DRAFT_MAX = 16  # a draft model's guesses a step, unless the load says otherwise
 
 log = logging.getLogger("lmscli.engine")
 
@@ -73,6 +75,10 @@ class GrammarError(ValueError):
 
 class PredictionFailure(Exception):
     """A prediction that fails for a reason the user should read as it is."""
+
+
+class DraftModelError(ValueError):
+    """A draft model that cannot draft for this model (unreadable, another vocabulary)."""
 
 
 @dataclass
@@ -193,6 +199,9 @@ class ModelInstance:
         self._stopping = False
         self.cache: PromptCache | None = None  # shared by the server's instances
         self.cache_key = ""  # the states this instance may restore: set once loaded
+        self.pool = DraftPool()  # the n-gram drafts' contexts, shared by the sequences
+        self.step_cost = StepCost()
+        self.draft_model: DraftModel | None = None  # the one attached, drafting on request
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -200,6 +209,8 @@ class ModelInstance:
         """Load on the worker thread and block until loaded; raises what loading raised."""
         self._thread.start()
         self.call(lambda: self._load(on_progress))
+        if self.options.draft_model is not None:
+            self.call(lambda: self._use_draft(self.options.draft_model))
         self.cache_key = self._cache_key()
         self.status = "idle"
 
@@ -546,7 +557,11 @@ class ModelInstance:
         prompt = prediction.tokens or []
         slot = choice.slot
         try:
+            self._use_draft(prediction.request.draft_model)
             sampler = self._new_sampler(prediction.request)
+        except DraftModelError as exc:
+            self._fail_waiting(prediction, Failed(str(exc), code="draft_model"))
+            return
         except GrammarError as exc:
             self._fail_waiting(prediction, Failed(str(exc), code="grammar"))
             return
@@ -624,12 +639,15 @@ class ModelInstance:
         generating = [s for s in self._running if not s.prompting]
         # drafted tokens share what the batch has beyond one token per generating sequence
         spare = (self.n_batch - len(generating)) // max(1, len(generating)) if drafting else 0
+        plan = StepPlan(self.step_cost)
+        guessed = self._model_drafts(generating, spare)
         for seq in generating:
             seq.logits_at = batch.add(seq.last_token, seq.n_past, seq.slot.id, True)
-            seq.draft = self._draft(seq, spare)
+            seq.draft = guessed[seq] if seq in guessed else self._draft(seq, spare, plan)
             seq.draft_at = [batch.add(token, seq.n_past + 1 + i, seq.slot.id, True)
                             for i, token in enumerate(seq.draft)]
             seq.chunk = 1 + len(seq.draft)
+            plan.add(seq.chunk, 1 + (seq.drafter.gain if seq.draft and seq.drafter else 0.0))
         budget = min(PROMPT_SHARE if generating else PROMPT_CHUNK, self.n_batch - len(batch))
         for seq in (s for s in self._running if s.prompting):
             if budget <= 0:
@@ -673,17 +691,56 @@ class ModelInstance:
             seq.progress()
             if not seq.prompting:
                 self._on_token(seq, self._sample(seq.sampler, seq.logits_at))
+        for seq in self._running:
+            seq.flush()
 
-    def _draft(self, seq: Sequence, spare: int) -> list[int]:
+    def _draft(self, seq: Sequence, spare: int, plan: StepPlan) -> list[int]:
         """Tokens guessed to follow ``seq.last_token``, to verify in this step's decode."""
-        if self.options.speculative != "ngram" or spare < 1:
+        mode = seq.prediction.request.speculative or self.options.speculative
+        room = self._room(seq, spare)
+        if mode != "ngram" or room < 1:
             return []
         if seq.drafter is None:
-            seq.drafter = Drafter(seq.slot.tokens)
+            seq.drafter = Drafter(seq.slot.tokens, self.pool, self.step_cost,
+                                  most=self.options.draft_max, least=self.options.draft_min)
+        return seq.drafter.draft(seq.last_token, room, plan)
+
+    def _room(self, seq: Sequence, spare: int) -> int:
         room = min(spare, self.context_length - seq.n_past - 2)
         if seq.limit is not None:
             room = min(room, seq.limit - seq.predicted - 1)
-        return seq.drafter.draft(seq.last_token, room)
+        return room
+
+    def _drafts_with_model(self, seq: Sequence) -> bool:
+        request = seq.prediction.request
+        wanted = request.draft_model or self.options.draft_model
+        return wanted is not None and request.speculative != "off" and \
+            self.draft_model == wanted
+
+    def _model_drafts(self, generating: list[Sequence], spare: int) -> dict[Sequence, list[int]]:
+        """The draft model's guesses for the sequences that draft with it, in one go."""
+        wants = [(s, self._room(s, spare)) for s in generating if self._drafts_with_model(s)]
+        wants = [(s, room) for s, room in wants if room > 0]
+        if not wants:
+            return {}
+        most = self.options.draft_max or MODEL_DRAFT_MAX
+        drafts = self._draft_tokens([(s.slot.id, [*s.slot.tokens, s.last_token], min(room, most))
+                                     for s, room in wants])
+        least = max(1, self.options.draft_min)
+        out = {}
+        for (seq, _), draft in zip(wants, drafts, strict=True):
+            seq.draft_model = self.draft_model.model_key if self.draft_model else None
+            out[seq] = draft if len(draft) >= least else []
+        return out
+
+    def _use_draft(self, draft: DraftModel | None) -> None:
+        """Attach ``draft`` (or keep the one attached), checking it can draft for this model."""
+        if draft is None or draft == self.draft_model:
+            return
+        if draft.path == self.spec.path:
+            log.info("%s drafts for itself", self.spec.model_key)
+        self._attach_draft(draft)
+        self.draft_model = draft
 
     def _verify(self, seq: Sequence) -> None:
         """Sample after the decoded token and, while each sample is the next drafted token
@@ -692,20 +749,24 @@ class ModelInstance:
         is removed from the KV cache."""
         self._keep(seq, seq.last_token)
         at, accepted = seq.logits_at, 0
+        seq.drafted += len(seq.draft)  # counted first: the last token may end the prediction
         while True:
             token = self._sample(seq.sampler, at)
+            if accepted < len(seq.draft) and token == seq.draft[accepted]:
+                seq.accepted += 1
             self._on_token(seq, token)
-            if seq.slot.seq is not seq or accepted == len(seq.draft) or \
-                    token != seq.draft[accepted]:
+            if seq.slot.seq is not seq or accepted == len(seq.draft):
+                break
+            if token != seq.draft[accepted]:
+                if seq.drafter is not None:
+                    seq.drafter.rejected(seq.draft[accepted], token)
                 break
             self._keep(seq, token)
             at, accepted = seq.draft_at[accepted], accepted + 1
         if accepted < len(seq.draft) and not self._seq_rm(seq.slot.id, seq.n_past):
             raise RuntimeError("llama.cpp could not drop the rejected draft tokens")
-        seq.drafted += len(seq.draft)
-        seq.accepted += accepted
-        if seq.drafter is not None:
-            seq.drafter.update(len(seq.draft), accepted)
+        if seq.draft and seq.drafter is not None:
+            seq.drafter.verified(accepted)
 
     def _keep(self, seq: Sequence, token: int) -> None:
         """``token`` is decoded into the sequence's KV cache, at ``n_past``."""
@@ -793,6 +854,13 @@ class ModelInstance:
 
     def _unload(self) -> None:
         pass
+
+    def _attach_draft(self, draft: DraftModel) -> None:
+        raise DraftModelError(f"The {self.engine_name} engine has no draft models.")
+
+    def _draft_tokens(self, wants: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        """For each (sequence id, its tokens, most): the draft model's guesses to follow."""
+        raise NotImplementedError
 
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         raise NotImplementedError

@@ -26,6 +26,7 @@ from lmscli.engine.base import (
     PredictionFailure,
     ProgressFn,
 )
+from lmscli.engine.drafting import GPU_COST, StepCost
 from lmscli.engine.promptcache import State
 from lmscli.engine.slots import Batch
 from lmscli.engine.types import LoadOptions, PredictionRequest
@@ -73,6 +74,8 @@ class FakeInstance(ModelInstance):
         self.decoded_batches: deque[list[int]] = deque(maxlen=1000)
         self.kv: dict[int, list[int]] = {}
         self.decoded_tokens = 0  # prompt and answer tokens decoded, all sequences
+        # its decodes take no time to speak of: drafts are priced as on a GPU
+        self.step_cost = StepCost(GPU_COST)
 
     def _load(self, on_progress: ProgressFn | None) -> None:
         with open(self.spec.path, "rb") as f:

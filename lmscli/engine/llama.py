@@ -18,6 +18,7 @@ import llama_cpp
 from llama_cpp import llama_cpp as ll
 
 from lmscli.engine.base import (
+    DraftModelError,
     Engine,
     GrammarError,
     ModelInstance,
@@ -25,9 +26,10 @@ from lmscli.engine.base import (
     PredictionFailure,
     ProgressFn,
 )
+from lmscli.engine.drafting import CPU_COST, GPU_COST, StepCost
 from lmscli.engine.promptcache import State
 from lmscli.engine.slots import Batch
-from lmscli.engine.types import LoadOptions, PredictionRequest
+from lmscli.engine.types import DraftModel, LoadOptions, PredictionRequest
 from lmscli.errors import InvalidModelFileError
 
 log = logging.getLogger("lmscli.llama")
@@ -153,6 +155,102 @@ def _context(model: LlamaModel, *, n_ctx: int, n_seq: int, embeddings: bool) -> 
     return ctx
 
 
+def _vocabulary_clash(draft: LlamaModel, main: LlamaModel) -> str | None:
+    """Why ``draft``'s guesses would be other tokens than ``main`` reads, if they would."""
+    if draft.n_vocab != main.n_vocab:
+        return f"it has {draft.n_vocab} tokens, the model {main.n_vocab}"
+    for token in range(main.n_vocab):
+        if draft.text_of(token) != main.text_of(token):
+            return (f"token {token} is {draft.text_of(token)!r} in it and "
+                    f"{main.text_of(token)!r} in the model")
+    return None
+
+
+class DraftContext:
+    """A draft model beside the main one: its weights, and a context whose sequence for each
+    slot holds what that slot holds, so that it guesses on from where the slot is."""
+
+    def __init__(self, draft: DraftModel, main: LlamaModel, options: LoadOptions,
+                 n_ctx: int, n_seq: int) -> None:
+        try:
+            self.model = LlamaModel(draft.path, options, None)
+        except InvalidModelFileError as exc:
+            raise DraftModelError(f"Draft model {draft.model_key}: {exc}") from exc
+        self.ctx: Any = None
+        self._batch: Any = None
+        try:
+            if (clash := _vocabulary_clash(self.model, main)) is not None:
+                raise DraftModelError(f"{draft.model_key} cannot draft for this model: "
+                                      f"{clash}. Choose a draft model of the same family.")
+            self.ctx = _context(self.model, n_ctx=n_ctx, n_seq=n_seq, embeddings=False)
+        except BaseException:
+            self.close()
+            raise
+        self.memory = ll.llama_get_memory(self.ctx)
+        self._batch = ll.llama_batch_init(ModelInstance.n_batch, 0, 1)
+        self.held: list[list[int]] = [[] for _ in range(n_seq)]
+        self._greedy = ll.llama_sampler_init_greedy()
+
+    def close(self) -> None:
+        if self._batch is not None:
+            ll.llama_batch_free(self._batch)
+            ll.llama_sampler_free(self._greedy)
+            self._batch = None
+        if self.ctx:
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        self.model.close()
+
+    def guess(self, wants: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        """Catch each sequence up with its tokens, then guess greedily, all in step."""
+        for seq, tokens, _ in wants:
+            self._catch_up(seq, tokens[:-1])
+        drafts: dict[int, list[int]] = {seq: [] for seq, _, _ in wants}
+        going = {seq: most for seq, _, most in wants if most > 0}
+        rows = [(seq, tokens[-1]) for seq, tokens, most in wants if most > 0]
+        while rows:
+            for i, (seq, token) in enumerate(rows):  # decoded together, each with its logits
+                self._put(i, token, len(self.held[seq]), seq, True)
+                self.held[seq].append(token)
+            self._run(len(rows))
+            decoded, rows = rows, []
+            for i, (seq, _) in enumerate(decoded):
+                token = int(ll.llama_sampler_sample(self._greedy, self.ctx, i))
+                drafts[seq].append(token)
+                if len(drafts[seq]) < going[seq] and \
+                        not ll.llama_vocab_is_eog(self.model.vocab, token):
+                    rows.append((seq, token))
+        return [drafts[seq] for seq, _, _ in wants]
+
+    def _catch_up(self, seq: int, tokens: list[int]) -> None:
+        """Make the sequence hold ``tokens``: drop what differs, decode what is missing."""
+        held = self.held[seq]
+        same = 0
+        for a, b in zip(held, tokens, strict=False):
+            if a != b:
+                break
+            same += 1
+        if same < len(held):
+            ll.llama_memory_seq_rm(self.memory, seq, same, -1)
+            del held[same:]
+        for start in range(same, len(tokens), ModelInstance.n_batch):
+            chunk = tokens[start:start + ModelInstance.n_batch]
+            for i, token in enumerate(chunk):
+                self._put(i, token, start + i, seq, False)
+            self._run(len(chunk))
+            held.extend(chunk)
+
+    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        b = self._batch
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+        b.seq_id[i][0] = seq
+
+    def _run(self, n: int) -> None:
+        self._batch.n_tokens = n
+        if ll.llama_decode(self.ctx, self._batch) != 0:
+            raise PredictionFailure("The draft model could not decode (its context is full?).")
+
+
 class LlamaInstance(ModelInstance):
     engine_name = "llama.cpp"
     engine_version = llama_cpp.__version__
@@ -164,6 +262,7 @@ class LlamaInstance(ModelInstance):
         self.memory: Any = None
         self._batch: Any = None
         self._embed_ctx: Any = None
+        self._draft_ctx: DraftContext | None = None
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -180,10 +279,29 @@ class LlamaInstance(ModelInstance):
         self.context_length = ll.llama_n_ctx(self.ctx)
         self.memory = ll.llama_get_memory(self.ctx)
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        on_gpu = ll.llama_supports_gpu_offload() and self.options.gpu_ratio != 0
+        self.step_cost = StepCost(GPU_COST if on_gpu else CPU_COST)
         if on_progress:
             on_progress(1.0)
 
+    def _attach_draft(self, draft: DraftModel) -> None:
+        assert self.model is not None
+        if self.spec.is_embedding:
+            raise DraftModelError("An embedding model does not draft.")
+        attached = DraftContext(draft, self.model, self.options, self.context_length,
+                                self.parallel)
+        if self._draft_ctx is not None:
+            self._draft_ctx.close()
+        self._draft_ctx = attached
+
+    def _draft_tokens(self, wants: list[tuple[int, list[int], int]]) -> list[list[int]]:
+        assert self._draft_ctx is not None
+        return self._draft_ctx.guess(wants)
+
     def _unload(self) -> None:
+        if self._draft_ctx is not None:
+            self._draft_ctx.close()
+            self._draft_ctx = None
         if self._batch is not None:
             ll.llama_batch_free(self._batch)
             self._batch = None

@@ -124,9 +124,16 @@ class Sequence:
         self.draft: list[int] = []  # tokens guessed to follow last_token, in this batch
         self.draft_at: list[int] = []  # the batch indexes of their logits
         self.drafted = 0  # draft tokens verified, all steps
+        self.draft_model: str | None = None  # the key of the draft model that guessed
         self.accepted = 0  # of those, the ones the model wrote
         self._stops = StopMatcher(params.stop)
         self._utf8 = Utf8Stream()
+        self._text: list[str] = []  # written this step, not yet emitted
+        self._tokens = 0
+
+    @property
+    def drafting(self) -> bool:
+        return self.drafter is not None or self.draft_model is not None
 
     @property
     def prompting(self) -> bool:
@@ -144,11 +151,19 @@ class Sequence:
         if self.first_at is None:
             self.first_at = time.perf_counter()
         text, stop = self._stops.feed(self._utf8.feed(piece))
+        self._tokens += 1
         if text:
-            self.prediction.emit(Fragment(text, 1))
+            self._text.append(text)
         return stop
 
+    def flush(self) -> None:
+        """Emit the text of the step's tokens as one fragment (a draft accepts several)."""
+        if self._text:
+            self.prediction.emit(Fragment("".join(self._text), self._tokens))
+            self._text, self._tokens = [], 0
+
     def finish(self, reason: StopReason, stop: str | None) -> None:
+        self.flush()
         if stop is None:
             tail = self._stops.feed(self._utf8.flush())[0] + self._stops.flush()
             if tail:
@@ -167,6 +182,7 @@ class Sequence:
             predicted_tokens=self.predicted,
             time_to_first_token_s=(first - started) if first is not None else None,
             tokens_per_second=tps, total_time_s=ended - started, stop_string=stop,
-            draft_tokens=self.drafted if self.drafter is not None else None,
-            accepted_draft_tokens=self.accepted if self.drafter is not None else None,
+            draft_tokens=self.drafted if self.drafting else None,
+            accepted_draft_tokens=self.accepted if self.drafting else None,
+            draft_model=self.draft_model,
         )

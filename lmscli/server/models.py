@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lmscli import catalog, linkstore
-from lmscli.engine import Engine, LoadOptions, ModelInstance, ModelSpec
+from lmscli.engine import (
+    DraftModel,
+    DraftModelError,
+    Engine,
+    LoadOptions,
+    ModelInstance,
+    ModelSpec,
+)
 from lmscli.errors import InvalidModelFileError
-from lmscli.server.errors import APIError, model_not_found, shorten
+from lmscli.server.errors import APIError, bad_request, model_not_found, shorten
 
 if TYPE_CHECKING:
     from lmscli.logbus import LogBus
@@ -79,7 +86,7 @@ class Loaded:
             "parallel": None if self.instance.spec.is_embedding else self.instance.parallel,
             "speculative": self.instance.options.speculative,
             "jit": self.jit,
-        })
+        } | draft_info(self.instance.options))
         cache = self.instance.cache
         if cache is not None and cache.enabled and not self.instance.spec.is_embedding:
             info["promptCache"] = cache.stats(self.instance.cache_key)
@@ -276,8 +283,12 @@ class ModelManager:
                    context_length: int | None = None, gpu_ratio: float | None = None,
                    ttl_s: float | None = None, jit: bool = False, parallel: int | None = None,
                    speculative: Literal["off", "ngram"] | None = None,
-                   on_progress: ProgressCb | None = None) -> Loaded:
+                   draft_model: DraftModel | None = None, draft_max: int | None = None,
+                   draft_min: int = 0, on_progress: ProgressCb | None = None) -> Loaded:
         model = self.resolve_downloaded(name)
+        if model.type == "embedding" and (draft_model or draft_max or draft_min):
+            raise bad_request(f"{model.model_key} is an embedding model: it takes no "
+                              "speculative decoding options.", "draft_model")
         if identifier is not None:
             check_identifier(identifier)
         identifier = identifier or self._free_identifier(model.model_key)
@@ -293,7 +304,9 @@ class ModelManager:
                 await self._evict_jit()
             options = LoadOptions(context_length=context_length, gpu_ratio=gpu_ratio,
                                   parallel=parallel or self.parallel, max_queue=self.max_queue,
-                                  speculative=speculative or "off")
+                                  speculative=speculative or "off",
+                                  draft_model=draft_model, draft_max=draft_max,
+                                  draft_min=draft_min)
             entry = await self._load_now(model, identifier, options, ttl_s, jit, on_progress)
             future.set_result(entry)
             return entry
@@ -323,6 +336,10 @@ class ModelManager:
         except InvalidModelFileError as exc:
             self._on_event("error", exc.message, identifier)
             raise APIError(422, exc.message, param="model", code="model_load_failed") from exc
+        except DraftModelError as exc:
+            self._on_event("error", str(exc), identifier)
+            raise APIError(400, str(exc), param="draft_model",
+                           code="invalid_draft_model") from exc
         except Exception as exc:
             self._on_event("error", f"Failed to load {model.model_key}: {exc}", identifier)
             raise
@@ -397,6 +414,37 @@ class ModelManager:
         while True:
             await asyncio.sleep(every_s)
             await self.reap_idle()
+
+
+def draft_info(options: LoadOptions) -> dict[str, Any]:
+    """The load's draft model (its key) and draft length limits, for the instance info."""
+    draft = options.draft_model
+    return {"draftModel": draft.model_key if draft is not None else None,
+            "draftMaxTokens": options.draft_max, "draftMinTokens": options.draft_min}
+
+
+def find_draft(name: str, param: str = "draft_model") -> DraftModel:
+    """The downloaded model called ``name`` (as a load finds one), to draft with; ``param``
+    names the field that asked, for errors."""
+    plausible = name.isprintable() and len(name) <= MAX_NAME_CHARS
+    model = catalog.find_model(name) if plausible else None
+    if model is None:
+        raise APIError(404, f"Draft model '{shorten(name)}' not found. Run `lms ls` to see "
+                       "your models.", param=param, code="model_not_found")
+    if model.type != "llm":
+        raise bad_request(f"'{param}': {model.model_key} is an embedding model; a draft "
+                          "model must be a language model.", param)
+    return DraftModel(str(model.abs_path), model.model_key)
+
+
+def check_draft_range(most: int | None, least: int | None,
+                      names: tuple[str, str] = ("draft_max_tokens", "draft_min_tokens")
+                      ) -> None:
+    """A 400 when the shortest draft worth verifying is longer than the longest draft; the
+    bounds of each are the caller's to check. ``names``: the two fields, as sent."""
+    if most is not None and least is not None and least > most:
+        raise bad_request(f"'{names[1]}' ({least}) must not be more than '{names[0]}' "
+                          f"({most}).", names[1])
 
 
 def check_identifier(identifier: str) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lmscli.engine import Done, LoadOptions, ModelSpec
+from lmscli.engine import Done, Fragment, LoadOptions, ModelSpec
 from lmscli.engine.base import ModelInstance
-from lmscli.engine.drafting import DRAFT_MAX, PAUSE_STEPS, Drafter
+from lmscli.engine.drafting import GPU_COST, Drafter, DraftPool, StepCost, StepPlan
 from lmscli.engine.fake import FakeEngine
 from tests.cli.test_commands import lms
 from tests.conftest import ThreadServer
@@ -20,31 +20,67 @@ from tests.engine.test_scheduler import Run
 from tests.gguf_factory import make_gguf
 
 
-def test_the_draft_is_what_followed_the_longest_recent_match() -> None:
-    # NGRAM_MIN (4) tokens must match
-    d = Drafter([1, 2, 3, 4, 5, 6, 7, 9, 1, 2, 3, 4, 8, 0, 9, 1, 2, 3])
-    assert d.draft(4, 10) == [8, 0, 9, 1, 2, 3]  # "1 2 3 4" last led to 8 0 9 …
-    assert Drafter([1, 2, 3, 4, 5, 9, 2, 3]).draft(4, 10) == []  # "2 3 4": too short
-    d = Drafter([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 0, 0, 1, 2, 3, 4])
-    assert d.draft(5, 3) == [0, 0, 1]  # never more than there is room for
-    assert d.draft(6, 10) == []  # "3 4 5 6"... only "2 3 4" + 6 is new: nothing to copy
-    d = Drafter([7, 1, 2, 3, 4, 9, 9, 5, 1, 2, 3, 4, 6, 6, 1, 2, 3])
-    assert d.draft(4, 2) == [6, 6]  # "1 2 3 4": the latest of two equally long matches
-    d = Drafter([7, 1, 2, 3, 4, 9, 9, 0, 2, 3, 4, 6, 6, 7, 1, 2, 3])
-    assert d.draft(4, 2) == [9, 9]  # "7 1 2 3 4" (5 tokens) beats the later "2 3 4"+…
+def cheap_steps() -> StepCost:
+    """Steps whose extra tokens cost a tenth of a one-token step (a GPU's)."""
+    return StepCost(GPU_COST)
 
 
-def test_the_draft_length_follows_acceptance() -> None:
-    d = Drafter(list(range(100)) * 2)
-    d.update(8, 8)
-    d.update(16, 16)
-    assert d.length == DRAFT_MAX
-    d.update(32, 3)
-    assert d.length == 4
-    d.update(4, 0)  # a draft wholly rejected: drafting pauses
-    assert d.length == 2
-    assert [d.draft(0, 10) for _ in range(PAUSE_STEPS)] == [[]] * PAUSE_STEPS
-    assert d.draft(0, 10) == [1, 2]  # "97 98 99 0" led to 1 2
+def drafter(context: list[int], pool: DraftPool | None = None,
+            cost: StepCost | None = None) -> Drafter:
+    return Drafter(context, pool or DraftPool(), cost or cheap_steps())
+
+
+def guess(d: Drafter, last: int, room: int = 64) -> list[int]:
+    return d.draft(last, room, StepPlan(d.cost))
+
+
+def test_the_draft_is_what_followed_the_longest_match() -> None:
+    d = drafter([1, 2, 3, 4, 5, 6, 7, 9, 1, 2, 3, 4, 8, 0, 9, 1, 2, 3])
+    assert guess(d, 4)[:3] == [8, 0, 9]  # "9 1 2 3 4" last led to 8 0 9
+    d = drafter([7, 1, 2, 3, 4, 9, 9, 5, 0, 2, 3, 4, 6, 6, 7, 1, 2, 3])
+    assert guess(d, 4)[:2] == [9, 9]  # "7 1 2 3 4" (5 tokens) beats the later "2 3 4"
+    assert guess(d, 4, room=1) == [9]  # never more than there is room for
+    assert guess(drafter([5, 6, 7, 8, 1, 2]), 3) == []  # "2 3" never occurred
+    loop = list(range(10, 30))
+    d = drafter([9, *loop, *loop])
+    looped = guess(d, 10)
+    assert len(looped) > 20 and looped == (loop[1:] + loop)[:len(looped)]  # past the end
+
+
+def test_other_sequences_of_the_model_are_drafted_from() -> None:
+    pool = DraftPool()
+    earlier = drafter([50, 51, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], pool)
+    assert earlier.own in pool.contexts
+    d = drafter([60, 61, 1, 2, 3], pool)
+    assert guess(d, 4)[:8] == [5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def test_a_replacement_the_model_makes_twice_is_drafted() -> None:
+    d = drafter([9, 1, 2, 70, 3, 4, 5, 6, 7, 8, 11, 12, 0, 9, 1])
+    assert guess(d, 2)[:3] == [70, 3, 4]
+    d.rejected(70, 80)  # the model wrote 80 for 70
+    d.rejected(70, 80)
+    d.extend([2])
+    assert guess(d, 80)[:3] == [3, 4, 5]  # "1 2 80" is "1 2 70" now
+    d.extend([80, 3, 4, 5, 6, 7, 8, 11, 9, 1])
+    assert guess(d, 2)[:3] == [80, 3, 4]  # and 70 is written 80
+
+
+def test_the_draft_is_as_long_as_the_step_cost_pays_for() -> None:
+    context = list(range(100)) * 2
+    cheap = guess(drafter(context), 0, room=128)
+    costly = StepCost(((1, 1.0), (2, 2.0)))  # every token a whole step: guesses never pay
+    assert len(cheap) >= 16 and cheap[:3] == [1, 2, 3]
+    assert guess(drafter(context, cost=costly), 0, room=128) == []
+
+
+def test_drafts_the_model_keeps_rejecting_stop() -> None:
+    d = drafter([1, 2, 3, 4, 5, 6, 7, 8] * 4)
+    assert guess(d, 1)
+    for _ in range(30):
+        d.draft(1, 64, StepPlan(d.cost))
+        d.verified(0)
+    assert guess(d, 1) == []
 
 
 @pytest.fixture
@@ -129,3 +165,25 @@ def test_lms_load_turns_drafting_on_and_every_surface_reports_it(
                                                      + result.stats.rejected_draft_tokens_count)
     code, _, err = lms(capsys, "load", "other-model", "--speculative", "lots")
     assert code == 1 and "--speculative" in err and "Traceback" not in err
+
+
+def test_a_request_drafts_from_an_earlier_answer_and_can_say_off(model_file: Path) -> None:
+    """The second asking of a question drafts its whole answer from the first one's (the
+    pool); a request with speculative "off" drafts nothing; a step's accepted tokens come as
+    one fragment."""
+    inst = load(model_file, "ngram")
+    ask = "Count for me [[count: 40]]"  # the answer (n1 … n40) is not in the prompt
+    try:
+        first = Run(inst, ask)
+        assert isinstance(done := first.wait(), Done)
+        assert not done.stats.accepted_draft_tokens  # nothing in the prompt to copy
+        again = Run(inst, ask)
+        assert isinstance(done := again.wait(), Done) and again.text == first.text
+        assert done.stats.accepted_draft_tokens >= 30
+        fragments = [e for _, e in again.seen if isinstance(e, Fragment)]
+        assert len(fragments) < 10 and sum(f.tokens for f in fragments) == 40
+        off = Run(inst, ask, speculative="off")
+        assert isinstance(done := off.wait(), Done) and off.text == first.text
+        assert done.stats.draft_tokens is None
+    finally:
+        inst.close()

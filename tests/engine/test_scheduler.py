@@ -54,8 +54,10 @@ class Run:
         self.name = name
         self.events: queue.Queue = queue.Queue()
         self.seen: list[object] = []
-        self.prediction = inst.submit(PredictionRequest(prompt, SamplingParams(**params)),
-                                      self._put)
+        speculative = params.pop("speculative", None)
+        self.prediction = inst.submit(PredictionRequest(
+            prompt, SamplingParams(**params), speculative=speculative),  # type: ignore[arg-type]
+            self._put)
 
     def _put(self, event: object) -> None:
         self.seen.append((time.perf_counter(), event))

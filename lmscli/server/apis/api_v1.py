@@ -21,7 +21,13 @@ from starlette.responses import JSONResponse, Response
 
 from lmscli.engine import PromptProgress
 from lmscli.server.apis import api_v1_tools
-from lmscli.server.apis.parsing import manager, parse_messages, read_json, sampling
+from lmscli.server.apis.parsing import (
+    load_drafting,
+    manager,
+    parse_messages,
+    read_json,
+    sampling,
+)
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request, rest_v1_body, shorten
 from lmscli.server.models import Loaded, LoadProgress, LoadStart
@@ -92,22 +98,37 @@ async def models_load(request: Request) -> Response:
                       ("flash_attention", bool), ("offload_kv_cache_to_gpu", bool)):
         body.get(key, kind)  # checked; llama.cpp's defaults stand (no GPU offload here)
     echo = body.get("echo_load_config", bool, False)
+    drafting = load_drafting(body)
     models = manager(request)
     model = models.resolve_downloaded(name)
     started = time.perf_counter()
     # as LM Studio: a model that is loaded is answered with, unless the request asks for
-    # another context length; calls at once load it once
+    # another context length (or other drafting); calls at once load it once
     async with models.load_lock(model.model_key):
         entry = models.reusable(model.model_key, context_length)
-        if entry is None:
+        if entry is None or not drafts_as(entry, body, drafting):
             await models.check_load(model.model_key, None, context_length)
-            entry = await models.load(model.model_key, context_length=context_length)
+            entry = await models.load(model.model_key, context_length=context_length,
+                                      **drafting)
     out: dict[str, Any] = {"type": model.type, "instance_id": entry.identifier,
                            "load_time_seconds": round(time.perf_counter() - started, 3),
                            "status": "loaded"}
     if echo:
         out["load_config"] = instance_config(entry)
     return JSONResponse(out)
+
+
+DRAFT_FIELDS = ("draft_model", "draft_max_tokens", "draft_min_tokens")
+
+
+def drafts_as(entry: Loaded, body: Body, drafting: dict[str, Any]) -> bool:
+    """Whether the instance drafts as the load asks (``drafting``: ``load_drafting``'s
+    keywords); any instance does for a load that names no draft field."""
+    if not any(key in body.data for key in DRAFT_FIELDS):
+        return True
+    options = entry.instance.options
+    return (options.draft_model, options.draft_max, options.draft_min) == (
+        drafting["draft_model"], drafting["draft_max"], drafting["draft_min"])
 
 
 async def models_unload(request: Request) -> Response:
@@ -135,7 +156,8 @@ class ChatRequest:
         self.messages = self._history(body) + [{"role": "user", "content": user_text(body)}]
         openai_body = {"messages": self.messages, "max_tokens": body.data.get(
             "max_output_tokens")} | {k: body.data[k] for k in (
-                "temperature", "top_p", "top_k", "min_p", "repeat_penalty") if k in body.data}
+                "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "speculative")
+                if k in body.data}
         self.openai = Body(openai_body)
         self.params = sampling(self.openai)
         parse_messages(self.openai)  # the same checks as /v1

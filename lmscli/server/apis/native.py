@@ -14,6 +14,7 @@ import lmscli
 from lmscli import linkstore
 from lmscli.server.apis.parsing import (
     chat_input,
+    load_drafting,
     manager,
     raw_input,
     read_json,
@@ -103,6 +104,7 @@ async def load(request: Request) -> Any:
     if speculative not in (None, "off", "ngram"):
         raise bad_request("'speculative' must be \"off\" or \"ngram\".", "speculative")
     ratio = gpu_ratio(body)
+    drafting = load_drafting(body)
     models = manager(request)
     if body.get("get_or_load", bool, False) and (entry := models.find_loaded(name)):
         entry.touch()
@@ -112,7 +114,7 @@ async def load(request: Request) -> Any:
     await models.check_load(name, identifier, context_length)
     events = models.load_events(name, identifier=identifier, context_length=context_length,
                                 gpu_ratio=ratio, ttl_s=float(ttl) if ttl else None,
-                                parallel=parallel, speculative=speculative)
+                                parallel=parallel, speculative=speculative, **drafting)
     return ndjson_lines(load_lines(name, events))
 
 

@@ -60,10 +60,11 @@ log = logging.getLogger("lmscli.server")
 VERSION = "0.12.0"
 # what Ollama reports for a model kept loaded forever (keep_alive -1)
 FOREVER = datetime(2318, 1, 1, tzinfo=timezone.utc)
-# sampling options Ollama clients send that map onto the engine's; the rest (num_gpu,
-# num_thread, mirostat, …) are ignored, as Ollama ignores options a runner lacks
+# sampling options Ollama clients send that map onto the engine's, and lmscli's own
+# "speculative" (a runner option, so it sits with them); the rest (num_gpu, num_thread,
+# mirostat, …) are ignored, as Ollama ignores options a runner lacks
 OPTIONS = ("temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty",
-           "presence_penalty", "frequency_penalty", "stop", "num_predict")
+           "presence_penalty", "frequency_penalty", "stop", "num_predict", "speculative")
 DONE_REASON = {"maxPredictedTokensReached": "length", "contextLengthReached": "length"}
 PULL_POLL_S = 0.25
 

@@ -51,10 +51,12 @@ def usage(stats: PredictionStats) -> dict[str, Any]:
     return out
 
 
-def draft_stats(stats: PredictionStats) -> dict[str, int]:
-    """LM Studio's draft counts, in /api/v0's snake case, when the model drafted."""
+def draft_stats(stats: PredictionStats) -> dict[str, Any]:
+    """LM Studio's draft model (its key, when one drafted) and draft counts, in /api/v0's
+    snake case, when the model drafted."""
     camel = stats.to_lms()
     return {name: camel[key] for name, key in (
+        ("draft_model", "usedDraftModelKey"),
         ("total_draft_tokens_count", "totalDraftTokensCount"),
         ("accepted_draft_tokens_count", "acceptedDraftTokensCount"),
         ("rejected_draft_tokens_count", "rejectedDraftTokensCount"),

@@ -4,23 +4,24 @@ and the model a request names."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from starlette.requests import Request
 
-from lmscli.engine import SamplingParams
+from lmscli.engine import DraftModel
 from lmscli.prompting.grammar import SchemaError, any_json_grammar, json_schema_grammar
 from lmscli.server.body import Body, parse_json
 from lmscli.server.errors import bad_request, shorten
-from lmscli.server.models import ModelManager
+from lmscli.server.models import ModelManager, check_draft_range, find_draft
 from lmscli.server.pipeline.tooluse import check_message_tool_fields, parse_tool_choice, parse_tools
-from lmscli.server.pipeline.turns import TurnInput
+from lmscli.server.pipeline.turns import RequestParams, TurnInput
 from lmscli.server.state import app_state
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOPS = 32
 MAX_STOP_CHARS = 1000
 INT32_MAX = 2**31 - 1  # counts that reach llama.cpp as C ints
+SPECULATIVE = ("off", "ngram")
 # OpenAI fields we don't implement, with the value that asks for nothing: any other value is a
 # 400, so that a client never believes it got what it asked for.
 UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},),
@@ -36,11 +37,12 @@ def manager(request: Request) -> ModelManager:
 
 
 def sampling(body: Body, *, limit_key: str | None = None, stop_key: str = "stop"
-             ) -> SamplingParams:
-    """The sampling fields; ``limit_key`` and ``stop_key`` name the token limit and the stop
-    strings where an API calls them otherwise (max_output_tokens, stop_sequences)."""
+             ) -> RequestParams:
+    """The sampling fields, and speculative decoding (``speculative``, ``draft_model``);
+    ``limit_key`` and ``stop_key`` name the token limit and the stop strings where an API
+    calls them otherwise (max_output_tokens, stop_sequences)."""
     reject_unsupported(body)
-    p = SamplingParams()
+    p = RequestParams()
     p.temperature = body.number("temperature", p.temperature, low=0, high=2)  # type: ignore
     p.top_p = body.number("top_p", p.top_p, low=0, high=1)  # type: ignore[assignment]
     p.top_k = body.integer("top_k", p.top_k, low=0, high=INT32_MAX)  # type: ignore[assignment]
@@ -56,7 +58,39 @@ def sampling(body: Body, *, limit_key: str | None = None, stop_key: str = "stop"
     p.stop = stop_strings(body, stop_key)
     if body.integer("n", 1) != 1:
         raise bad_request("Only n=1 is supported: this server returns one choice.", "n")
+    p.speculative = speculative_mode(body)
+    p.draft_model = draft_model(body)
     return p
+
+
+def speculative_mode(body: Body) -> Literal["off", "ngram"] | None:
+    """``speculative``: "off" or "ngram"; None (not given) keeps the model's load setting."""
+    value = body.data.get("speculative")
+    if value is None or value in SPECULATIVE:
+        return value
+    where = field_name(body, "speculative")
+    raise bad_request(f"Field '{where}' must be \"off\" or \"ngram\".", where)
+
+
+def draft_model(body: Body) -> DraftModel | None:
+    """LM Studio's ``draft_model``: a downloaded model's key, found before any load (an
+    unknown one shouldn't cost a load). An empty key asks for none, as in LM Studio."""
+    name = body.get("draft_model", str)
+    return find_draft(name, field_name(body, "draft_model")) if name else None
+
+
+def load_drafting(body: Body) -> dict[str, Any]:
+    """A load's ``draft_model``, ``draft_max_tokens`` and ``draft_min_tokens``, as
+    ``ModelManager.load``'s keywords."""
+    most = body.integer("draft_max_tokens", low=1, high=INT32_MAX)
+    least = body.integer("draft_min_tokens", low=0, high=INT32_MAX)
+    check_draft_range(most, least)
+    return {"draft_model": draft_model(body), "draft_max": most, "draft_min": least or 0}
+
+
+def field_name(body: Body, key: str) -> str:
+    """``key`` as the caller wrote it: inside the object ``body`` came from, if any."""
+    return f"{body.prefix}.{key}" if body.prefix else key
 
 
 def reject_unsupported(body: Body) -> None:

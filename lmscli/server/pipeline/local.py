@@ -23,7 +23,6 @@ from lmscli.engine import (
     Done,
     Failed,
     Fragment,
-    PredictionRequest,
     PromptProgress,
     SamplingParams,
 )
@@ -46,6 +45,7 @@ from lmscli.server.pipeline.turns import (
     TurnInput,
     TurnOutput,
     TurnParser,
+    prediction_request,
 )
 from lmscli.server.state import app_state
 from lmscli.server.streams import STREAM_COALESCE_S, watch_disconnect
@@ -165,7 +165,7 @@ class Turn:
     async def start(self) -> None:
         """Submit the prediction; errors up to its first event are HTTP errors."""
         p = self.prepared
-        self._running = Running(p.entry, PredictionRequest(p.prompt, self.params, p.grammar),
+        self._running = Running(p.entry, prediction_request(p.prompt, self.params, p.grammar),
                                 p.use.log_recovered())
         try:
             first = await self._running.first()

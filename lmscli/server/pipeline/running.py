@@ -175,10 +175,13 @@ async def embed(entry: Loaded, texts: list[str], request: Request | None = None
 
 def failure(event: Failed) -> APIError:
     """A failed prediction as an HTTP error: the caller's fault (a grammar llama.cpp
-    rejected) is a 400, anything else the server's."""
+    rejected, a draft model that doesn't fit) is a 400, anything else the server's."""
     if event.code == "grammar":
         return APIError(400, f"The grammar for this request was rejected: {event.message}",
                         param="response_format", code="invalid_grammar")
+    if event.code == "draft_model":  # one that can't draft for this model (its vocabulary)
+        return APIError(400, f"The draft model cannot be used: {event.message}",
+                        param="draft_model", code="invalid_draft_model")
     if event.code == QUEUE_FULL:  # taken, then refused: it counted on a slot with no room
         return busy(QueueFull(event.message))
     return APIError(500, f"Prediction failed: {event.message}", type_="server_error",

@@ -14,7 +14,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from lmscli.engine import Failed, PredictionStats, PromptProgress
+from lmscli.engine import (
+    DraftModel,
+    Failed,
+    PredictionRequest,
+    PredictionStats,
+    PromptProgress,
+    SamplingParams,
+)
 from lmscli.prompting.tools import (
     CallArgs,
     CallEnd,
@@ -47,6 +54,24 @@ class TurnInput:
     prompt: str | None = None
     # a forced freeform tool's grammar: GBNF for the JSON-escaped text of its ``input``
     input_grammar: str | None = None
+
+
+@dataclass
+class RequestParams(SamplingParams):
+    """A request's sampling and its speculative decoding, which the engine takes beside the
+    sampling: one object carries both from every API's parser to the turn."""
+
+    speculative: Literal["off", "ngram"] | None = None  # None: the model's load setting
+    draft_model: DraftModel | None = None
+
+
+def prediction_request(prompt: str, params: SamplingParams,
+                       grammar: str | None) -> PredictionRequest:
+    """The engine's request; a ``RequestParams``' speculative decoding goes beside it."""
+    if not isinstance(params, RequestParams):
+        return PredictionRequest(prompt, params, grammar)
+    return PredictionRequest(prompt, params, grammar, speculative=params.speculative,
+                             draft_model=params.draft_model)
 
 
 def chat_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -14,12 +14,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmscli.engine import SamplingParams
+from lmscli.engine import DraftModel, LoadOptions, SamplingParams
 from lmscli.server.body import Body
 from lmscli.server.errors import bad_request
-from lmscli.server.models import MAX_PARALLEL, Loaded
+from lmscli.server.models import MAX_PARALLEL, Loaded, check_draft_range, find_draft
 
 P = "llm.prediction."
+INT32_MAX = 2**31 - 1  # draft lengths reach llama.cpp as C ints
+SPECULATIVE = P + "speculativeDecoding."
+LOAD_SPECULATIVE = "llm.load.speculativeDecoding."
 COMPLETE_LAYER = "completeModeFormatting"  # the SDK's complete(): the raw prompt, no template
 
 
@@ -67,6 +70,7 @@ def prediction_config(stack: Stack, history: Any) -> PredictionConfig:
     body: dict[str, Any] = {"messages": history_messages(history)}
     config = PredictionConfig(body, raw_prompt=COMPLETE_LAYER in stack.layers)
     _sampling(stack, body)
+    _speculative(stack, config)
     _structured(stack, config)
     _tools(stack, config)
     return config
@@ -112,6 +116,24 @@ def _sampling(stack: Stack, body: dict[str, Any]) -> None:
             body[field_] = _number(value, key) if on and value is not None else off
     if (stops := stack.get(P + "stopStrings")) is not None:
         body["stop"] = stops
+
+
+def _speculative(stack: Stack, config: PredictionConfig) -> None:
+    """``speculativeDecoding.mode`` (lmscli's: "off" or "ngram") and LM Studio's
+    ``speculativeDecoding.draftModel``, into the body's ``speculative`` and ``draft_model``
+    (``parsing.sampling`` finds the draft model)."""
+    key = SPECULATIVE + "mode"
+    if (mode := stack.get(key)) is not None:
+        if mode not in ("off", "ngram"):
+            raise bad_request(f"'{key}' must be \"off\" or \"ngram\".", key)
+        config.body["speculative"] = mode
+        config.echo.append({"key": key, "value": mode})
+    key = SPECULATIVE + "draftModel"
+    if (draft := stack.get(key)) is not None:
+        if not isinstance(draft, str):
+            raise bad_request(f"'{key}' must be a model key (a string).", key)
+        config.body["draft_model"] = draft
+        config.echo.append({"key": key, "value": draft})
 
 
 def _structured(stack: Stack, config: PredictionConfig) -> None:
@@ -235,6 +257,14 @@ class LoadConfig:
     context_length: int | None = None
     gpu_ratio: float | None = None
     parallel: int | None = None
+    draft_model: DraftModel | None = None
+    draft_max: int | None = None
+    draft_min: int = 0
+
+    def drafting(self) -> dict[str, Any]:
+        """The draft settings, as ``ModelManager.load``'s keywords."""
+        return {"draft_model": self.draft_model, "draft_max": self.draft_max,
+                "draft_min": self.draft_min}
 
 
 def load_config(stack: Stack, domain: str) -> LoadConfig:
@@ -253,7 +283,27 @@ def load_config(stack: Stack, domain: str) -> LoadConfig:
                               "and 1.", "offloadRatio")
     if (parallel := stack.get(prefix + "numParallelSessions")) is not None:
         out.parallel = _whole(parallel, prefix + "numParallelSessions", 1, MAX_PARALLEL)
+    if domain == "llm":
+        _load_drafting(stack, out)
     return out
+
+
+def _load_drafting(stack: Stack, out: LoadConfig) -> None:
+    """``llm.load.speculativeDecoding.{draftModel,numDraftTokensExact,
+    minDraftLengthToConsider}``: the draft model, the most and the fewest tokens a draft
+    has (the names of LM Studio's prediction keys for the same limits)."""
+    most_key, least_key = LOAD_SPECULATIVE + "numDraftTokensExact", \
+        LOAD_SPECULATIVE + "minDraftLengthToConsider"
+    if (most := stack.get(most_key)) is not None:
+        out.draft_max = _whole(most, most_key, 1, INT32_MAX)
+    if (least := stack.get(least_key)) is not None:
+        out.draft_min = _whole(least, least_key, 0, INT32_MAX)
+    check_draft_range(out.draft_max, out.draft_min, (most_key, least_key))
+    key = LOAD_SPECULATIVE + "draftModel"
+    if (draft := stack.get(key)) is not None:
+        if not isinstance(draft, str):
+            raise bad_request(f"'{key}' must be a model key (a string).", key)
+        out.draft_model = find_draft(draft, key) if draft else None
 
 
 def _whole(value: Any, key: str, low: int, high: int) -> int:
@@ -272,4 +322,14 @@ def load_fields(entry: Loaded, domain: str) -> list[dict[str, Any]]:
         fields.append({"key": f"{domain}.load.llama.acceleration.offloadRatio", "value": ratio})
     if domain == "llm":
         fields.append({"key": "llm.load.numParallelSessions", "value": entry.instance.parallel})
+        fields += _drafting_fields(entry.instance.options)
     return fields
+
+
+def _drafting_fields(options: LoadOptions) -> list[dict[str, Any]]:
+    """The draft settings a load asked for, as the KV fields it could send them in."""
+    values = {"draftModel": options.draft_model.model_key if options.draft_model else None,
+              "numDraftTokensExact": options.draft_max,
+              "minDraftLengthToConsider": options.draft_min or None}
+    return [{"key": LOAD_SPECULATIVE + name, "value": value}
+            for name, value in values.items() if value is not None]

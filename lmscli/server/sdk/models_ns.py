@@ -205,7 +205,8 @@ async def get_or_load(ctx: Context, channel: Channel, parameter: Any) -> None:
     ttl_ms = p.integer("loadTtlMs", low=1)
     events = ctx.models.get_or_load_events(
         name, ttl_s=ttl_ms / 1000 if ttl_ms else None, context_length=options.context_length,
-        jit=False, gpu_ratio=options.gpu_ratio, parallel=options.parallel)
+        jit=False, gpu_ratio=options.gpu_ratio, parallel=options.parallel,
+        **options.drafting())
     await _stream_load(ctx, channel, events, "loadProgress", "loadSuccess")
 
 
@@ -222,7 +223,7 @@ async def load_model(ctx: Context, channel: Channel, parameter: Any) -> None:
     events = ctx.models.load_events(
         model.model_key, identifier=identifier, context_length=options.context_length,
         gpu_ratio=options.gpu_ratio, parallel=options.parallel,
-        ttl_s=ttl_ms / 1000 if ttl_ms else None)
+        ttl_s=ttl_ms / 1000 if ttl_ms else None, **options.drafting())
     await _stream_load(ctx, channel, events, "progress", "success")
 
 
