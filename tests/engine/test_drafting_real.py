@@ -1,6 +1,8 @@
 """Draft-free speculative decoding on llama.cpp with the default model: a rewrite of code
 given in the prompt comes out token for token as it does without drafting, greedy or
-sampled with a seed, and much of it was drafted. Without a repeat penalty: with one, llama.cpp's
+sampled with a seed, and much of it was drafted. Short (64 tokens): past a few hundred tokens
+of context llama.cpp sums a batch in another order than one token, and nearly tied tokens
+can swap. Without a repeat penalty: with one, llama.cpp's
 answers with and without drafting can part after a while, llama-server's as well (issue 21's
 notes)."""
 
@@ -51,7 +53,7 @@ def answer(model_file: Path, speculative: str, draft: DraftModel | None = None,
     try:
         events: queue.Queue = queue.Queue()
         request = PredictionRequest(user_prompt(inst, ASK),
-                                    SamplingParams(max_tokens=160, **params))  # type: ignore[arg-type]
+                                    SamplingParams(max_tokens=64, **params))  # type: ignore[arg-type]
         inst.submit(request, events.put)
         text = []
         while (event := events.get(timeout=120)).type not in ("done", "failed"):
@@ -69,8 +71,7 @@ def test_drafting_keeps_the_models_own_answer(default_model_file: Path, params: 
     plain, _ = answer(default_model_file, "off", **params)
     drafted, stats = answer(default_model_file, "ngram", **params)
     assert drafted == plain
-    assert stats.draft_tokens > 10  # type: ignore[attr-defined]
-    assert stats.accepted_draft_tokens > stats.draft_tokens / 3  # type: ignore[attr-defined]
+    assert stats.accepted_draft_tokens >= 15  # type: ignore[attr-defined]
     print(f"{params}: {stats.accepted_draft_tokens} of {stats.draft_tokens} drafted tokens "  # type: ignore[attr-defined]
           f"accepted, {stats.predicted_tokens} written")  # type: ignore[attr-defined]
 
