@@ -729,7 +729,7 @@ class ModelInstance:
         least = max(1, self.options.draft_min)
         out = {}
         for (seq, _), draft in zip(wants, drafts, strict=True):
-            seq.draft_model = self.draft_model.model_key if self.draft_model else None
+            seq.draft_model = self.draft_model.model_key  # type: ignore[union-attr]
             out[seq] = draft if len(draft) >= least else []
         return out
 
@@ -737,8 +737,6 @@ class ModelInstance:
         """Attach ``draft`` (or keep the one attached), checking it can draft for this model."""
         if draft is None or draft == self.draft_model:
             return
-        if draft.path == self.spec.path:
-            log.info("%s drafts for itself", self.spec.model_key)
         self._attach_draft(draft)
         self.draft_model = draft
 

@@ -28,7 +28,7 @@ from lmscli.engine.base import (
 )
 from lmscli.engine.drafting import CPU_COST, GPU_COST, StepCost
 from lmscli.engine.promptcache import State
-from lmscli.engine.slots import Batch
+from lmscli.engine.slots import Batch, common_prefix
 from lmscli.engine.types import DraftModel, LoadOptions, PredictionRequest
 from lmscli.errors import InvalidModelFileError
 
@@ -155,6 +155,19 @@ def _context(model: LlamaModel, *, n_ctx: int, n_seq: int, embeddings: bool) -> 
     return ctx
 
 
+def _decode(ctx: Any, b: Any, batch: Batch) -> int:
+    """Decode ``batch`` in ``ctx`` through the llama_batch ``b``; llama_decode's status."""
+    for i, (tok, pos, seq, keep) in enumerate(zip(batch.tokens, batch.positions,
+                                                  batch.seq_ids, batch.logits, strict=True)):
+        b.token[i] = tok
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = keep
+    b.n_tokens = len(batch)
+    return int(ll.llama_decode(ctx, b))
+
+
 def _vocabulary_clash(draft: LlamaModel, main: LlamaModel) -> str | None:
     """Why ``draft``'s guesses would be other tokens than ``main`` reads, if they would."""
     if draft.n_vocab != main.n_vocab:
@@ -209,10 +222,11 @@ class DraftContext:
         going = {seq: most for seq, _, most in wants if most > 0}
         rows = [(seq, tokens[-1]) for seq, tokens, most in wants if most > 0]
         while rows:
-            for i, (seq, token) in enumerate(rows):  # decoded together, each with its logits
-                self._put(i, token, len(self.held[seq]), seq, True)
+            batch = Batch()  # decoded together, each with its logits
+            for seq, token in rows:
+                batch.add(token, len(self.held[seq]), seq, True)
                 self.held[seq].append(token)
-            self._run(len(rows))
+            self._run(batch)
             decoded, rows = rows, []
             for i, (seq, _) in enumerate(decoded):
                 token = int(ll.llama_sampler_sample(self._greedy, self.ctx, i))
@@ -225,29 +239,19 @@ class DraftContext:
     def _catch_up(self, seq: int, tokens: list[int]) -> None:
         """Make the sequence hold ``tokens``: drop what differs, decode what is missing."""
         held = self.held[seq]
-        same = 0
-        for a, b in zip(held, tokens, strict=False):
-            if a != b:
-                break
-            same += 1
+        same = common_prefix(held, tokens)
         if same < len(held):
             ll.llama_memory_seq_rm(self.memory, seq, same, -1)
             del held[same:]
         for start in range(same, len(tokens), ModelInstance.n_batch):
-            chunk = tokens[start:start + ModelInstance.n_batch]
-            for i, token in enumerate(chunk):
-                self._put(i, token, start + i, seq, False)
-            self._run(len(chunk))
-            held.extend(chunk)
+            batch = Batch()
+            for pos in range(start, min(start + ModelInstance.n_batch, len(tokens))):
+                batch.add(tokens[pos], pos, seq, False)
+            self._run(batch)
+            held.extend(batch.tokens)
 
-    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        b = self._batch
-        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
-        b.seq_id[i][0] = seq
-
-    def _run(self, n: int) -> None:
-        self._batch.n_tokens = n
-        if ll.llama_decode(self.ctx, self._batch) != 0:
+    def _run(self, batch: Batch) -> None:
+        if _decode(self.ctx, self._batch, batch) != 0:
             raise PredictionFailure("The draft model could not decode (its context is full?).")
 
 
@@ -390,16 +394,7 @@ class LlamaInstance(ModelInstance):
     # -- decoding --------------------------------------------------------------------------
 
     def _decode(self, batch: Batch) -> int:
-        b = self._batch
-        for i, (tok, pos, seq, keep) in enumerate(zip(batch.tokens, batch.positions,
-                                                      batch.seq_ids, batch.logits, strict=True)):
-            b.token[i] = tok
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = seq
-            b.logits[i] = keep
-        b.n_tokens = len(batch)
-        return int(ll.llama_decode(self.ctx, b))
+        return _decode(self.ctx, self._batch, batch)
 
     def _seq_rm(self, seq_id: int, start: int) -> bool:
         return bool(ll.llama_memory_seq_rm(self.memory, seq_id, start, -1))
