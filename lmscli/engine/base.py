@@ -701,8 +701,9 @@ class ModelInstance:
         if mode != "ngram" or room < 1:
             return []
         if seq.drafter is None:
+            most, least = self._draft_lengths(seq)
             seq.drafter = Drafter(seq.slot.tokens, self.pool, self.step_cost,
-                                  most=self.options.draft_max, least=self.options.draft_min)
+                                  most=most, least=least)
         return seq.drafter.draft(seq.last_token, room, plan)
 
     def _room(self, seq: Sequence, spare: int) -> int:
@@ -723,15 +724,22 @@ class ModelInstance:
         wants = [(s, room) for s, room in wants if room > 0]
         if not wants:
             return {}
-        most = self.options.draft_max or MODEL_DRAFT_MAX
-        drafts = self._draft_tokens([(s.slot.id, [*s.slot.tokens, s.last_token], min(room, most))
-                                     for s, room in wants])
-        least = max(1, self.options.draft_min)
+        lengths = [self._draft_lengths(s) for s, _ in wants]
+        drafts = self._draft_tokens([(s.slot.id, [*s.slot.tokens, s.last_token],
+                                      min(room, most or MODEL_DRAFT_MAX))
+                                     for (s, room), (most, _) in zip(wants, lengths, strict=True)])
         out = {}
-        for (seq, _), draft in zip(wants, drafts, strict=True):
+        for (seq, _), (_, least), draft in zip(wants, lengths, drafts, strict=True):
             seq.draft_model = self.draft_model.model_key  # type: ignore[union-attr]
-            out[seq] = draft if len(draft) >= least else []
+            out[seq] = draft if len(draft) >= max(1, least) else []
         return out
+
+    def _draft_lengths(self, seq: Sequence) -> tuple[int | None, int]:
+        """The most and the least tokens ``seq`` drafts at once: its request's, else the load's."""
+        request = seq.prediction.request
+        most = request.draft_max if request.draft_max is not None else self.options.draft_max
+        least = request.draft_min if request.draft_min is not None else self.options.draft_min
+        return most, least
 
     def _use_draft(self, draft: DraftModel | None) -> None:
         """Attach ``draft`` (or keep the one attached), checking it can draft for this model."""

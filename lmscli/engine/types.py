@@ -48,6 +48,9 @@ class PredictionRequest:
     # speculative decoding for this request; None: the model's load setting
     speculative: Speculative | None = None
     draft_model: DraftModel | None = None  # drafts come from this model (LM Studio's draftModel)
+    # LM Studio's numDraftTokensExact and minDraftLengthToConsider; None: the load's settings
+    draft_max: int | None = None
+    draft_min: int | None = None
 
 
 @dataclass

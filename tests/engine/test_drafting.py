@@ -182,6 +182,12 @@ def test_a_request_drafts_from_an_earlier_answer_and_can_say_off(model_file: Pat
         assert done.stats.accepted_draft_tokens >= 30
         fragments = [e for _, e in again.seen if isinstance(e, Fragment)]
         assert len(fragments) < 10 and sum(f.tokens for f in fragments) == 40
+        short = Run(inst, ask, draft_max=3)  # LM Studio's numDraftTokensExact, per request
+        assert isinstance(done := short.wait(), Done) and short.text == first.text
+        assert done.stats.accepted_draft_tokens >= 20
+        assert max(f.tokens for _, f in short.seen if isinstance(f, Fragment)) <= 4
+        least = Run(inst, ask, draft_min=50)  # no guess is that long: nothing is drafted
+        assert isinstance(done := least.wait(), Done) and not done.stats.draft_tokens
         off = Run(inst, ask, speculative="off")
         assert isinstance(done := off.wait(), Done) and off.text == first.text
         assert done.stats.draft_tokens is None

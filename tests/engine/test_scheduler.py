@@ -54,9 +54,10 @@ class Run:
         self.name = name
         self.events: queue.Queue = queue.Queue()
         self.seen: list[object] = []
-        speculative = params.pop("speculative", None)
+        drafting = {k: params.pop(k) for k in ("speculative", "draft_max", "draft_min")
+                    if k in params}
         self.prediction = inst.submit(PredictionRequest(
-            prompt, SamplingParams(**params), speculative=speculative),  # type: ignore[arg-type]
+            prompt, SamplingParams(**params), **drafting),  # type: ignore[arg-type]
             self._put)
 
     def _put(self, event: object) -> None:
