@@ -35,12 +35,15 @@ class ModelServer(Protocol):
 
 
 # SDK prediction config keys (snake_case form) → the server's request fields;
-# speculativeDecoding ("off" or "ngram") is lmscli's, draftModel LM Studio's
+# speculativeDecoding ("off" or "ngram") is lmscli's, draftModel and the draft lengths
+# (speculativeDecodingNumDraftTokensExact, …MinDraftLengthToConsider) LM Studio's
 _PREDICTION_KEYS = {
     "temperature": "temperature", "max_tokens": "max_tokens", "top_p_sampling": "top_p",
     "top_k_sampling": "top_k", "min_p_sampling": "min_p", "repeat_penalty": "repeat_penalty",
     "stop_strings": "stop", "seed": "seed", "speculative_decoding": "speculative",
     "draft_model": "draft_model",
+    "speculative_decoding_num_draft_tokens_exact": "draft_max_tokens",
+    "speculative_decoding_min_draft_length_to_consider": "draft_min_tokens",
 }
 
 

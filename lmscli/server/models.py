@@ -437,9 +437,7 @@ def find_draft(name: str, param: str = "draft_model") -> DraftModel:
     return DraftModel(str(model.abs_path), model.model_key)
 
 
-def check_draft_range(most: int | None, least: int | None,
-                      names: tuple[str, str] = ("draft_max_tokens", "draft_min_tokens")
-                      ) -> None:
+def check_draft_range(most: int | None, least: int | None, names: tuple[str, str]) -> None:
     """A 400 when the shortest draft worth verifying is longer than the longest draft; the
     bounds of each are the caller's to check. ``names``: the two fields, as sent."""
     if most is not None and least is not None and least > most:

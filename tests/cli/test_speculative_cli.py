@@ -1,5 +1,6 @@
 """``lms load``'s speculative decoding flags reach the load, ``lms ps --json`` shows them, and
-bad ones exit 1 with one line; ``lms chat --stats`` names the draft model."""
+bad ones exit 1 with one line; ``lms chat --stats`` names the draft model, and its requests
+draft within the load's limits."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from lmscli.cli import render
 from lmscli.client.results import LlmPredictionStats
+from tests.cli.test_chat import Piped
 from tests.cli.test_commands import lms
 from tests.conftest import ThreadServer
 from tests.server.test_speculative_requests import RecordingEngine
@@ -76,3 +78,23 @@ def test_stats_name_the_draft_model() -> None:
     lines = render.stats_lines(stats)
     at = lines.index(f"  Draft Model: {DRAFT}")
     assert lines[at + 1] == "  Accepted Draft Tokens: 5 of 10 (50%)"
+
+
+def test_chat_drafts_within_the_loads_limits(server: ThreadServer, engine: RecordingEngine,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lms chat`` asks for no draft lengths of its own (None on each request), so the
+    load's hold: the second asking of a question drafts from the first answer."""
+    monkeypatch.setattr("sys.stdin", Piped(""))
+    code, _, err = lms(capsys, "load", "tiny-chat", "--speculative", "ngram",
+                       "--speculative-draft-max-tokens", "3")
+    assert code == 0, err
+    for _ in range(2):
+        code, out, err = lms(capsys, "chat", "tiny-chat", "-p", "Count [[count: 40]]",
+                             "--stats")
+        assert code == 0, err
+    assert out.split() == [f"n{i}" for i in range(1, 41)]
+    assert "  Accepted Draft Tokens: " in err
+    request = engine.requests[-1]
+    assert (request.speculative, request.draft_max, request.draft_min) == (None, None, None)
+    assert engine.loads[-1].draft_max == 3

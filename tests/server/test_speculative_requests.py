@@ -1,7 +1,7 @@
-"""Speculative decoding's request fields, on every API, reach the engine: ``speculative``
-and ``draft_model`` in each prediction's request, the draft settings of a load in its
-options; bad values are 400s (404 for an unknown draft model) in each API's error shape.
-The engine's drafting itself is tested in tests/engine."""
+"""Speculative decoding's request fields, on every API, reach the engine: ``speculative``,
+``draft_model``, ``draft_max_tokens`` and ``draft_min_tokens`` in each prediction's request,
+the draft settings of a load in its options; bad values are 400s (404 for an unknown draft
+model) in each API's error shape. The engine's drafting itself is tested in tests/engine."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ from lmscli.engine import DraftModel, LoadOptions, PredictionRequest, Prediction
 from lmscli.engine.fake import FakeEngine, FakeInstance
 from lmscli.errors import ModelNotFoundError, ServerError, UserInputError
 from lmscli.server.apis.openai_api import draft_stats
+from lmscli.server.links.forward import upstream_body
+from lmscli.server.links.registry import LinkTarget
+from lmscli.server.links.turn import chat_payload
+from lmscli.server.pipeline.turns import RequestParams, TurnInput
 from lmscli.server.sdk.kvconfig import load_fields
 from tests.conftest import ThreadServer
 from tests.gguf_factory import make_gguf
@@ -122,29 +126,84 @@ def test_each_api_passes_speculative_to_the_engine(server: ThreadServer,
     assert post(server, path, plain).status_code == 200
     assert engine.requests[-1].speculative is None  # the model's load setting
     assert engine.requests[-1].draft_model is None
+    assert (engine.requests[-1].draft_max, engine.requests[-1].draft_min) == (None, None)
+
+
+def with_fields(path: str, body: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A route's body with ``fields`` where it takes ``speculative`` (Ollama's options)."""
+    out = with_value(body, "ngram")
+    if "options" in out:
+        out["options"] |= fields
+    else:
+        out |= fields
+    return out
 
 
 @pytest.mark.parametrize(("path", "body"), ROUTES, ids=[r[0] for r in ROUTES])
-def test_a_bad_speculative_value_is_a_400_naming_the_field(server: ThreadServer, path: str,
-                                                           body: dict[str, Any]) -> None:
-    r = post(server, path, with_value(body, "fast"))
-    assert r.status_code == 400
-    field = "options.speculative" if "options" in body else "speculative"
-    assert f"'{field}' must be \"off\" or \"ngram\"" in error_message(path, r)
+def test_each_api_passes_draft_lengths_to_the_engine(server: ThreadServer,
+                                                     engine: RecordingEngine, path: str,
+                                                     body: dict[str, Any]) -> None:
+    r = post(server, path, with_fields(path, body, draft_max_tokens=3, draft_min_tokens=1))
+    assert r.status_code == 200, r.text
+    assert (engine.requests[-1].draft_max, engine.requests[-1].draft_min) == (3, 1)
+    r = post(server, path, with_fields(path, body, draft_min_tokens=0))  # any draft counts
+    assert r.status_code == 200, r.text
+    assert (engine.requests[-1].draft_max, engine.requests[-1].draft_min) == (None, 0)
+
+
+@pytest.mark.parametrize(("path", "body"), ROUTES, ids=[r[0] for r in ROUTES])
+def test_bad_draft_lengths_are_a_400_naming_the_field(server: ThreadServer, path: str,
+                                                      body: dict[str, Any]) -> None:
+    where = "options." if "options" in body else ""
+    for fields, message in [
+            ({"draft_max_tokens": 0}, f"'{where}draft_max_tokens' must be at least 1"),
+            ({"draft_min_tokens": -1}, f"'{where}draft_min_tokens' must be at least 0"),
+            ({"draft_max_tokens": "3"}, f"'{where}draft_max_tokens' must be an integer"),
+            ({"draft_max_tokens": 2, "draft_min_tokens": 3},
+             f"'{where}draft_min_tokens' (3) must not be more than '{where}draft_max_tokens' "
+             "(2)")]:
+        r = post(server, path, with_fields(path, body, **fields))
+        assert r.status_code == 400, (fields, r.text)
+        assert message in error_message(path, r)
     assert server.models.loaded == {}  # refused before a load
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/v0/chat/completions",
-                                  "/api/v0/completions"])
-def test_draft_model_is_found_and_passed(server: ThreadServer, engine: RecordingEngine,
-                                         fake_models: Path, path: str) -> None:
-    body = {"model": "tiny-chat", "draft_model": DRAFT} | (
-        {"prompt": "Once"} if path.endswith("/completions") and "chat" not in path
-        else {"messages": USER})
-    r = post(server, path, body)
-    assert r.status_code == 200, r.text
-    assert engine.requests[-1].draft_model == draft_of(fake_models)
-    assert list(server.models.loaded) == ["tiny-chat"]  # the draft model is not loaded as one
+def test_a_draft_length_limit_shows_in_the_fragments(server: ThreadServer) -> None:
+    """A question asked again drafts its whole answer from the first answer (the model's
+    pool), in long fragments; with at most 3 drafted tokens (the client's LM Studio key) it
+    still drafts, but no step writes more than those 3 and the token sampled after them.
+    lmscli's own route sends each step's fragment as it is: other streams merge them."""
+    ask = "Count [[count: 40]]"
+    with lms.Client(f"127.0.0.1:{server.port}") as client:
+        model = client.llm.model("tiny-chat")
+
+        def fragments(**config: Any) -> tuple[list[int], Any]:
+            stream = model.respond_stream(ask, config={"speculativeDecoding": "ngram"} | config)
+            return [f.tokens_count for f in stream], stream.result().stats
+
+        first, _ = fragments()
+        again, stats = fragments()
+        limited, short = fragments(speculativeDecodingNumDraftTokensExact=3)
+    assert sum(first) == sum(again) == sum(limited) == 40
+    assert max(again) > 4 and stats.accepted_draft_tokens_count >= 30
+    assert max(limited) <= 4 and short.accepted_draft_tokens_count >= 20
+
+
+@pytest.mark.parametrize("path", ["/api/v1/chat", "/api/chat", "/api/generate"])
+def test_v1_chat_and_ollama_refuse_unknown_or_embedding_draft_models(
+        server: ThreadServer, path: str) -> None:
+    body = dict(next(b for p, b in ROUTES if p == path))
+    where = "options.draft_model" if "options" in body else "draft_model"
+    r = post(server, path, with_fields(path, body, draft_model="nope"))
+    assert r.status_code == 404
+    assert error_message(path, r) == ("Draft model 'nope' not found. Run `lms ls` to see "
+                                      "your models.")
+    r = post(server, path, with_fields(path, body, draft_model="embed"))
+    assert r.status_code == 400
+    assert error_message(path, r).startswith(f"'{where}': embed is an embedding model")
+    if path == "/api/v1/chat":  # LM Studio's v1 error body names its kind
+        assert r.json()["error"]["param"] == "draft_model"
+    assert server.models.loaded == {}  # refused before a load
 
 
 def test_unknown_or_embedding_draft_models_are_refused(server: ThreadServer) -> None:
@@ -183,6 +242,9 @@ def test_client_config_reaches_the_engine(server: ThreadServer, engine: Recordin
         model.respond("hi", config={"speculativeDecoding": "ngram", "draftModel": DRAFT})
         assert engine.requests[-1].speculative == "ngram"
         assert engine.requests[-1].draft_model == draft_of(fake_models)
+        model.respond("hi", config={"speculativeDecodingNumDraftTokensExact": 4,
+                                    "speculative_decoding_min_draft_length_to_consider": 2})
+        assert (engine.requests[-1].draft_max, engine.requests[-1].draft_min) == (4, 2)
         with pytest.raises(UserInputError, match="speculativeDecoding must be"):
             model.respond("hi", config={"speculativeDecoding": "fast"})
         with pytest.raises(ModelNotFoundError, match="Draft model 'nope' not found"):
@@ -206,8 +268,11 @@ def test_sdk_prediction_config_reaches_the_engine(server: ThreadServer,
                                                   engine: RecordingEngine,
                                                   fake_models: Path) -> None:
     with lmstudio.Client(f"127.0.0.1:{server.port}") as sdk:
-        sdk.llm.model("tiny-chat").respond("hi", config={"draftModel": DRAFT})
+        sdk.llm.model("tiny-chat").respond("hi", config={
+            "draftModel": DRAFT, "speculativeDecodingNumDraftTokensExact": 3,
+            "speculativeDecodingMinDraftLengthToConsider": 2})
     assert engine.requests[-1].draft_model == draft_of(fake_models)
+    assert (engine.requests[-1].draft_max, engine.requests[-1].draft_min) == (3, 2)
     with raw(server) as ws:
         ws.send(predict_message("hi", **{"speculativeDecoding.mode": "off"}))
         while (reply := recv(ws))["message"]["type"] != "success":
@@ -220,6 +285,37 @@ def test_sdk_prediction_config_reaches_the_engine(server: ThreadServer,
             pass
         assert reply["channelId"] == 2
         assert "speculativeDecoding.mode' must be" in reply["error"]["title"]
+        ws.send(predict_message("hi", 3, **{"speculativeDecoding.numDraftTokensExact": 2,
+                                            "speculativeDecoding.minDraftLengthToConsider": 3}))
+        while (reply := recv(ws))["type"] != "channelError":
+            pass
+        assert "minDraftLengthToConsider' (3) must not be more than" in reply["error"]["title"]
+        ws.send(predict_message("hi", 4, **{"speculativeDecoding.numDraftTokensExact": 5}))
+        while (reply := recv(ws))["message"]["type"] != "success":
+            pass
+        assert engine.requests[-1].draft_max == 5
+        echoed = {f["key"]: f["value"] for f in reply["message"]["predictionConfig"]["fields"]}
+        assert echoed["llm.prediction.speculativeDecoding.numDraftTokensExact"] == 5
+
+
+# -- linked engines --------------------------------------------------------------------------
+
+def test_linked_engines_get_the_speculative_fields() -> None:
+    """A relayed body keeps them as sent; a translated turn (Responses, Messages, /api/v1/chat,
+    Ollama) sends those the caller set, the draft model by its key."""
+    target = LinkTarget("m", [], "up/m")
+    sent = {"model": "up/m", "speculative": "ngram", "draft_model": DRAFT,
+            "draft_max_tokens": 3, "draft_min_tokens": 1, "ttl": 60}
+    assert upstream_body(sent, target) == {k: v for k, v in sent.items() if k != "ttl"} | {
+        "model": "m"}
+    params = RequestParams(speculative="ngram", draft_model=DraftModel("/models/d.gguf", DRAFT),
+                           draft_max=3)
+    payload = chat_payload(target, TurnInput(USER), params)
+    assert {k: payload.get(k) for k in ("speculative", "draft_model", "draft_max_tokens")} == {
+        "speculative": "ngram", "draft_model": DRAFT, "draft_max_tokens": 3}
+    assert "draft_min_tokens" not in payload  # not asked for: the upstream's load setting
+    plain = chat_payload(target, TurnInput(USER), RequestParams())
+    assert not {"speculative", "draft_model", "draft_max_tokens"} & set(plain)
 
 
 # -- loads -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from lmscli.engine import PromptProgress
 from lmscli.server.apis import api_v1_tools
 from lmscli.server.apis.parsing import (
+    DRAFT_FIELDS,
     load_drafting,
     manager,
     parse_messages,
@@ -118,9 +119,6 @@ async def models_load(request: Request) -> Response:
     return JSONResponse(out)
 
 
-DRAFT_FIELDS = ("draft_model", "draft_max_tokens", "draft_min_tokens")
-
-
 def drafts_as(entry: Loaded, body: Body, drafting: dict[str, Any]) -> bool:
     """Whether the instance drafts as the load asks (``drafting``: ``load_drafting``'s
     keywords); any instance does for a load that names no draft field."""
@@ -156,8 +154,8 @@ class ChatRequest:
         self.messages = self._history(body) + [{"role": "user", "content": user_text(body)}]
         openai_body = {"messages": self.messages, "max_tokens": body.data.get(
             "max_output_tokens")} | {k: body.data[k] for k in (
-                "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "speculative")
-                if k in body.data}
+                "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "speculative",
+                *DRAFT_FIELDS) if k in body.data}
         self.openai = Body(openai_body)
         self.params = sampling(self.openai)
         parse_messages(self.openai)  # the same checks as /v1

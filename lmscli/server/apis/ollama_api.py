@@ -29,6 +29,7 @@ from lmscli.server.apis import ollama_names as names
 from lmscli.server.apis.api_v1_downloads import downloads
 from lmscli.server.apis.openai_api import embedding_inputs, input_tokens
 from lmscli.server.apis.parsing import (
+    DRAFT_FIELDS,
     manager,
     parse_messages,
     read_json,
@@ -61,10 +62,11 @@ VERSION = "0.12.0"
 # what Ollama reports for a model kept loaded forever (keep_alive -1)
 FOREVER = datetime(2318, 1, 1, tzinfo=timezone.utc)
 # sampling options Ollama clients send that map onto the engine's, and lmscli's own
-# "speculative" (a runner option, so it sits with them); the rest (num_gpu, num_thread,
-# mirostat, …) are ignored, as Ollama ignores options a runner lacks
+# speculative decoding (runner options, so they sit with them); the rest (num_gpu,
+# num_thread, mirostat, …) are ignored, as Ollama ignores options a runner lacks
 OPTIONS = ("temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty",
-           "presence_penalty", "frequency_penalty", "stop", "num_predict", "speculative")
+           "presence_penalty", "frequency_penalty", "stop", "num_predict", "speculative",
+           *DRAFT_FIELDS)
 DONE_REASON = {"maxPredictedTokensReached": "length", "contextLengthReached": "length"}
 PULL_POLL_S = 0.25
 

@@ -22,6 +22,8 @@ MAX_STOPS = 32
 MAX_STOP_CHARS = 1000
 INT32_MAX = 2**31 - 1  # counts that reach llama.cpp as C ints
 SPECULATIVE = ("off", "ngram")
+# the draft settings a load and a request both take
+DRAFT_FIELDS = ("draft_model", "draft_max_tokens", "draft_min_tokens")
 # OpenAI fields we don't implement, with the value that asks for nothing: any other value is a
 # 400, so that a client never believes it got what it asked for.
 UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},),
@@ -38,9 +40,10 @@ def manager(request: Request) -> ModelManager:
 
 def sampling(body: Body, *, limit_key: str | None = None, stop_key: str = "stop"
              ) -> RequestParams:
-    """The sampling fields, and speculative decoding (``speculative``, ``draft_model``);
-    ``limit_key`` and ``stop_key`` name the token limit and the stop strings where an API
-    calls them otherwise (max_output_tokens, stop_sequences)."""
+    """The sampling fields, and speculative decoding (``speculative``, ``draft_model``,
+    ``draft_max_tokens``, ``draft_min_tokens``); ``limit_key`` and ``stop_key`` name the
+    token limit and the stop strings where an API calls them otherwise (max_output_tokens,
+    stop_sequences)."""
     reject_unsupported(body)
     p = RequestParams()
     p.temperature = body.number("temperature", p.temperature, low=0, high=2)  # type: ignore
@@ -60,6 +63,7 @@ def sampling(body: Body, *, limit_key: str | None = None, stop_key: str = "stop"
         raise bad_request("Only n=1 is supported: this server returns one choice.", "n")
     p.speculative = speculative_mode(body)
     p.draft_model = draft_model(body)
+    p.draft_max, p.draft_min = draft_lengths(body)
     return p
 
 
@@ -79,12 +83,21 @@ def draft_model(body: Body) -> DraftModel | None:
     return find_draft(name, field_name(body, "draft_model")) if name else None
 
 
+def draft_lengths(body: Body) -> tuple[int | None, int | None]:
+    """``draft_max_tokens`` and ``draft_min_tokens`` (LM Studio's numDraftTokensExact and
+    minDraftLengthToConsider): the most tokens a draft has, and the fewest worth verifying;
+    None where not given. A load's and a request's take the same values."""
+    most = body.integer("draft_max_tokens", low=1, high=INT32_MAX)
+    least = body.integer("draft_min_tokens", low=0, high=INT32_MAX)
+    check_draft_range(most, least, (field_name(body, "draft_max_tokens"),
+                                    field_name(body, "draft_min_tokens")))
+    return most, least
+
+
 def load_drafting(body: Body) -> dict[str, Any]:
     """A load's ``draft_model``, ``draft_max_tokens`` and ``draft_min_tokens``, as
     ``ModelManager.load``'s keywords."""
-    most = body.integer("draft_max_tokens", low=1, high=INT32_MAX)
-    least = body.integer("draft_min_tokens", low=0, high=INT32_MAX)
-    check_draft_range(most, least)
+    most, least = draft_lengths(body)
     return {"draft_model": draft_model(body), "draft_max": most, "draft_min": least or 0}
 
 

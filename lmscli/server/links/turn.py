@@ -34,6 +34,7 @@ from lmscli.server.pipeline.turns import (
     Failure,
     Finished,
     ReasoningDelta,
+    RequestParams,
     ThinkSplitter,
     TurnEvent,
     TurnInput,
@@ -68,7 +69,19 @@ def chat_payload(target: LinkTarget, wanted: TurnInput, params: SamplingParams) 
         payload["max_tokens"] = params.max_tokens
     if params.stop:
         payload["stop"] = params.stop
-    return payload
+    return payload | drafting_fields(params)
+
+
+def drafting_fields(params: SamplingParams) -> dict[str, Any]:
+    """The speculative decoding the caller asked for, in lmscli's request fields, as a
+    relayed body carries them: an upstream lmscli honours them (finding the draft model by
+    its key among its own models), other engines ignore fields they don't know."""
+    if not isinstance(params, RequestParams):
+        return {}
+    draft = params.draft_model.model_key if params.draft_model is not None else None
+    fields = {"speculative": params.speculative, "draft_model": draft,
+              "draft_max_tokens": params.draft_max, "draft_min_tokens": params.draft_min}
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 class LinkedTurn:

@@ -63,6 +63,9 @@ class RequestParams(SamplingParams):
 
     speculative: Literal["off", "ngram"] | None = None  # None: the model's load setting
     draft_model: DraftModel | None = None
+    # the most and the fewest tokens a draft has; None: the load's setting
+    draft_max: int | None = None
+    draft_min: int | None = None
 
 
 def prediction_request(prompt: str, params: SamplingParams,
@@ -71,7 +74,8 @@ def prediction_request(prompt: str, params: SamplingParams,
     if not isinstance(params, RequestParams):
         return PredictionRequest(prompt, params, grammar)
     return PredictionRequest(prompt, params, grammar, speculative=params.speculative,
-                             draft_model=params.draft_model)
+                             draft_model=params.draft_model, draft_max=params.draft_max,
+                             draft_min=params.draft_min)
 
 
 def chat_response_format(fmt: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -71,6 +71,7 @@ def prediction_config(stack: Stack, history: Any) -> PredictionConfig:
     config = PredictionConfig(body, raw_prompt=COMPLETE_LAYER in stack.layers)
     _sampling(stack, body)
     _speculative(stack, config)
+    _draft_limits(stack, config)
     _structured(stack, config)
     _tools(stack, config)
     return config
@@ -134,6 +135,17 @@ def _speculative(stack: Stack, config: PredictionConfig) -> None:
             raise bad_request(f"'{key}' must be a model key (a string).", key)
         config.body["draft_model"] = draft
         config.echo.append({"key": key, "value": draft})
+
+
+def _draft_limits(stack: Stack, config: PredictionConfig) -> None:
+    """LM Studio's ``speculativeDecoding.{numDraftTokensExact,minDraftLengthToConsider}``,
+    into the body's ``draft_max_tokens`` and ``draft_min_tokens``."""
+    most, least = _draft_lengths(stack, SPECULATIVE)
+    for name, body_key, value in (("numDraftTokensExact", "draft_max_tokens", most),
+                                  ("minDraftLengthToConsider", "draft_min_tokens", least)):
+        if value is not None:
+            config.body[body_key] = value
+            config.echo.append({"key": SPECULATIVE + name, "value": value})
 
 
 def _structured(stack: Stack, config: PredictionConfig) -> None:
@@ -292,18 +304,25 @@ def _load_drafting(stack: Stack, out: LoadConfig) -> None:
     """``llm.load.speculativeDecoding.{draftModel,numDraftTokensExact,
     minDraftLengthToConsider}``: the draft model, the most and the fewest tokens a draft
     has (the names of LM Studio's prediction keys for the same limits)."""
-    most_key, least_key = LOAD_SPECULATIVE + "numDraftTokensExact", \
-        LOAD_SPECULATIVE + "minDraftLengthToConsider"
-    if (most := stack.get(most_key)) is not None:
-        out.draft_max = _whole(most, most_key, 1, INT32_MAX)
-    if (least := stack.get(least_key)) is not None:
-        out.draft_min = _whole(least, least_key, 0, INT32_MAX)
-    check_draft_range(out.draft_max, out.draft_min, (most_key, least_key))
+    most, least = _draft_lengths(stack, LOAD_SPECULATIVE)
+    out.draft_max, out.draft_min = most, least or 0
     key = LOAD_SPECULATIVE + "draftModel"
     if (draft := stack.get(key)) is not None:
         if not isinstance(draft, str):
             raise bad_request(f"'{key}' must be a model key (a string).", key)
         out.draft_model = find_draft(draft, key) if draft else None
+
+
+def _draft_lengths(stack: Stack, prefix: str) -> tuple[int | None, int | None]:
+    """``{prefix}numDraftTokensExact`` and ``{prefix}minDraftLengthToConsider`` (a load's
+    and a prediction's keys alike): the most and the fewest tokens a draft has; None where
+    not given."""
+    most_key, least_key = prefix + "numDraftTokensExact", prefix + "minDraftLengthToConsider"
+    most, least = stack.get(most_key), stack.get(least_key)
+    most = None if most is None else _whole(most, most_key, 1, INT32_MAX)
+    least = None if least is None else _whole(least, least_key, 0, INT32_MAX)
+    check_draft_range(most, least, (most_key, least_key))
+    return most, least
 
 
 def _whole(value: Any, key: str, low: int, high: int) -> int:
