@@ -267,24 +267,24 @@ def measure_state(inst: Any, tokens: list[int]) -> tuple[float, float, float, in
 
     decode, save, restore = [], [], []
     for _ in range(5):
-        inst._seq_rm(0, 0)
+        inst.backend.seq_rm(0, 0)
         t0 = time.perf_counter()
-        for start in range(0, len(tokens), inst.n_batch):
+        for start in range(0, len(tokens), inst.backend.n_batch):
             batch = Batch()
-            for pos in range(start, min(start + inst.n_batch, len(tokens))):
+            for pos in range(start, min(start + inst.backend.n_batch, len(tokens))):
                 batch.add(tokens[pos], pos, 0, pos == len(tokens) - 1)
-            assert inst._decode(batch) == 0
+            assert inst.backend.decode(batch) == 0
         t1 = time.perf_counter()
-        data = inst._save_state(0)
+        data = inst.backend.save_state(0)
         t2 = time.perf_counter()
-        inst._seq_rm(0, 0)
+        inst.backend.seq_rm(0, 0)
         t3 = time.perf_counter()
-        assert inst._restore_state(0, data)
+        assert inst.backend.restore_state(0, data)
         t4 = time.perf_counter()
         decode.append(t1 - t0)
         save.append(t2 - t1)
         restore.append(t4 - t3)
-    inst._seq_rm(0, 0)
+    inst.backend.seq_rm(0, 0)
     return (statistics.median(decode), statistics.median(save), statistics.median(restore),
             len(data))
 

@@ -2,11 +2,16 @@
 own llama-server without drafting and with each of its n-gram types; same GGUF and threads,
 greedy, no repeat penalty (llama-server's default; lmscli's is 1.1).
 
-Three workloads, each a streamed ``/v1/chat/completions`` request:
+Four workloads, each a streamed ``/v1/chat/completions`` request:
 
 - rewrite: a ~800-token Python file, asked back with one identifier renamed;
 - summary: a text to summarise, quoting its sentences;
-- prose: a story, with nothing in the prompt to copy (the never-slower guard).
+- prose: a story, with nothing in the prompt to copy, asked again each run (as a retry is);
+- fresh: a new story or explanation each run, with nothing anywhere to copy (the never-slower
+  guard).
+
+All the servers run side by side, and each run asks them in turn: the machine's speed drifts
+by a fifth within minutes on shared cores, and an idle server takes no CPU.
 
 For each: decode tokens/s (median over ``--runs``, tokens after the first over the time from
 the first to the last text), drafted and accepted tokens, and whether lmscli's answer with
@@ -31,12 +36,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 from parallel import LLAMA_SERVER, default_model, log, spawn, stop, wait_ready
 
-WORKLOADS = ("rewrite", "summary", "prose")
+WORKLOADS = ("rewrite", "summary", "prose", "fresh")
+FRESH = ("Write a long story about a cat who learns to fly a kite in the wind.",
+         "Write a long story about an old baker who opens a shop on the moon.",
+         "Explain in detail how the gears of a bicycle work, for a child.",
+         "Describe a long journey by train across the mountains in winter.",
+         "Write a long letter from a sailor to his sister about a storm at sea.",
+         "Write a long story about a robot who tends a garden alone.",
+         "Explain in detail how bread is made, from the field to the table.",
+         "Write a long story about two friends lost in a city at night.")
 LLAMA_TYPES = ("ngram-simple", "ngram-mod", "ngram-map-k")
 
 
@@ -59,16 +71,18 @@ def code_file() -> str:
     return "\n\n".join(parts)
 
 
-def prompts() -> dict[str, str]:
+def prompts() -> dict[str, tuple[str, ...]]:
+    """Each workload's prompts: the warm-up asks the first, the runs the others in turn."""
     story = ("The lighthouse keeper climbed the stairs every evening at six. She lit the lamp, "
              "wound the clock and wrote the weather in her book. One night the storm broke the "
              "window, and the lamp went out. She carried a lantern to the top and held it "
              "there until dawn, when the fishing boats came home safely. ") * 4
     return {
-        "rewrite": "Rewrite this Python code with the name items changed to products "
-                   f"everywhere. Reply with the code only.\n\n{code_file()}",
-        "summary": f"Summarise this text, quoting its sentences word for word:\n\n{story}",
-        "prose": "Write a long story about a fox who learns to sail across a cold sea.",
+        "rewrite": ("Rewrite this Python code with the name items changed to products "
+                    f"everywhere. Reply with the code only.\n\n{code_file()}",),
+        "summary": (f"Summarise this text, quoting its sentences word for word:\n\n{story}",),
+        "prose": ("Write a long story about a fox who learns to sail across a cold sea.",),
+        "fresh": FRESH,  # a new ask every run: nothing earlier to copy
     }
 
 
@@ -81,9 +95,9 @@ class Result:
     text: str
 
 
-def ask(base: str, model: str, prompt: str, max_tokens: int) -> Result:
+def ask(base: str, fields: dict[str, str], prompt: str, max_tokens: int) -> Result:
     """One greedy streamed reply; draft counts from lmscli's usage or llama-server's timings."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+    body = fields | {"messages": [{"role": "user", "content": prompt}],
             "temperature": 0, "repeat_penalty": 1.0, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
     times, text, tokens = [], [], 0
@@ -110,14 +124,15 @@ def ask(base: str, model: str, prompt: str, max_tokens: int) -> Result:
     return Result(rate, tokens, drafted, accepted, "".join(text))
 
 
-def ask_together(base: str, model: str, prompt: str, max_tokens: int, streams: int) -> Result:
+def ask_together(base: str, fields: dict[str, str], prompt: str, max_tokens: int,
+                 streams: int) -> Result:
     """``streams`` copies at once; the aggregate rate is all tokens over the whole span."""
     if streams == 1:
-        return ask(base, model, prompt, max_tokens)
+        return ask(base, fields, prompt, max_tokens)
     out: list[Result] = []
     started = time.perf_counter()
     threads = [threading.Thread(target=lambda i=i: out.append(ask(
-        base, model, f"(copy {i}) {prompt}", max_tokens))) for i in range(streams)]
+        base, fields, f"(copy {i}) {prompt}", max_tokens))) for i in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
@@ -130,7 +145,10 @@ def ask_together(base: str, model: str, prompt: str, max_tokens: int, streams: i
 
 
 def lmscli_targets(stack: contextlib.ExitStack, args: argparse.Namespace,
-                   tmp: Path) -> tuple[str, dict[str, str]]:
+                   tmp: Path) -> dict[str, tuple[str, dict[str, str]]]:
+    """One instance, asked with "speculative" "off" or "ngram" per request: two instances
+    of one server slow each other once both have run (libgomp's threads spin less when
+    there are more of them than cores), which would weigh on the first one measured."""
     home = tmp / "lmscli-home"
     link = home / "models/bench/bench-GGUF" / args.model.name
     link.parent.mkdir(parents=True)
@@ -142,41 +160,48 @@ def lmscli_targets(stack: contextlib.ExitStack, args: argparse.Namespace,
     base = f"http://127.0.0.1:{args.lmscli_port}"
     wait_ready(base + "/lmstudio-greeting", proc, tmp / "lmscli.log")
     key = httpx.get(base + "/api/v0/models", timeout=30).json()["data"][0]["id"]
-    names = {}
-    for mode in ("off", "ngram"):
-        body = {"model": key, "identifier": f"spec-{mode}", "context_length": args.ctx,
-                "parallel": args.streams, "speculative": mode}
-        r = httpx.post(base + "/lmscli/models/load", json=body, timeout=300)
-        if '"success"' not in r.text:
-            raise SystemExit(f"lmscli load: {r.text[:300]}")
-        names[f"lmscli {mode}"] = f"spec-{mode}"
-    return base, names
+    body = {"model": key, "identifier": "spec", "context_length": args.ctx,
+            "parallel": args.streams, "speculative": "ngram"}
+    r = httpx.post(base + "/lmscli/models/load", json=body, timeout=300)
+    if '"success"' not in r.text:
+        raise SystemExit(f"lmscli load: {r.text[:300]}")
+    return {f"lmscli {mode}": (base, {"model": "spec", "speculative": mode})
+            for mode in ("off", "ngram")}
 
 
-@contextlib.contextmanager
-def llama_server(args: argparse.Namespace, tmp: Path, kind: str) -> Any:
+def llama_server(stack: contextlib.ExitStack, args: argparse.Namespace, tmp: Path, kind: str,
+                 port: int) -> str:
     cmd = [str(args.llama_server), "-m", str(args.model), "--host", "127.0.0.1",
-           "--port", str(args.llama_port), "-np", str(args.streams), "--kv-unified",
+           "--port", str(port), "-np", str(args.streams), "--kv-unified",
            "-c", str(args.ctx), "-t", str(args.threads), "-tb", str(args.threads),
            "--no-webui", "--spec-type", kind]
     log("llama-server:", " ".join(cmd[1:]))
     proc = spawn(cmd, dict(os.environ), tmp / f"llama-{kind}.log")
-    try:
-        wait_ready(f"http://127.0.0.1:{args.llama_port}/health", proc, tmp / f"llama-{kind}.log")
-        yield f"http://127.0.0.1:{args.llama_port}"
-    finally:
-        stop(proc)
+    stack.callback(stop, proc)
+    wait_ready(f"http://127.0.0.1:{port}/health", proc, tmp / f"llama-{kind}.log")
+    return f"http://127.0.0.1:{port}"
 
 
-def measure(base: str, model: str, args: argparse.Namespace,
-            texts: dict[str, str]) -> dict[str, list[Result]]:
-    out: dict[str, list[Result]] = {}
-    for workload, prompt in texts.items():
-        ask_together(base, model, prompt, 16, args.streams)  # warm the slot and the pages
-        out[workload] = [ask_together(base, model, prompt, args.max_tokens, args.streams)
-                         for _ in range(args.runs)]
-        med = statistics.median(r.tokens_per_s for r in out[workload])
-        log(f"  {workload}: {med:.1f} tok/s")
+def measure(targets: dict[str, tuple[str, dict[str, str]]], args: argparse.Namespace,
+            texts: dict[str, tuple[str, ...]]) -> dict[str, dict[str, list[Result]]]:
+    """Each run asks every target in turn (an idle server takes no CPU), so that the
+    machine's drift, which is large on shared cores, weighs on all of them alike."""
+    out: dict[str, dict[str, list[Result]]] = {name: {} for name in targets}
+    for workload, asks in texts.items():
+        for name, (base, fields) in targets.items():  # warm the slot and the pages
+            ask_together(base, fields, asks[0], 16, args.streams)
+            out[name][workload] = []
+        for run in range(args.runs):
+            prompt = asks[1 + run % (len(asks) - 1)] if len(asks) > 1 else asks[0]
+            for name, (base, fields) in targets.items():
+                out[name][workload].append(
+                    ask_together(base, fields, prompt, args.max_tokens, args.streams))
+        for name in targets:
+            runs = out[name][workload]
+            each = ", ".join(f"{r.tokens_per_s:.1f} ({r.accepted}/{r.drafted}, {r.tokens} tok)"
+                             for r in runs)
+            med = statistics.median(r.tokens_per_s for r in runs)
+            log(f"  {workload} {name}: {med:.1f} tok/s; each run: {each}")
     return out
 
 
@@ -184,17 +209,23 @@ def table(results: dict[str, dict[str, list[Result]]], args: argparse.Namespace)
     rows = [f"model {args.model.name}, {args.runs} runs, {args.max_tokens} tokens max, "
             f"{args.streams} stream(s), {args.threads} threads, greedy",
             f"{'workload':<9} {'server':<26} {'tok/s':>7} {'vs off':>7} {'vs best ls':>10} "
-            f"{'accepted/drafted':>17}"]
+            f"{'accepted/drafted':>17}",
+            "(vs off: the median of each run's ratio to lmscli off's run beside it; "
+            "accepted/drafted: all runs)"]
     for workload in [w for w in WORKLOADS if w in args.workloads.split(",")]:
         rates = {name: statistics.median(r.tokens_per_s for r in runs[workload])
                  for name, runs in results.items()}
         best_llama = max((v for k, v in rates.items()
                           if k.startswith("llama-server ngram")), default=float("nan"))
+        off = results["lmscli off"][workload]
         for name, runs in results.items():
-            last = runs[workload][-1]
-            drafts = f"{last.accepted}/{last.drafted}" if last.drafted is not None else "-"
-            rows.append(f"{workload:<9} {name:<26} {rates[name]:7.1f} "
-                        f"{rates[name] / rates['lmscli off']:7.2f} "
+            mine = runs[workload]
+            drafts = (f"{sum(r.accepted or 0 for r in mine)}/{sum(r.drafted or 0 for r in mine)}"
+                      if any(r.drafted is not None for r in mine) else "-")
+            # each run against lmscli off's run beside it, then the median
+            paired = statistics.median(r.tokens_per_s / o.tokens_per_s
+                                       for r, o in zip(mine, off, strict=True))
+            rows.append(f"{workload:<9} {name:<26} {rates[name]:7.1f} {paired:7.2f} "
                         f"{rates[name] / best_llama:10.2f} {drafts:>17}")
         same = results["lmscli ngram"][workload][0].text == \
             results["lmscli off"][workload][0].text
@@ -216,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path)
     p.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
     p.add_argument("--lmscli-port", type=int, default=18331)
-    p.add_argument("--llama-port", type=int, default=18332)
+    p.add_argument("--llama-port", type=int, default=18332, help="the first of its ports")
     args = p.parse_args(argv)
     args.model = args.model or default_model()
     return args
@@ -225,19 +256,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     texts = {k: v for k, v in prompts().items() if k in args.workloads.split(",")}
-    results: dict[str, dict[str, list[Result]]] = {}
     with tempfile.TemporaryDirectory(prefix="lmscli-spec-") as tmp_name, \
             contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
-        base, names = lmscli_targets(stack, args, tmp)
-        for label, model in names.items():
-            log(label)
-            results[label] = measure(base, model, args, texts)
-        stack.close()  # lmscli's server off before llama-server runs
-        for kind in ("none", *[t for t in args.types.split(",") if t]):
-            log(f"llama-server {kind}")
-            with llama_server(args, tmp, kind) as llama_base:
-                results[f"llama-server {kind}"] = measure(llama_base, "m", args, texts)
+        targets = lmscli_targets(stack, args, tmp)
+        for i, kind in enumerate(("none", *[t for t in args.types.split(",") if t])):
+            port = args.llama_port + i
+            targets[f"llama-server {kind}"] = (llama_server(stack, args, tmp, kind, port),
+                                               {"model": "m"})
+        results = measure(targets, args, texts)
     print(table(results, args))
 
 

@@ -6,9 +6,10 @@ reads ``status`` / ``queued``. The thread runs a step loop (the same order as ll
 take new requests and cancellations, admit waiting requests to free slots, build one batch
 (one token per generating slot, then prompt chunks), decode once, sample each slot, emit.
 
-Backends implement the small set of hooks at the bottom of ``ModelInstance``; the scheduling
-(slots, prefix reuse, queueing, stop checks, stats) is written once, here, and so the fake
-engine exercises the same code as llama.cpp.
+What it asks of llama.cpp goes through a ``backend.Backend`` (decode, sample, tokenize, the
+KV cache's edits and saved states); the scheduling (slots, prefix reuse, queueing, drafting,
+stop checks, stats) is written once, here, and so the fake engine exercises the same code as
+llama.cpp.
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmscli.engine.drafting import Drafter, DraftPool, StepCost, StepPlan
-from lmscli.engine.promptcache import Hit, PromptCache, State
+from lmscli.engine.backend import (
+    Backend,
+    DraftModelError,
+    GrammarError,
+    ModelSpec,
+    PredictionFailure,
+    ProgressFn,
+)
+from lmscli.engine.drafting import Drafter, DraftPool, StepPlan
+from lmscli.engine.promptcache import Hit, PromptCache
 from lmscli.engine.slots import Batch, Choice, Sequence, Slot, choose_slot
 from lmscli.engine.types import (
     QUEUE_FULL,
@@ -44,7 +53,8 @@ from lmscli.engine.types import (
 )
 
 Sink = Callable[[Event], None]
-ProgressFn = Callable[[float], bool | None]
+__all__ = ["Backend", "DraftModelError", "Engine", "GrammarError", "ModelInstance", "ModelSpec",
+           "Prediction", "PredictionFailure", "ProgressFn"]
 
 # Prompt tokens per step when no other slot generates: small enough that progress moves.
 PROMPT_CHUNK = 256
@@ -67,30 +77,6 @@ EMBED_ALONE_S = 0.1
 MODEL_DRAFT_MAX = 16  # a draft model's guesses a step, unless the load says otherwise
 
 log = logging.getLogger("lmscli.engine")
-
-
-class GrammarError(ValueError):
-    """The backend rejected a request's grammar."""
-
-
-class PredictionFailure(Exception):
-    """A prediction that fails for a reason the user should read as it is."""
-
-
-class DraftModelError(ValueError):
-    """A draft model that cannot draft for this model (unreadable, another vocabulary)."""
-
-
-@dataclass
-class ModelSpec:
-    """What the engine needs to know about a model file."""
-
-    path: str
-    model_key: str
-    architecture: str | None = None
-    max_context_length: int | None = None
-    chat_template: str | None = None
-    is_embedding: bool = False
 
 
 class Prediction:
@@ -163,15 +149,11 @@ class _Job:
 
 
 class ModelInstance:
-    """Base for engine instances: the thread, the slots, the queue and the step loop."""
+    """A loaded model: the thread, the slots, the queue and the step loop, over a backend."""
 
-    engine_name = "base"
-    engine_version = "0"  # a saved state is restored only by the version that saved it
-    kv_type = "f16"
-    n_batch = 512  # most tokens one decode takes
-
-    def __init__(self, spec: ModelSpec, options: LoadOptions) -> None:
+    def __init__(self, spec: ModelSpec, options: LoadOptions, backend: Backend) -> None:
         self.spec = spec
+        self.backend = backend
         self.options = options
         self.context_length = options.context_length or spec.max_context_length or 4096
         self.parallel = max(1, options.parallel)
@@ -200,7 +182,6 @@ class ModelInstance:
         self.cache: PromptCache | None = None  # shared by the server's instances
         self.cache_key = ""  # the states this instance may restore: set once loaded
         self.pool = DraftPool()  # the n-gram drafts' contexts, shared by the sequences
-        self.step_cost = StepCost()
         self.draft_model: DraftModel | None = None  # the one attached, drafting on request
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -222,7 +203,7 @@ class ModelInstance:
             file = f"{os.path.realpath(self.spec.path)}:{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             file = self.spec.path
-        shape = (f"ctx={self.context_length} seq={self.parallel} kv={self.kv_type} "
+        shape = (f"ctx={self.context_length} seq={self.parallel} kv={self.backend.kv_type} "
                  f"gpu={self.options.gpu_ratio}")
         return f"{self.engine_name} {self.engine_version} | {file} | {shape}"
     def close(self) -> None:
@@ -279,11 +260,11 @@ class ModelInstance:
         return job.result
 
     def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
-        return self.call(lambda: self._tokenize(text, add_bos))
+        return self.call(lambda: self.backend.tokenize(text, add_bos))
 
     def count_prompt_tokens(self, prompt: str) -> int:
         """How many tokens ``prompt`` is as a prediction's prompt (with the BOS it would get)."""
-        return self.call(lambda: len(self._tokenize(prompt, self._wants_bos(prompt))))
+        return self.call(lambda: len(self.backend.tokenize(prompt, self.backend.wants_bos(prompt))))
 
     def submit_embedding(self, texts: list[str]) -> Embedding:
         """Queue embeddings; raises ``QueueFull`` when as many requests already wait."""
@@ -373,7 +354,7 @@ class ModelInstance:
                 continue
             index = len(job.vectors)
             try:
-                job.vectors += self._embed_texts([job.texts[index]], index)
+                job.vectors += self.backend.embed_texts([job.texts[index]], index)
             except BaseException as exc:  # handed back to the caller's thread
                 self._end_embedding(job, exc)
                 continue
@@ -459,8 +440,8 @@ class ModelInstance:
 
     def _prompt_tokens(self, prediction: Prediction) -> list[int]:
         req = prediction.request
-        add_bos = req.add_bos if req.add_bos is not None else self._wants_bos(req.prompt)
-        return self._tokenize(req.prompt, add_bos)
+        add_bos = req.add_bos if req.add_bos is not None else self.backend.wants_bos(req.prompt)
+        return self.backend.tokenize(req.prompt, add_bos)
 
     def _make_room(self, prediction: Prediction, reuse: int, keep: set[int],
                    extra: int = 0) -> bool:
@@ -487,7 +468,7 @@ class ModelInstance:
 
     def _clear_slot(self, slot: Slot) -> None:
         if slot.tokens:
-            self._seq_rm(slot.id, 0)
+            self.backend.seq_rm(slot.id, 0)
             slot.tokens = []
         slot.prompt_len = slot.saved = 0
 
@@ -520,7 +501,7 @@ class ModelInstance:
         try:
             if cache.covers(self.cache_key, slot.tokens):
                 return
-            data = self._save_state(slot.id)
+            data = self.backend.save_state(slot.id)
             if data:
                 cache.save(self.cache_key, slot.tokens, data)
         except Exception as exc:
@@ -537,7 +518,7 @@ class ModelInstance:
             data = None
         self._evict_slot(slot)
         try:
-            restored = data is not None and self._restore_state(slot.id, data)
+            restored = data is not None and self.backend.restore_state(slot.id, data)
         except Exception as exc:
             log.warning("Could not restore a prompt's state: %s", exc)
             restored = False
@@ -545,7 +526,7 @@ class ModelInstance:
             if data is not None:
                 log.warning("The engine refused a saved prompt state; it was dropped.")
                 self.cache.discard(hit.entry)
-            self._seq_rm(slot.id, 0)
+            self.backend.seq_rm(slot.id, 0)
             return 0
         slot.tokens = hit.entry.tokens.tolist()
         slot.saved = len(slot.tokens)
@@ -558,7 +539,7 @@ class ModelInstance:
         slot = choice.slot
         try:
             self._use_draft(prediction.request.draft_model)
-            sampler = self._new_sampler(prediction.request)
+            sampler = self.backend.new_sampler(prediction.request)
         except DraftModelError as exc:
             self._fail_waiting(prediction, Failed(str(exc), code="draft_model"))
             return
@@ -592,7 +573,7 @@ class ModelInstance:
         if source is slot:
             if reuse < slot.prompt_len and len(slot.tokens) - reuse >= MIN_SAVE:
                 self._stash(slot)  # another conversation's, which shared a beginning
-            if reuse < len(slot.tokens) and not self._seq_rm(slot.id, reuse):
+            if reuse < len(slot.tokens) and not self.backend.seq_rm(slot.id, reuse):
                 self._clear_slot(slot)
                 return 0
             slot.tokens = slot.tokens[:reuse]
@@ -600,7 +581,7 @@ class ModelInstance:
             return reuse
         self._evict_slot(slot)
         if reuse:
-            self._seq_cp(source.id, slot.id, reuse)
+            self.backend.seq_cp(source.id, slot.id, reuse)
             slot.tokens = prompt[:reuse]
         return reuse
 
@@ -624,12 +605,12 @@ class ModelInstance:
             batch = self._build_batch(drafting=False)  # guesses never crowd out real work
         if not self._fit(batch):
             return
-        status = self._decode(batch)
+        status = self.backend.decode(batch)
         if status == NO_ROOM:  # the pool is fragmented beyond the estimate: free all idle
             self._evict_until(self.context_length, keep=set())
-            status = self._decode(batch)
+            status = self.backend.decode(batch)
         if status == NO_ROOM and self._shed_prompts(batch):
-            status = self._decode(batch)
+            status = self.backend.decode(batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
         self._after_decode(batch)
@@ -637,9 +618,11 @@ class ModelInstance:
     def _build_batch(self, drafting: bool = True) -> Batch:
         batch = Batch()
         generating = [s for s in self._running if not s.prompting]
+        n_batch = self.backend.n_batch
         # drafted tokens share what the batch has beyond one token per generating sequence
-        spare = (self.n_batch - len(generating)) // max(1, len(generating)) if drafting else 0
-        plan = StepPlan(self.step_cost)
+        spare = (n_batch - len(generating)) // max(1, len(generating)) if drafting else 0
+        # a guess pays when it raises the tokens the whole batch writes per unit of time
+        plan = StepPlan(self.backend.step_cost, len(generating), len(generating))
         guessed = self._model_drafts(generating, spare)
         for seq in generating:
             seq.logits_at = batch.add(seq.last_token, seq.n_past, seq.slot.id, True)
@@ -647,8 +630,8 @@ class ModelInstance:
             seq.draft_at = [batch.add(token, seq.n_past + 1 + i, seq.slot.id, True)
                             for i, token in enumerate(seq.draft)]
             seq.chunk = 1 + len(seq.draft)
-            plan.add(seq.chunk, 1 + (seq.drafter.gain if seq.draft and seq.drafter else 0.0))
-        budget = min(PROMPT_SHARE if generating else PROMPT_CHUNK, self.n_batch - len(batch))
+            plan.add(len(seq.draft), seq.drafter.gain if seq.draft and seq.drafter else 0.0)
+        budget = min(PROMPT_SHARE if generating else PROMPT_CHUNK, n_batch - len(batch))
         for seq in (s for s in self._running if s.prompting):
             if budget <= 0:
                 seq.chunk = 0
@@ -690,7 +673,7 @@ class ModelInstance:
             seq.n_past += seq.chunk
             seq.progress()
             if not seq.prompting:
-                self._on_token(seq, self._sample(seq.sampler, seq.logits_at))
+                self._on_token(seq, self.backend.sample(seq.sampler, seq.logits_at))
         for seq in self._running:
             seq.flush()
 
@@ -702,7 +685,7 @@ class ModelInstance:
             return []
         if seq.drafter is None:
             most, least = self._draft_lengths(seq)
-            seq.drafter = Drafter(seq.slot.tokens, self.pool, self.step_cost,
+            seq.drafter = Drafter(seq.slot.tokens, self.pool, self.backend.step_cost,
                                   most=most, least=least)
         return seq.drafter.draft(seq.last_token, room, plan)
 
@@ -725,7 +708,7 @@ class ModelInstance:
         if not wants:
             return {}
         lengths = [self._draft_lengths(s) for s, _ in wants]
-        drafts = self._draft_tokens([(s.slot.id, [*s.slot.tokens, s.last_token],
+        drafts = self.backend.draft_tokens([(s.slot.id, [*s.slot.tokens, s.last_token],
                                       min(room, most or MODEL_DRAFT_MAX))
                                      for (s, room), (most, _) in zip(wants, lengths, strict=True)])
         out = {}
@@ -745,7 +728,7 @@ class ModelInstance:
         """Attach ``draft`` (or keep the one attached), checking it can draft for this model."""
         if draft is None or draft == self.draft_model:
             return
-        self._attach_draft(draft)
+        self.backend.attach_draft(draft, self.context_length, self.parallel)
         self.draft_model = draft
 
     def _verify(self, seq: Sequence) -> None:
@@ -757,7 +740,7 @@ class ModelInstance:
         at, accepted = seq.logits_at, 0
         seq.drafted += len(seq.draft)  # counted first: the last token may end the prediction
         while True:
-            token = self._sample(seq.sampler, at)
+            token = self.backend.sample(seq.sampler, at)
             if accepted < len(seq.draft) and token == seq.draft[accepted]:
                 seq.accepted += 1
             self._on_token(seq, token)
@@ -769,7 +752,7 @@ class ModelInstance:
                 break
             self._keep(seq, token)
             at, accepted = seq.draft_at[accepted], accepted + 1
-        if accepted < len(seq.draft) and not self._seq_rm(seq.slot.id, seq.n_past):
+        if accepted < len(seq.draft) and not self.backend.seq_rm(seq.slot.id, seq.n_past):
             raise RuntimeError("llama.cpp could not drop the rejected draft tokens")
         if seq.draft and seq.drafter is not None:
             seq.drafter.verified(accepted)
@@ -782,10 +765,10 @@ class ModelInstance:
             seq.drafter.extend((token,))
 
     def _on_token(self, seq: Sequence, token: int) -> None:
-        if self._is_eog(token):
+        if self.backend.is_eog(token):
             self._finish(seq, "eosFound")
             return
-        stop = seq.take(token, self._piece(token))
+        stop = seq.take(token, self.backend.piece(token))
         if stop is not None:
             self._finish(seq, "stopStringFound", stop)
         elif seq.limit is not None and seq.predicted >= seq.limit:
@@ -801,7 +784,7 @@ class ModelInstance:
         with self._lock:
             self._busy -= 1
         with contextlib.suppress(Exception):
-            self._free_sampler(seq.sampler)
+            self.backend.free_sampler(seq.sampler)
         if failure is not None:
             seq.prediction.emit(Failed(failure))
         else:
@@ -822,7 +805,7 @@ class ModelInstance:
                                 RuntimeError("The model was unloaded."))
         # a failure while freeing must never hang the caller waiting in close()
         with contextlib.suppress(Exception):
-            self._unload()
+            self.backend.unload()
         # freed first: the states queued for the disk are Python memory, not the model's
         if self.cache is not None and not self.cache.written(PERSIST_S):
             log.warning("Some saved prompt states were not written to disk in time.")
@@ -853,78 +836,31 @@ class ModelInstance:
                     self._queued -= 1
                 item.end("modelUnloaded")
 
-    # -- backend hooks ---------------------------------------------------------------------
+    # -- what the backend knows ------------------------------------------------------------
 
     def _load(self, on_progress: ProgressFn | None) -> None:
-        raise NotImplementedError
+        n_seq = 1 if self.spec.is_embedding else self.parallel
+        self.context_length = self.backend.load(self.context_length, n_seq, on_progress)
 
-    def _unload(self) -> None:
-        pass
+    @property
+    def engine_name(self) -> str:
+        return self.backend.name
 
-    def _attach_draft(self, draft: DraftModel) -> None:
-        raise DraftModelError(f"The {self.engine_name} engine has no draft models.")
-
-    def _draft_tokens(self, wants: list[tuple[int, list[int], int]]) -> list[list[int]]:
-        """For each (sequence id, its tokens, most): the draft model's guesses to follow."""
-        raise NotImplementedError
-
-    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
-        raise NotImplementedError
-
-    def _wants_bos(self, prompt: str) -> bool:
-        return False
-
-    def _new_sampler(self, request: PredictionRequest) -> Any:
-        """Per-sequence sampling state; raises ``GrammarError`` for a rejected grammar."""
-        raise NotImplementedError
-
-    def _free_sampler(self, sampler: Any) -> None:
-        pass
-
-    def _decode(self, batch: Batch) -> int:
-        """Decode the batch: 0 done, anything else an error (the KV pool was fitted first)."""
-        raise NotImplementedError
-
-    def _sample(self, sampler: Any, index: int) -> int:
-        raise NotImplementedError
-
-    def _is_eog(self, token: int) -> bool:
-        raise NotImplementedError
-
-    def _piece(self, token: int) -> bytes:
-        raise NotImplementedError
-
-    def _seq_rm(self, seq_id: int, start: int) -> bool:
-        """Drop positions ``start`` and after from a sequence's KV; False if impossible."""
-        return True
-
-    def _seq_cp(self, src: int, dst: int, count: int) -> None:
-        """Share the first ``count`` positions of ``src`` with ``dst``."""
-
-    def _save_state(self, seq_id: int) -> State | None:
-        """A copy of the sequence's KV state, for the prompt cache; None: not supported."""
-        return None
-
-    def _restore_state(self, seq_id: int, data: State) -> bool:
-        """Load a state from ``_save_state`` into an empty sequence; False when refused."""
-        return False
-
-    def _embed_texts(self, texts: list[str], first: int = 0) -> list[list[float]]:
-        """One unit vector per text; ``first`` is the first text's index, for errors (a
-        ValueError for an input the model can't take)."""
-        raise NotImplementedError
+    @property
+    def engine_version(self) -> str:
+        return self.backend.version
 
     def check_grammar(self, grammar: str) -> str | None:
         """Why the backend would reject this GBNF grammar, or None when it accepts it."""
-        return None
+        return self.backend.check_grammar(grammar)
 
     @property
     def bos_token(self) -> str:
-        return ""
+        return self.backend.bos_token
 
     @property
     def eos_token(self) -> str:
-        return ""
+        return self.backend.eos_token
 
 
 def _describe(exc: BaseException) -> str:
@@ -938,8 +874,11 @@ class Engine:
     version = "0"
     prompt_cache: PromptCache | None = None  # given to each instance it loads
 
-    def create(self, spec: ModelSpec, options: LoadOptions) -> ModelInstance:
+    def backend(self, spec: ModelSpec, options: LoadOptions) -> Backend:
         raise NotImplementedError
+
+    def create(self, spec: ModelSpec, options: LoadOptions) -> ModelInstance:
+        return ModelInstance(spec, options, self.backend(spec, options))
 
     def load(self, spec: ModelSpec, options: LoadOptions,
              on_progress: ProgressFn | None = None) -> ModelInstance:

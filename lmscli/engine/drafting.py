@@ -24,7 +24,8 @@ SCAN = 16  # the most recent occurrences of a token pair looked at, in each cont
 CANDIDATES = 48  # occurrences followed at once
 OTHERS = 8  # other sequences' contexts searched, the most recent first
 MATCH_MAX = 64  # the longest run of tokens compared before an occurrence
-DRAFT_CAP = 128  # the most tokens guessed at once
+DRAFT_CAP = 64  # the most tokens guessed at once
+MISS_FLOOR = 0.01  # the least chance that a copied token is not what the model writes
 LIKELY = 0.3  # a guess ends where the whole of it is less likely than this
 POOL_TOKENS = 1 << 16  # tokens the pool keeps (about 6 MB with their index)
 POOL_CONTEXTS = 32
@@ -90,14 +91,15 @@ class StepCost:
 
 @dataclass
 class StepPlan:
-    """The batch being built: its tokens, and how many tokens it is expected to write."""
+    """The batch being built: its tokens, and how many tokens it is expected to write (one
+    for each generating sequence before any guess)."""
 
     cost: StepCost
-    tokens: int = 0
-    expected: float = 0.0
+    tokens: int = 1
+    expected: float = 1.0
 
     def rate(self, tokens: int, expected: float) -> float:
-        """Tokens written a second if the batch took ``tokens`` more, writing ``expected``."""
+        """Tokens written a step if the batch took ``tokens`` more, writing ``expected``."""
         return (self.expected + expected) / self.cost(self.tokens + tokens)
 
     def add(self, tokens: int, expected: float) -> None:
@@ -111,7 +113,7 @@ def likelihood(match: int, agree: list[int], disagree: list[int]) -> float:
     followed on alike and those in ``disagree`` did not; an occurrence's say is as long as its
     match (fitted to rewrites, summaries, JSON edits and prose by SmolLM2-135M and
     Qwen2.5-Coder-0.5B, greedy and sampled)."""
-    miss = min(0.5, 0.9 / match) * (0.15 if agree else 1.0)
+    miss = max(MISS_FLOOR, min(0.5, 0.9 / match) * (0.15 if agree else 1.0))
     share = (match + sum(agree)) / (match + sum(agree) + sum(disagree))
     return (1 - miss) * share ** (0.5 if agree else 1.0)
 
@@ -129,9 +131,11 @@ class Drafter:
         self.subs: dict[int, int] = {}  # a token in copied text → what the model writes for it
         self.origins: dict[int, set[int]] = {}  # the inverse of subs
         self.seen: Counter[tuple[int, int]] = Counter()
-        # calibration: breaks the likelihoods predicted, and breaks that happened
-        self.predicted = self.happened = CALIBRATION
-        self.guessed: list[float] = []  # the uncalibrated likelihoods of the last draft
+        # calibration, by the bit length of the match: breaks the likelihoods predicted, and
+        # breaks that happened (a long match can mislead as much as a short one)
+        self.predicted: dict[int, float] = {}
+        self.happened: dict[int, float] = {}
+        self.guessed: list[tuple[float, int]] = []  # the last draft's (likelihood, band)
         self.gain = 0.0  # tokens the last draft is expected to add
         pool.add(self.own)
 
@@ -144,18 +148,18 @@ class Drafter:
         """Guesses to follow ``last`` (which ends the sequence but is not yet in ``own``):
         the longest prefix of the walk worth its place in the batch."""
         drafted: list[int] = []
-        guessed: list[float] = []
-        scale = self.happened / self.predicted
+        guessed: list[tuple[float, int]] = []
         whole, expected = 1.0, 0.0  # the likelihood of the whole guess; tokens it adds
-        best, best_rate, best_gain = 0, plan.rate(1, 1.0), 0.0
-        for token, p in self._walk(last, min(room, self.most)):
-            whole *= max(0.0, 1 - (1 - p) * scale)
+        best, best_rate, best_gain = 0, plan.rate(0, 0.0), 0.0
+        for token, p, match in self._walk(last, min(room, self.most)):
+            band = match.bit_length()
+            whole *= max(0.0, 1 - (1 - p) * self._scale(band))
             if whole < LIKELY:
                 break
             drafted.append(token)
-            guessed.append(p)
+            guessed.append((p, band))
             expected += whole
-            rate = plan.rate(1 + len(drafted), 1 + expected)
+            rate = plan.rate(len(drafted), expected)
             if rate > best_rate:
                 best, best_rate, best_gain = len(drafted), rate, expected
         if best < max(1, self.least):
@@ -163,9 +167,14 @@ class Drafter:
         self.guessed, self.gain = guessed[:best], best_gain
         return drafted[:best]
 
-    def _walk(self, last: int, room: int) -> Iterator[tuple[int, float]]:
-        """Each next guessed token, with its likelihood, following the occurrences that
-        agree with the guess so far."""
+    def _scale(self, band: int) -> float:
+        """How much likelier a miss is than predicted, for tokens whose match is ``band``
+        bits long (as this sequence's drafts went so far)."""
+        return self.happened.get(band, CALIBRATION) / self.predicted.get(band, CALIBRATION)
+
+    def _walk(self, last: int, room: int) -> Iterator[tuple[int, float, int]]:
+        """Each next guessed token, with its likelihood and its match, following the
+        occurrences that agree with the guess so far."""
         found = self._candidates(last)
         # the sequence's own text goes on with ``last`` and the guess: a loop is followed
         # past the end of what it has written
@@ -184,7 +193,7 @@ class Drafter:
             others = [c[2] for c in agree]
             others.remove(match)
             yield token, likelihood(match, others,
-                                    [c[2] for c in found if c not in agree])
+                                    [c[2] for c in found if c not in agree]), match
             ahead.append(token)
             found = [(c, i + 1, m + 1) for c, i, m in agree
                      if i + 2 < len(c.tokens) or c is self.own]
@@ -227,9 +236,14 @@ class Drafter:
         """The last draft's first ``accepted`` tokens were the model's."""
         if not self.guessed:
             return
-        tried = self.guessed[:accepted + 1]
-        self.predicted = self.predicted * FORGET + sum(1 - p for p in tried)
-        self.happened = self.happened * FORGET + (accepted < len(self.guessed))
+        for band in self.predicted.keys() | self.happened.keys():
+            self.predicted[band] = self.predicted.get(band, CALIBRATION) * FORGET
+            self.happened[band] = self.happened.get(band, CALIBRATION) * FORGET
+        for i, (p, band) in enumerate(self.guessed[:accepted + 1]):
+            self.predicted[band] = self.predicted.get(band, CALIBRATION * FORGET) + 1 - p
+            self.happened.setdefault(band, CALIBRATION * FORGET)
+            if i == accepted:
+                self.happened[band] += 1
 
     def rejected(self, guessed: int, written: int) -> None:
         """The model wrote ``written`` where the draft had ``guessed``."""

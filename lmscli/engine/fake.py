@@ -18,14 +18,14 @@ from array import array
 from collections import deque
 from dataclasses import dataclass
 
-from lmscli.engine.base import (
-    Engine,
+from lmscli.engine.backend import (
+    Backend,
     GrammarError,
-    ModelInstance,
     ModelSpec,
     PredictionFailure,
     ProgressFn,
 )
+from lmscli.engine.base import Engine
 from lmscli.engine.drafting import GPU_COST, StepCost
 from lmscli.engine.promptcache import State
 from lmscli.engine.slots import Batch
@@ -61,8 +61,8 @@ class FakeSampler:
         return self.reply[self.at - 1]
 
 
-class FakeInstance(ModelInstance):
-    engine_name = "fake"
+class FakeBackend(Backend):
+    name = "fake"
     n_batch = 16  # small, so that prompts take several steps as long ones do on llama.cpp
 
     def __init__(self, spec: ModelSpec, options: LoadOptions, reply: str) -> None:
@@ -77,7 +77,7 @@ class FakeInstance(ModelInstance):
         # its decodes take no time to speak of: drafts are priced as on a GPU
         self.step_cost = StepCost(GPU_COST)
 
-    def _load(self, on_progress: ProgressFn | None) -> None:
+    def load(self, context_length: int, n_seq: int, on_progress: ProgressFn | None) -> int:
         with open(self.spec.path, "rb") as f:
             if f.read(4) != b"GGUF":
                 from lmscli.errors import InvalidModelFileError
@@ -86,8 +86,9 @@ class FakeInstance(ModelInstance):
         for step in (0.0, 0.5, 1.0):
             if on_progress and on_progress(step) is False:
                 raise RuntimeError("load cancelled")
+        return context_length
 
-    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
         return [self._id(w) for w in _words(text)]
 
     def _id(self, word: str) -> int:
@@ -96,7 +97,7 @@ class FakeInstance(ModelInstance):
             self._words.append(word)
         return self._ids[word]
 
-    def _embed_texts(self, texts: list[str], first: int = 0) -> list[list[float]]:
+    def embed_texts(self, texts: list[str], first: int = 0) -> list[list[float]]:
         for i, text in enumerate(texts):
             if "[[slow]]" in text:
                 time.sleep(SLOW_S)
@@ -107,7 +108,7 @@ class FakeInstance(ModelInstance):
     def check_grammar(self, grammar: str) -> str | None:
         return "the grammar has '!invalid' in it" if "!invalid" in grammar else None
 
-    def _new_sampler(self, request: PredictionRequest) -> FakeSampler:
+    def new_sampler(self, request: PredictionRequest) -> FakeSampler:
         if request.grammar and (problem := self.check_grammar(request.grammar)):
             raise GrammarError(problem)
         asked = _last_turn(request.prompt)
@@ -120,9 +121,9 @@ class FakeInstance(ModelInstance):
         else:
             reply = match.group(1) if match else self.reply
         delay = SLOW_S if "[[slow]]" in asked else 0.0
-        return FakeSampler(self._tokenize(reply, False), delay)
+        return FakeSampler(self.tokenize(reply, False), delay)
 
-    def _decode(self, batch: Batch) -> int:
+    def decode(self, batch: Batch) -> int:
         self.decoded_batches.append(sorted(set(batch.seq_ids)))
         ends = {seq: len(self.kv.get(seq, [])) for seq in set(batch.seq_ids)}
         for pos, seq in zip(batch.positions, batch.seq_ids, strict=True):
@@ -135,17 +136,17 @@ class FakeInstance(ModelInstance):
         self.decoded_tokens += len(batch)
         return 0
 
-    def _seq_rm(self, seq_id: int, start: int) -> bool:
+    def seq_rm(self, seq_id: int, start: int) -> bool:
         self.kv[seq_id] = self.kv.get(seq_id, [])[:start]
         return True
 
-    def _seq_cp(self, src: int, dst: int, count: int) -> None:
+    def seq_cp(self, src: int, dst: int, count: int) -> None:
         self.kv[dst] = self.kv.get(src, [])[:count]
 
-    def _save_state(self, seq_id: int) -> bytes | None:
+    def save_state(self, seq_id: int) -> bytes | None:
         return STATE_MAGIC + array("i", self.kv.get(seq_id, [])).tobytes()
 
-    def _restore_state(self, seq_id: int, data: State) -> bool:
+    def restore_state(self, seq_id: int, data: State) -> bool:
         body = data[len(STATE_MAGIC):]
         if not data.startswith(STATE_MAGIC) or len(body) % 4 or self.kv.get(seq_id):
             return False
@@ -154,13 +155,13 @@ class FakeInstance(ModelInstance):
         self.kv[seq_id] = tokens.tolist()
         return True
 
-    def _sample(self, sampler: FakeSampler, index: int) -> int:
+    def sample(self, sampler: FakeSampler, index: int) -> int:
         return sampler.next()
 
-    def _is_eog(self, token: int) -> bool:
+    def is_eog(self, token: int) -> bool:
         return token == EOS
 
-    def _piece(self, token: int) -> bytes:
+    def piece(self, token: int) -> bytes:
         return self._words[token].encode("utf-8")
 
 
@@ -171,5 +172,5 @@ class FakeEngine(Engine):
     def __init__(self, reply: str = DEFAULT_REPLY) -> None:
         self.reply = reply
 
-    def create(self, spec: ModelSpec, options: LoadOptions) -> ModelInstance:
-        return FakeInstance(spec, options, self.reply)
+    def backend(self, spec: ModelSpec, options: LoadOptions) -> Backend:
+        return FakeBackend(spec, options, self.reply)

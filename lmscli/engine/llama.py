@@ -1,7 +1,8 @@
 """The llama.cpp engine, on llama-cpp-python's low-level bindings (``llama_cpp.llama_cpp``).
 
 One model, one context whose unified KV pool holds ``parallel`` sequences, one sampler chain
-per sequence; the scheduling is ``ModelInstance``'s. Imported only by the server process: it
+per sequence: ``LlamaBackend``, the ``backend.Backend`` the scheduler (``ModelInstance``) runs
+on. Imported only by the server process: it
 loads the native library.
 """
 
@@ -17,15 +18,15 @@ from typing import Any
 import llama_cpp
 from llama_cpp import llama_cpp as ll
 
-from lmscli.engine.base import (
+from lmscli.engine.backend import (
+    Backend,
     DraftModelError,
-    Engine,
     GrammarError,
-    ModelInstance,
     ModelSpec,
     PredictionFailure,
     ProgressFn,
 )
+from lmscli.engine.base import Engine
 from lmscli.engine.drafting import CPU_COST, GPU_COST, StepCost
 from lmscli.engine.promptcache import State
 from lmscli.engine.slots import Batch, common_prefix
@@ -138,7 +139,7 @@ def _context(model: LlamaModel, *, n_ctx: int, n_seq: int, embeddings: bool) -> 
     p = ll.llama_context_default_params()
     threads = os.cpu_count() or 1
     p.n_ctx = n_ctx
-    p.n_batch = p.n_ubatch = ModelInstance.n_batch if not embeddings else n_ctx
+    p.n_batch = p.n_ubatch = LlamaBackend.n_batch if not embeddings else n_ctx
     p.n_seq_max = n_seq
     p.n_threads = p.n_threads_batch = threads
     p.kv_unified = True  # one pool: any sequence may use the whole context
@@ -200,7 +201,7 @@ class DraftContext:
             self.close()
             raise
         self.memory = ll.llama_get_memory(self.ctx)
-        self._batch = ll.llama_batch_init(ModelInstance.n_batch, 0, 1)
+        self._batch = ll.llama_batch_init(LlamaBackend.n_batch, 0, 1)
         self.held: list[list[int]] = [[] for _ in range(n_seq)]
         self._greedy = ll.llama_sampler_init_greedy()
 
@@ -243,9 +244,9 @@ class DraftContext:
         if same < len(held):
             ll.llama_memory_seq_rm(self.memory, seq, same, -1)
             del held[same:]
-        for start in range(same, len(tokens), ModelInstance.n_batch):
+        for start in range(same, len(tokens), LlamaBackend.n_batch):
             batch = Batch()
-            for pos in range(start, min(start + ModelInstance.n_batch, len(tokens))):
+            for pos in range(start, min(start + LlamaBackend.n_batch, len(tokens))):
                 batch.add(tokens[pos], pos, seq, False)
             self._run(batch)
             held.extend(batch.tokens)
@@ -255,12 +256,13 @@ class DraftContext:
             raise PredictionFailure("The draft model could not decode (its context is full?).")
 
 
-class LlamaInstance(ModelInstance):
-    engine_name = "llama.cpp"
-    engine_version = llama_cpp.__version__
+class LlamaBackend(Backend):
+    name = "llama.cpp"
+    version = llama_cpp.__version__
 
     def __init__(self, spec: ModelSpec, options: LoadOptions) -> None:
         super().__init__(spec, options)
+        self.context_length = 0
         self.model: LlamaModel | None = None
         self.ctx: Any = None
         self.memory: Any = None
@@ -270,15 +272,14 @@ class LlamaInstance(ModelInstance):
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _load(self, on_progress: ProgressFn | None) -> None:
+    def load(self, context_length: int, n_seq: int, on_progress: ProgressFn | None) -> int:
         if on_progress:
             on_progress(0.0)
         try:
             self.model = LlamaModel(self.spec.path, self.options, on_progress)
         except InvalidModelFileError as exc:
             raise InvalidModelFileError(f"Failed to load {self.spec.model_key}: {exc}") from exc
-        n_seq = 1 if self.spec.is_embedding else self.parallel
-        self.ctx = _context(self.model, n_ctx=self.context_length, n_seq=n_seq,
+        self.ctx = _context(self.model, n_ctx=context_length, n_seq=n_seq,
                             embeddings=self.spec.is_embedding)
         self.context_length = ll.llama_n_ctx(self.ctx)
         self.memory = ll.llama_get_memory(self.ctx)
@@ -287,22 +288,22 @@ class LlamaInstance(ModelInstance):
         self.step_cost = StepCost(GPU_COST if on_gpu else CPU_COST)
         if on_progress:
             on_progress(1.0)
+        return self.context_length
 
-    def _attach_draft(self, draft: DraftModel) -> None:
+    def attach_draft(self, draft: DraftModel, context_length: int, n_seq: int) -> None:
         assert self.model is not None
         if self.spec.is_embedding:
             raise DraftModelError("An embedding model does not draft.")
-        attached = DraftContext(draft, self.model, self.options, self.context_length,
-                                self.parallel)
+        attached = DraftContext(draft, self.model, self.options, context_length, n_seq)
         if self._draft_ctx is not None:
             self._draft_ctx.close()
         self._draft_ctx = attached
 
-    def _draft_tokens(self, wants: list[tuple[int, list[int], int]]) -> list[list[int]]:
+    def draft_tokens(self, wants: list[tuple[int, list[int], int]]) -> list[list[int]]:
         assert self._draft_ctx is not None
         return self._draft_ctx.guess(wants)
 
-    def _unload(self) -> None:
+    def unload(self) -> None:
         if self._draft_ctx is not None:
             self._draft_ctx.close()
             self._draft_ctx = None
@@ -318,11 +319,11 @@ class LlamaInstance(ModelInstance):
 
     # -- tokens ----------------------------------------------------------------------------
 
-    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
         assert self.model is not None
         return self.model.tokenize(text, add_bos)
 
-    def _wants_bos(self, prompt: str) -> bool:
+    def wants_bos(self, prompt: str) -> bool:
         assert self.model is not None
         bos = self.bos_token
         return ll.llama_vocab_get_add_bos(self.model.vocab) and not (bos and
@@ -336,11 +337,11 @@ class LlamaInstance(ModelInstance):
     def eos_token(self) -> str:
         return self.model.text_of(ll.llama_vocab_eos(self.model.vocab)) if self.model else ""
 
-    def _piece(self, token: int) -> bytes:
+    def piece(self, token: int) -> bytes:
         assert self.model is not None
         return self.model.piece(token)
 
-    def _is_eog(self, token: int) -> bool:
+    def is_eog(self, token: int) -> bool:
         assert self.model is not None
         return bool(ll.llama_vocab_is_eog(self.model.vocab, token))
 
@@ -358,7 +359,7 @@ class LlamaInstance(ModelInstance):
         ll.llama_sampler_free(sampler)
         return None
 
-    def _new_sampler(self, request: PredictionRequest) -> Any:
+    def new_sampler(self, request: PredictionRequest) -> Any:
         assert self.model is not None
         p = request.params
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
@@ -385,24 +386,24 @@ class LlamaInstance(ModelInstance):
         add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def _free_sampler(self, sampler: Any) -> None:
+    def free_sampler(self, sampler: Any) -> None:
         ll.llama_sampler_free(sampler)
 
-    def _sample(self, sampler: Any, index: int) -> int:
+    def sample(self, sampler: Any, index: int) -> int:
         return int(ll.llama_sampler_sample(sampler, self.ctx, index))
 
     # -- decoding --------------------------------------------------------------------------
 
-    def _decode(self, batch: Batch) -> int:
+    def decode(self, batch: Batch) -> int:
         return _decode(self.ctx, self._batch, batch)
 
-    def _seq_rm(self, seq_id: int, start: int) -> bool:
+    def seq_rm(self, seq_id: int, start: int) -> bool:
         return bool(ll.llama_memory_seq_rm(self.memory, seq_id, start, -1))
 
-    def _seq_cp(self, src: int, dst: int, count: int) -> None:
+    def seq_cp(self, src: int, dst: int, count: int) -> None:
         ll.llama_memory_seq_cp(self.memory, src, dst, 0, count)
 
-    def _save_state(self, seq_id: int) -> State | None:
+    def save_state(self, seq_id: int) -> State | None:
         size = ll.llama_state_seq_get_size_ext(self.ctx, seq_id, STATE_FLAGS)
         if not size:
             return None
@@ -416,7 +417,7 @@ class LlamaInstance(ModelInstance):
         del state[n:]
         return state
 
-    def _restore_state(self, seq_id: int, data: State) -> bool:
+    def restore_state(self, seq_id: int, data: State) -> bool:
         if isinstance(data, bytearray):
             src: Any = (ctypes.c_uint8 * len(data)).from_buffer(data)
         else:  # the bytes object's own buffer: llama.cpp only reads it
@@ -426,7 +427,7 @@ class LlamaInstance(ModelInstance):
 
     # -- embeddings ------------------------------------------------------------------------
 
-    def _embed_texts(self, texts: list[str], first: int = 0) -> list[list[float]]:
+    def embed_texts(self, texts: list[str], first: int = 0) -> list[list[float]]:
         assert self.model is not None
         if self.spec.is_embedding:
             ctx = self.ctx
@@ -471,5 +472,5 @@ class LlamaEngine(Engine):
     name = "llama.cpp"
     version = llama_cpp.__version__
 
-    def create(self, spec: ModelSpec, options: LoadOptions) -> ModelInstance:
-        return LlamaInstance(spec, options)
+    def backend(self, spec: ModelSpec, options: LoadOptions) -> Backend:
+        return LlamaBackend(spec, options)

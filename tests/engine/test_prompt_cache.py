@@ -16,7 +16,7 @@ import pytest
 
 from lmscli.engine import Done, LoadOptions, ModelSpec, PredictionRequest, SamplingParams
 from lmscli.engine.base import MIN_SAVE, ModelInstance
-from lmscli.engine.fake import FakeEngine, FakeInstance
+from lmscli.engine.fake import FakeBackend, FakeEngine
 from lmscli.engine.promptcache import MAGIC, PromptCache, parse_size
 from tests.gguf_factory import make_gguf
 
@@ -188,17 +188,17 @@ def model_file(tmp_path: Path) -> Path:
     return path
 
 
-def load(model_file: Path, cache: PromptCache | None, **options: int) -> FakeInstance:
+def load(model_file: Path, cache: PromptCache | None, **options: int) -> ModelInstance:
     engine = FakeEngine()
     engine.prompt_cache = cache
     spec = ModelSpec(path=str(model_file), model_key="tiny", max_context_length=4096)
     inst = engine.load(spec, LoadOptions(**options))
-    assert isinstance(inst, FakeInstance)
+    assert isinstance(inst.backend, FakeBackend)
     return inst
 
 
 @pytest.fixture
-def one_slot(model_file: Path) -> Iterator[FakeInstance]:
+def one_slot(model_file: Path) -> Iterator[ModelInstance]:
     inst = load(model_file, PromptCache(2**24), parallel=1)
     yield inst
     inst.close()
@@ -218,23 +218,23 @@ def conversation(name: str, words: int = 200) -> str:
     return " ".join(f"{name}{i}" for i in range(words)) + " [[reply: ok]] "
 
 
-def assert_kv_matches_slots(inst: FakeInstance) -> None:
+def assert_kv_matches_slots(inst: ModelInstance) -> None:
     for slot in inst.slots:
-        assert inst.kv.get(slot.id, []) == slot.tokens
+        assert inst.backend.kv.get(slot.id, []) == slot.tokens
 
 
 def test_more_conversations_than_slots_restore_instead_of_decoding(
-        one_slot: FakeInstance) -> None:
+        one_slot: ModelInstance) -> None:
     prompts = [conversation(name) for name in ("a", "b", "c")]
     for prompt in prompts:
         assert ask(one_slot, prompt).stats.cached_tokens == 0
-    decoded, restored = one_slot.decoded_tokens, 0
+    decoded, restored = one_slot.backend.decoded_tokens, 0
     for prompt in prompts:  # each lost the slot to the next: all three come back from RAM
         stats = ask(one_slot, prompt).stats
         assert stats.cached_tokens == stats.prompt_tokens - 1
         restored += stats.cached_tokens
         assert_kv_matches_slots(one_slot)
-    assert one_slot.decoded_tokens - decoded < 3 * 10  # one prompt token and the answers
+    assert one_slot.backend.decoded_tokens - decoded < 3 * 10  # one prompt token and the answers
     counts = one_slot.cache.stats(one_slot.cache_key) if one_slot.cache else {}
     assert counts["hits"] == 3 and counts["misses"] == 3
     assert counts["restoredTokens"] == restored
@@ -250,7 +250,7 @@ def test_without_the_cache_each_turn_decodes_its_whole_prompt(model_file: Path) 
         inst.close()
 
 
-def test_a_next_turn_restores_the_answer_too(one_slot: FakeInstance) -> None:
+def test_a_next_turn_restores_the_answer_too(one_slot: ModelInstance) -> None:
     first = conversation("a")
     ask(one_slot, first)
     ask(one_slot, conversation("b"))
@@ -261,7 +261,7 @@ def test_a_next_turn_restores_the_answer_too(one_slot: FakeInstance) -> None:
     assert_kv_matches_slots(one_slot)
 
 
-def test_short_prompts_are_not_worth_saving(one_slot: FakeInstance) -> None:
+def test_short_prompts_are_not_worth_saving(one_slot: ModelInstance) -> None:
     short = conversation("a", words=MIN_SAVE // 4)
     ask(one_slot, short)
     ask(one_slot, conversation("b"))
@@ -270,7 +270,7 @@ def test_short_prompts_are_not_worth_saving(one_slot: FakeInstance) -> None:
     assert ask(one_slot, short).stats.cached_tokens == 0
 
 
-def wait_saved(inst: FakeInstance, prompt: str) -> None:
+def wait_saved(inst: ModelInstance, prompt: str) -> None:
     assert inst.cache is not None
     deadline = time.monotonic() + 5
     while not inst.cache.lookup(inst.cache_key, inst.tokenize(prompt)):
@@ -279,7 +279,7 @@ def wait_saved(inst: FakeInstance, prompt: str) -> None:
 
 
 def test_an_idle_engine_saves_its_slots_before_they_are_needed(
-        one_slot: FakeInstance) -> None:
+        one_slot: ModelInstance) -> None:
     a, b = conversation("a"), conversation("b")
     ask(one_slot, a)
     wait_saved(one_slot, a)
@@ -291,7 +291,7 @@ def test_an_idle_engine_saves_its_slots_before_they_are_needed(
 
 
 def test_a_state_the_engine_refuses_is_dropped_and_the_prompt_decoded(
-        one_slot: FakeInstance, caplog: pytest.LogCaptureFixture) -> None:
+        one_slot: ModelInstance, caplog: pytest.LogCaptureFixture) -> None:
     a = conversation("a")
     ask(one_slot, a)
     ask(one_slot, conversation("b"))

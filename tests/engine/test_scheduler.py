@@ -234,7 +234,7 @@ def test_prompt_chunks_share_steps_with_generation(engine4: ModelInstance) -> No
     started, ended = prompt.first(PromptProgress), prompt.first(Fragment)
     during = [t for t, e in gen.seen if isinstance(e, Fragment) and started < t < ended]
     assert len(during) >= 3  # the stream kept going while the prompt was processed
-    assert any(len(ids) == 2 for ids in engine4.decoded_batches)  # one step, both
+    assert any(len(ids) == 2 for ids in engine4.backend.decoded_batches)  # one step, both
     gen.prediction.cancel()
     gen.wait()
 

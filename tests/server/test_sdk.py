@@ -17,7 +17,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from lmscli.engine.fake import DEFAULT_REPLY, FakeEngine, FakeInstance, FakeSampler
+from lmscli.engine.fake import DEFAULT_REPLY, FakeBackend, FakeEngine, FakeSampler
 from lmscli.prompting.tools import RESULT_CLOSE
 from tests.conftest import ThreadServer
 
@@ -259,7 +259,7 @@ def test_several_clients_predict_at_once(fake_server: ThreadServer) -> None:
         t.join(60)
     assert results == {i: " ".join(f"n{k}" for k in range(1, i + 4)) for i in range(4)}
     instance = fake_server.models.loaded["tiny-chat"].instance
-    assert any(len(batch) > 1 for batch in instance.decoded_batches)  # decoded together
+    assert any(len(batch) > 1 for batch in instance.backend.decoded_batches)  # decoded together
 
 
 def test_disconnect_mid_prediction_cancels_it(fake_server: ThreadServer,
@@ -281,15 +281,15 @@ def test_disconnect_mid_prediction_cancels_it(fake_server: ThreadServer,
 
 # -- act() ----------------------------------------------------------------------------------
 
-class ScriptedInstance(FakeInstance):
+class ScriptedBackend(FakeBackend):
     """Answers the n-th act() round with ``script[n]``: rounds are counted by the tool
     results the prompt already holds."""
 
     script: list[str] = []
 
-    def _new_sampler(self, request: Any) -> FakeSampler:
+    def new_sampler(self, request: Any) -> FakeSampler:
         n = min(request.prompt.count(RESULT_CLOSE), len(self.script) - 1)
-        return FakeSampler(self._tokenize(self.script[n], False), 0.0)
+        return FakeSampler(self.tokenize(self.script[n], False), 0.0)
 
 
 class ScriptedEngine(FakeEngine):
@@ -297,10 +297,10 @@ class ScriptedEngine(FakeEngine):
         super().__init__()
         self.script = script
 
-    def create(self, spec: Any, options: Any) -> FakeInstance:
-        instance = ScriptedInstance(spec, options, self.reply)
-        instance.script = self.script
-        return instance
+    def backend(self, spec: Any, options: Any) -> FakeBackend:
+        backend = ScriptedBackend(spec, options, self.reply)
+        backend.script = self.script
+        return backend
 
 
 def call(name: str, **arguments: Any) -> str:

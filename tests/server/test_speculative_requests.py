@@ -19,7 +19,8 @@ import lmscli as lms
 from lmscli.cli.render import stats_lines
 from lmscli.client.results import LlmPredictionStats
 from lmscli.engine import DraftModel, LoadOptions, PredictionRequest, PredictionStats
-from lmscli.engine.fake import FakeEngine, FakeInstance
+from lmscli.engine.base import ModelInstance
+from lmscli.engine.fake import FakeEngine
 from lmscli.errors import ModelNotFoundError, ServerError, UserInputError
 from lmscli.server.apis.openai_api import draft_stats
 from lmscli.server.links.forward import upstream_body
@@ -35,7 +36,7 @@ DRAFT = "tiny-chat-large"
 USER = [{"role": "user", "content": "hi"}]
 
 
-class RecordingInstance(FakeInstance):
+class RecordingInstance(ModelInstance):
     requests: list[PredictionRequest]
 
     def submit(self, request: PredictionRequest, sink: Any) -> Any:
@@ -52,8 +53,8 @@ class RecordingEngine(FakeEngine):
         self.requests: list[PredictionRequest] = []
         self.loads: list[LoadOptions] = []
 
-    def create(self, spec: Any, options: LoadOptions) -> FakeInstance:
-        instance = RecordingInstance(spec, options, self.reply)
+    def create(self, spec: Any, options: LoadOptions) -> ModelInstance:
+        instance = RecordingInstance(spec, options, self.backend(spec, options))
         instance.requests = self.requests
         return instance
 
