@@ -161,7 +161,7 @@ def load(
     speculative: Optional[str] = typer.Option(None, "--speculative", metavar="off|ngram",  # noqa: UP045
                                               help="Speculative decoding: \"ngram\" drafts "
                                               "tokens from the context and other requests and "
-                                              "verifies them in one step (default off)."),
+                                              "verifies them in one step (default ngram)."),
     draft_model: Optional[str] = typer.Option(None, "--speculative-draft-model",  # noqa: UP045
                                               metavar="<model>",
                                               help="A smaller model (same vocabulary) that "

@@ -34,9 +34,9 @@ from lmscli.engine.backend import (
     PredictionFailure,
     ProgressFn,
 )
-from lmscli.engine.drafting import Drafter, DraftPool, StepPlan
 from lmscli.engine.promptcache import Hit, PromptCache
 from lmscli.engine.slots import Batch, Choice, Sequence, Slot, choose_slot
+from lmscli.engine.speculation import Speculation
 from lmscli.engine.types import (
     QUEUE_FULL,
     Done,
@@ -74,7 +74,6 @@ PERSIST_S = 10.0  # at unload, the longest wait for saved states to reach the di
 # Embeddings share the step loop: one input per step while predictions run, so that a
 # request with thousands of inputs never stalls a chat; alone, inputs for up to this long.
 EMBED_ALONE_S = 0.1
-MODEL_DRAFT_MAX = 16  # a draft model's guesses a step, unless the load says otherwise
 
 log = logging.getLogger("lmscli.engine")
 
@@ -181,8 +180,7 @@ class ModelInstance:
         self._stopping = False
         self.cache: PromptCache | None = None  # shared by the server's instances
         self.cache_key = ""  # the states this instance may restore: set once loaded
-        self.pool = DraftPool()  # the n-gram drafts' contexts, shared by the sequences
-        self.draft_model: DraftModel | None = None  # the one attached, drafting on request
+        self.speculation = Speculation(backend, options)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -621,16 +619,12 @@ class ModelInstance:
         n_batch = self.backend.n_batch
         # drafted tokens share what the batch has beyond one token per generating sequence
         spare = (n_batch - len(generating)) // max(1, len(generating)) if drafting else 0
-        # a guess pays when it raises the tokens the whole batch writes per unit of time
-        plan = StepPlan(self.backend.step_cost, len(generating), len(generating))
-        guessed = self._model_drafts(generating, spare)
+        self.speculation.guess(generating, [self._room(s, spare) for s in generating])
         for seq in generating:
             seq.logits_at = batch.add(seq.last_token, seq.n_past, seq.slot.id, True)
-            seq.draft = guessed[seq] if seq in guessed else self._draft(seq, spare, plan)
             seq.draft_at = [batch.add(token, seq.n_past + 1 + i, seq.slot.id, True)
                             for i, token in enumerate(seq.draft)]
             seq.chunk = 1 + len(seq.draft)
-            plan.add(len(seq.draft), seq.drafter.gain if seq.draft and seq.drafter else 0.0)
         budget = min(PROMPT_SHARE if generating else PROMPT_CHUNK, n_batch - len(batch))
         for seq in (s for s in self._running if s.prompting):
             if budget <= 0:
@@ -677,59 +671,14 @@ class ModelInstance:
         for seq in self._running:
             seq.flush()
 
-    def _draft(self, seq: Sequence, spare: int, plan: StepPlan) -> list[int]:
-        """Tokens guessed to follow ``seq.last_token``, to verify in this step's decode."""
-        mode = seq.prediction.request.speculative or self.options.speculative
-        room = self._room(seq, spare)
-        if mode != "ngram" or room < 1:
-            return []
-        if seq.drafter is None:
-            most, least = self._draft_lengths(seq)
-            seq.drafter = Drafter(seq.slot.tokens, self.pool, self.backend.step_cost,
-                                  most=most, least=least)
-        return seq.drafter.draft(seq.last_token, room, plan)
-
     def _room(self, seq: Sequence, spare: int) -> int:
         room = min(spare, self.context_length - seq.n_past - 2)
         if seq.limit is not None:
             room = min(room, seq.limit - seq.predicted - 1)
         return room
 
-    def _drafts_with_model(self, seq: Sequence) -> bool:
-        request = seq.prediction.request
-        wanted = request.draft_model or self.options.draft_model
-        return wanted is not None and request.speculative != "off" and \
-            self.draft_model == wanted
-
-    def _model_drafts(self, generating: list[Sequence], spare: int) -> dict[Sequence, list[int]]:
-        """The draft model's guesses for the sequences that draft with it, in one go."""
-        wants = [(s, self._room(s, spare)) for s in generating if self._drafts_with_model(s)]
-        wants = [(s, room) for s, room in wants if room > 0]
-        if not wants:
-            return {}
-        lengths = [self._draft_lengths(s) for s, _ in wants]
-        drafts = self.backend.draft_tokens([(s.slot.id, [*s.slot.tokens, s.last_token],
-                                      min(room, most or MODEL_DRAFT_MAX))
-                                     for (s, room), (most, _) in zip(wants, lengths, strict=True)])
-        out = {}
-        for (seq, _), (_, least), draft in zip(wants, lengths, drafts, strict=True):
-            seq.draft_model = self.draft_model.model_key  # type: ignore[union-attr]
-            out[seq] = draft if len(draft) >= max(1, least) else []
-        return out
-
-    def _draft_lengths(self, seq: Sequence) -> tuple[int | None, int]:
-        """The most and the least tokens ``seq`` drafts at once: its request's, else the load's."""
-        request = seq.prediction.request
-        most = request.draft_max if request.draft_max is not None else self.options.draft_max
-        least = request.draft_min if request.draft_min is not None else self.options.draft_min
-        return most, least
-
     def _use_draft(self, draft: DraftModel | None) -> None:
-        """Attach ``draft`` (or keep the one attached), checking it can draft for this model."""
-        if draft is None or draft == self.draft_model:
-            return
-        self.backend.attach_draft(draft, self.context_length, self.parallel)
-        self.draft_model = draft
+        self.speculation.use(draft, self.context_length, self.parallel)
 
     def _verify(self, seq: Sequence) -> None:
         """Sample after the decoded token and, while each sample is the next drafted token

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 SCAN = 16  # the most recent occurrences of a token pair looked at, in each context
 CANDIDATES = 48  # occurrences followed at once
 OTHERS = 8  # other sequences' contexts searched, the most recent first
-MATCH_MAX = 64  # the longest run of tokens compared before an occurrence
+MATCH_MAX = 64  # the longest run of tokens compared before any occurrence
+# ... and before those that match that far: the one that matches furthest back (the model's
+# own earlier answer, more than the prompt text it quoted) leads
+MATCH_LONG = 1024
 DRAFT_CAP = 64  # the most tokens guessed at once
 MISS_FLOOR = 0.01  # the least chance that a copied token is not what the model writes
 LIKELY = 0.3  # a guess ends where the whole of it is less likely than this
@@ -110,11 +113,13 @@ class StepPlan:
 def likelihood(match: int, agree: list[int], disagree: list[int]) -> float:
     """How likely the model writes what followed an occurrence whose ``match`` tokens before
     it are the sequence's own end, when other occurrences that match as long as in ``agree``
-    followed on alike and those in ``disagree`` did not; an occurrence's say is as long as its
-    match (fitted to rewrites, summaries, JSON edits and prose by SmolLM2-135M and
-    Qwen2.5-Coder-0.5B, greedy and sampled)."""
+    followed on alike and those in ``disagree`` did not; an occurrence's say grows with the
+    square of its match, so that one long match outweighs several short ones (fitted to
+    rewrites, summaries, JSON edits and prose by SmolLM2-135M and Qwen2.5-Coder-0.5B, greedy
+    and sampled)."""
     miss = max(MISS_FLOOR, min(0.5, 0.9 / match) * (0.15 if agree else 1.0))
-    share = (match + sum(agree)) / (match + sum(agree) + sum(disagree))
+    say = match * match + sum(m * m for m in agree)
+    share = say / (say + sum(m * m for m in disagree))
     return (1 - miss) * share ** (0.5 if agree else 1.0)
 
 
@@ -213,13 +218,14 @@ class Drafter:
                         found.append((context, at, self._match(context.tokens, at)))
             if len(found) >= CANDIDATES:
                 break
-        return found[:CANDIDATES]
+        return [(c, at, self._match(c.tokens, at, MATCH_LONG, m) if m == MATCH_MAX else m)
+                for c, at, m in found[:CANDIDATES]]
 
-    def _match(self, tokens: list[int], at: int) -> int:
-        """How many tokens up to ``tokens[at]`` are the sequence's own end (2 are)."""
+    def _match(self, tokens: list[int], at: int, most: int = MATCH_MAX, match: int = 2) -> int:
+        """How many tokens up to ``tokens[at]`` (``match`` known to) are the sequence's own
+        end, up to ``most``."""
         own, n = self.own.tokens, len(self.own.tokens)
-        match = 2
-        while match < MATCH_MAX and match <= at and match <= n and \
+        while match < most and match <= at and match <= n and \
                 self._written(tokens[at - match]) == own[n - match]:
             match += 1
         return match

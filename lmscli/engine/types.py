@@ -145,7 +145,7 @@ class LoadOptions:
     seed: int | None = None
     parallel: int = 4  # predictions decoded together (LM Studio's max concurrent predictions)
     max_queue: int = 64  # predictions waiting for a slot before submit refuses more
-    speculative: Speculative = "off"  # "ngram": drafts from the context and other requests
+    speculative: Speculative = "ngram"  # drafts from the context and other requests; "off"
     draft_model: DraftModel | None = None
     draft_max: int | None = None  # most tokens drafted at once; None: as the cost model finds
     draft_min: int = 0  # a shorter draft is not verified

@@ -304,7 +304,7 @@ class ModelManager:
                 await self._evict_jit()
             options = LoadOptions(context_length=context_length, gpu_ratio=gpu_ratio,
                                   parallel=parallel or self.parallel, max_queue=self.max_queue,
-                                  speculative=speculative or "off",
+                                  speculative=speculative or "ngram",
                                   draft_model=draft_model, draft_max=draft_max,
                                   draft_min=draft_min)
             entry = await self._load_now(model, identifier, options, ttl_s, jit, on_progress)

@@ -329,7 +329,7 @@ def test_native_load_takes_draft_settings(server: ThreadServer, engine: Recordin
         options = engine.loads[-1]
         assert (options.draft_model, options.draft_max, options.draft_min) == (
             draft_of(fake_models), 8, 2)
-        assert options.speculative == "off"  # the server's default
+        assert options.speculative == "ngram"  # the server's default
         assert (info["draftModel"], info["draftMaxTokens"], info["draftMinTokens"]) == (
             DRAFT, 8, 2)
         plain = client.load("other-model")
