@@ -74,6 +74,28 @@ def test_the_draft_is_as_long_as_the_step_cost_pays_for() -> None:
     assert guess(drafter(context, cost=costly), 0, room=128) == []
 
 
+def test_an_earlier_answer_that_matches_further_back_leads() -> None:
+    """A retry: the prompt quotes a 70-token passage four times, going on with 7 each time;
+    the earlier answer quoted it too and went on with 9. Both match as far back as the
+    passage, but only the earlier answer's match goes on past it (the same prompt): 9."""
+    passage = list(range(100, 170))
+    prompt = [50, *[t for _ in range(4) for t in (*passage, 7)], 60]
+    pool = DraftPool()
+    drafter([*prompt, *passage, 9, 9, 9, 9], pool)  # the earlier ask and its answer
+    d = drafter([*prompt, *passage[:-1]], pool)
+    assert guess(d, passage[-1])[:2] == [9, 9]
+
+
+def test_a_guess_is_priced_against_the_whole_batch() -> None:
+    """On a CPU a guess from a short match pays less beside three other sequences' tokens
+    (a batch of four already writes more per unit of time) than alone."""
+    cost = StepCost()  # the CPU's
+    d = drafter([*range(10, 18), 1, *range(10, 15)], cost=cost)  # "10 … 15" once before
+    alone = d.draft(15, 64, StepPlan(cost))
+    beside_three = d.draft(15, 64, StepPlan(cost, tokens=4, expected=4.0))
+    assert alone and len(beside_three) < len(alone)
+
+
 def test_drafts_the_model_keeps_rejecting_stop() -> None:
     d = drafter([1, 2, 3, 4, 5, 6, 7, 8] * 4)
     assert guess(d, 1)
