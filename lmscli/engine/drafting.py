@@ -126,11 +126,10 @@ def likelihood(match: int, agree: list[int], disagree: list[int]) -> float:
 class Drafter:
     """One generating sequence's guesses: its own context, the pool, what it learned."""
 
-    def __init__(self, context: Sequence[int], pool: DraftPool, cost: StepCost, *,
-                 most: int | None = None, least: int = 0) -> None:
+    def __init__(self, context: Sequence[int], pool: DraftPool, *, most: int | None = None,
+                 least: int = 0) -> None:
         self.own = IndexedTokens(context)
         self.pool = pool
-        self.cost = cost
         self.most = min(most or DRAFT_CAP, DRAFT_CAP)
         self.least = least
         self.subs: dict[int, int] = {}  # a token in copied text → what the model writes for it

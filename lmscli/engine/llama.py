@@ -2,8 +2,7 @@
 
 One model, one context whose unified KV pool holds ``parallel`` sequences, one sampler chain
 per sequence: ``LlamaBackend``, the ``backend.Backend`` the scheduler (``ModelInstance``) runs
-on. Imported only by the server process: it
-loads the native library.
+on. Imported only by the server process: it loads the native library.
 """
 
 from __future__ import annotations

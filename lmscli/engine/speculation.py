@@ -47,8 +47,7 @@ class Speculation:
             return []
         if seq.drafter is None:
             most, least = self._lengths(seq)
-            seq.drafter = Drafter(seq.slot.tokens, self.pool, self.backend.step_cost,
-                                  most=most, least=least)
+            seq.drafter = Drafter(seq.slot.tokens, self.pool, most=most, least=least)
         return seq.drafter.draft(seq.last_token, room, plan)
 
     def _with_model(self, seq: Sequence) -> bool:

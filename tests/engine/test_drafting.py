@@ -25,13 +25,12 @@ def cheap_steps() -> StepCost:
     return StepCost(GPU_COST)
 
 
-def drafter(context: list[int], pool: DraftPool | None = None,
-            cost: StepCost | None = None) -> Drafter:
-    return Drafter(context, pool or DraftPool(), cost or cheap_steps())
+def drafter(context: list[int], pool: DraftPool | None = None) -> Drafter:
+    return Drafter(context, pool or DraftPool())
 
 
-def guess(d: Drafter, last: int, room: int = 64) -> list[int]:
-    return d.draft(last, room, StepPlan(d.cost))
+def guess(d: Drafter, last: int, room: int = 64, cost: StepCost | None = None) -> list[int]:
+    return d.draft(last, room, StepPlan(cost or cheap_steps()))
 
 
 def test_the_draft_is_what_followed_the_longest_match() -> None:
@@ -71,7 +70,7 @@ def test_the_draft_is_as_long_as_the_step_cost_pays_for() -> None:
     cheap = guess(drafter(context), 0, room=128)
     costly = StepCost(((1, 1.0), (2, 2.0)))  # every token a whole step: guesses never pay
     assert len(cheap) >= 16 and cheap[:3] == [1, 2, 3]
-    assert guess(drafter(context, cost=costly), 0, room=128) == []
+    assert guess(drafter(context), 0, room=128, cost=costly) == []
 
 
 def test_an_earlier_answer_that_matches_further_back_leads() -> None:
@@ -90,7 +89,7 @@ def test_a_guess_is_priced_against_the_whole_batch() -> None:
     """On a CPU a guess from a short match pays less beside three other sequences' tokens
     (a batch of four already writes more per unit of time) than alone."""
     cost = StepCost()  # the CPU's
-    d = drafter([*range(10, 18), 1, *range(10, 15)], cost=cost)  # "10 … 15" once before
+    d = drafter([*range(10, 18), 1, *range(10, 15)])  # "10 … 15" once before
     alone = d.draft(15, 64, StepPlan(cost))
     beside_three = d.draft(15, 64, StepPlan(cost, tokens=4, expected=4.0))
     assert alone and len(beside_three) < len(alone)
@@ -100,7 +99,7 @@ def test_drafts_the_model_keeps_rejecting_stop() -> None:
     d = drafter([1, 2, 3, 4, 5, 6, 7, 8] * 4)
     assert guess(d, 1)
     for _ in range(30):
-        d.draft(1, 64, StepPlan(d.cost))
+        d.draft(1, 64, StepPlan(cheap_steps()))
         d.verified(0)
     assert guess(d, 1) == []
 

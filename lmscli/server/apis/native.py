@@ -19,6 +19,7 @@ from lmscli.server.apis.parsing import (
     raw_input,
     read_json,
     sampling,
+    speculative_mode,
 )
 from lmscli.server.body import Body
 from lmscli.server.errors import APIError, bad_request
@@ -100,9 +101,7 @@ async def load(request: Request) -> Any:
     context_length = body.integer("context_length", low=1)
     ttl = body.integer("ttl", low=1)
     parallel = body.integer("parallel", low=1, high=MAX_PARALLEL)
-    speculative = body.get("speculative", str)
-    if speculative not in (None, "off", "ngram"):
-        raise bad_request("'speculative' must be \"off\" or \"ngram\".", "speculative")
+    speculative = speculative_mode(body)
     ratio = gpu_ratio(body)
     drafting = load_drafting(body)
     models = manager(request)

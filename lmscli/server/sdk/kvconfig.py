@@ -130,9 +130,7 @@ def _speculative(stack: Stack, config: PredictionConfig) -> None:
         config.body["speculative"] = mode
         config.echo.append({"key": key, "value": mode})
     key = SPECULATIVE + "draftModel"
-    if (draft := stack.get(key)) is not None:
-        if not isinstance(draft, str):
-            raise bad_request(f"'{key}' must be a model key (a string).", key)
+    if (draft := _model_key(stack, key)) is not None:
         config.body["draft_model"] = draft
         config.echo.append({"key": key, "value": draft})
 
@@ -307,10 +305,16 @@ def _load_drafting(stack: Stack, out: LoadConfig) -> None:
     most, least = _draft_lengths(stack, LOAD_SPECULATIVE)
     out.draft_max, out.draft_min = most, least or 0
     key = LOAD_SPECULATIVE + "draftModel"
-    if (draft := stack.get(key)) is not None:
-        if not isinstance(draft, str):
-            raise bad_request(f"'{key}' must be a model key (a string).", key)
+    if (draft := _model_key(stack, key)) is not None:
         out.draft_model = find_draft(draft, key) if draft else None
+
+
+def _model_key(stack: Stack, key: str) -> str | None:
+    """A draft model's key at ``key`` (a load's or a prediction's), None when not given."""
+    draft = stack.get(key)
+    if draft is not None and not isinstance(draft, str):
+        raise bad_request(f"'{key}' must be a model key (a string).", key)
+    return draft
 
 
 def _draft_lengths(stack: Stack, prefix: str) -> tuple[int | None, int | None]:
